@@ -1,0 +1,22 @@
+//! presence-hub: a real-time presence and routing hub for live-chat platforms.
+//!
+//! Layout: the rules are pure (`presence`, `rules`, `assign`), `core` applies them to the
+//! state under one lock, `hub` is the handle around it, `ws` and `api` are the edges,
+//! `store` persists, `server` accepts connections.
+
+pub mod api;
+pub mod assign;
+pub mod auth;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod hub;
+pub mod metrics;
+pub mod model;
+pub mod peer;
+pub mod presence;
+pub mod protocol;
+pub mod rules;
+pub mod server;
+pub mod store;
+pub mod ws;

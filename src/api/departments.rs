@@ -1,0 +1,70 @@
+//! `/api/v1/departments/{id}`: settings; GET adds the widget state and counts.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde::Deserialize;
+
+use super::{body, id, ok};
+use crate::config::{Strategy, parse_duration};
+use crate::error::Error;
+use crate::hub::Hub;
+use crate::model::Department;
+
+/// Fields left out take the config file's defaults (a PUT replaces the department).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutDepartment {
+    id: Option<u64>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    disabled: bool,
+    assignment: Option<Strategy>,
+    max_chats: Option<u32>,
+    accept_timeout: Option<String>,
+    #[serde(default)]
+    pending_max: u32,
+    #[serde(default)]
+    bot: bool,
+}
+
+pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) -> Response {
+    let run = async {
+        let did = id(&raw)?;
+        let p: PutDepartment = body(&bytes)?;
+        if p.id.is_some_and(|i| i != did) {
+            return Err(Error::bad("id in the body differs from the path"));
+        }
+        let defaults = &hub.cfg.assignment;
+        let accept_timeout: Duration = match p.accept_timeout {
+            Some(s) => parse_duration(&s).map_err(Error::BadRequest)?,
+            None => defaults.accept_timeout,
+        };
+        let dept = Department {
+            id: did,
+            name: p.name,
+            disabled: p.disabled,
+            assignment: p.assignment.unwrap_or(defaults.strategy),
+            max_chats: p.max_chats.unwrap_or(defaults.default_max_chats),
+            accept_timeout,
+            pending_max: p.pending_max,
+            bot: p.bot,
+        };
+        hub.commit(|c, now| Ok(c.put_department(dept, now))).await
+    };
+    match run.await {
+        Ok(v) => ok(StatusCode::OK, v),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn get(State(hub): State<Hub>, Path(raw): Path<String>) -> Response {
+    match id(&raw) {
+        Ok(did) => ok(StatusCode::OK, hub.read(|c| c.department_view(did))),
+        Err(e) => e.into_response(),
+    }
+}

@@ -1,0 +1,127 @@
+//! `/api/v1/operators`: records, views, settings.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{body, id, ok, query};
+use crate::core::{Actor, OperatorFilter, SettingsChange};
+use crate::error::Error;
+use crate::hub::Hub;
+use crate::model::{OperatorRecord, Permission};
+
+/// `PUT /api/v1/operators/{id}`: the record, and optionally settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutOperator {
+    id: Option<u64>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    departments: Vec<u64>,
+    #[serde(default)]
+    watch_departments: Vec<u64>,
+    #[serde(default)]
+    permissions: Vec<Permission>,
+    #[serde(default)]
+    max_chats: u32,
+    #[serde(default)]
+    exclude_autoassign: bool,
+    #[serde(default)]
+    auto_accept: bool,
+    online: Option<bool>,
+    invisible: Option<bool>,
+    always_online: Option<bool>,
+}
+
+pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) -> Response {
+    let run = async {
+        let oid = id(&raw)?;
+        let p: PutOperator = body(&bytes)?;
+        if p.id.is_some_and(|i| i != oid) {
+            return Err(Error::bad("id in the body differs from the path"));
+        }
+        let mut departments = p.departments;
+        departments.sort_unstable();
+        departments.dedup();
+        let mut watch = p.watch_departments;
+        watch.sort_unstable();
+        watch.dedup();
+        let record = OperatorRecord {
+            id: oid,
+            name: p.name,
+            departments,
+            watch_departments: watch,
+            permissions: p.permissions,
+            max_chats: p.max_chats,
+            exclude_autoassign: p.exclude_autoassign,
+            auto_accept: p.auto_accept,
+        };
+        let change = SettingsChange {
+            online: p.online,
+            invisible: p.invisible,
+            always_online: p.always_online,
+        };
+        hub.commit(|c, now| Ok(c.put_operator(record, change, now)))
+            .await
+    };
+    match run.await {
+        Ok((view, created)) => ok(
+            if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            view,
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn get(State(hub): State<Hub>, Path(raw): Path<String>) -> Response {
+    match id(&raw).and_then(|oid| hub.read(|c| c.operator_view(oid))) {
+        Ok(view) => ok(StatusCode::OK, view),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn delete(State(hub): State<Hub>, Path(raw): Path<String>) -> Response {
+    let run = async {
+        let oid = id(&raw)?;
+        hub.commit(|c, now| c.delete_operator(oid, now)).await
+    };
+    match run.await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn list(State(hub): State<Hub>, req: Request) -> Response {
+    match query::<OperatorFilter>(req.uri().query()) {
+        Ok(f) => ok(
+            StatusCode::OK,
+            json!({ "operators": hub.read(|c| c.list_operators(&f)) }),
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn patch_status(
+    State(hub): State<Hub>,
+    Path(raw): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let run = async {
+        let oid = id(&raw)?;
+        let change: SettingsChange = body(&bytes)?;
+        hub.commit(|c, now| c.set_settings(Actor::Backend, oid, change, now))
+            .await
+    };
+    match run.await {
+        Ok(view) => ok(StatusCode::OK, view),
+        Err(e) => e.into_response(),
+    }
+}

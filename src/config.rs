@@ -1,0 +1,496 @@
+//! Configuration: the TOML file of SPEC.md section 7, environment overrides
+//! (`PRESENCE_HUB_<SECTION>_<KEY>`) and validation. Unknown keys are refused.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "PRESENCE_HUB_";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: Server,
+    pub auth: Auth,
+    pub store: Store,
+    pub presence: Presence,
+    pub assignment: Assignment,
+    pub chats: Chats,
+    pub cluster: Cluster,
+    pub limits: Limits,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Address for HTTP and every WebSocket endpoint.
+    pub listen: SocketAddr,
+    /// Name of this node in a cluster; empty = generated at start.
+    pub node_id: String,
+    /// Origins allowed for browser upgrades and CORS; `"*"` allows any.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: "127.0.0.1:8080".parse().expect("valid default address"),
+            node_id: String::new(),
+            allowed_origins: vec!["*".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// HS256 secret of operator tokens; empty = generated into the data dir.
+    pub jwt_secret: Masked,
+    /// Bearer key of the back-end API; empty = generated into the data dir.
+    pub api_key: Masked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Store {
+    pub backend: Backend,
+    pub data_dir: PathBuf,
+    pub redis_url: Masked,
+    pub key_prefix: String,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            backend: Backend::Embedded,
+            data_dir: "data".into(),
+            redis_url: Masked("redis://127.0.0.1:6379".into()),
+            key_prefix: "hub:".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Presence {
+    #[serde(deserialize_with = "duration")]
+    pub disconnect_grace: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub ping_interval: Duration,
+    /// Silence after which a connection is dead; unset = 2 × `ping_interval`.
+    #[serde(deserialize_with = "opt_duration")]
+    pub pong_timeout: Option<Duration>,
+    /// A connection without `activity` for this long counts as idle; 0 = off.
+    #[serde(deserialize_with = "duration")]
+    pub inactivity_timeout: Duration,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence {
+            disconnect_grace: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: None,
+            inactivity_timeout: Duration::ZERO,
+        }
+    }
+}
+
+impl Presence {
+    pub fn pong_timeout(&self) -> Duration {
+        self.pong_timeout.unwrap_or(self.ping_interval * 2)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    LeastLoaded,
+    RoundRobin,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Assignment {
+    pub strategy: Strategy,
+    pub default_max_chats: u32,
+    #[serde(deserialize_with = "duration")]
+    pub accept_timeout: Duration,
+}
+
+impl Default for Assignment {
+    fn default() -> Self {
+        Assignment {
+            strategy: Strategy::LeastLoaded,
+            default_max_chats: 4,
+            accept_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Chats {
+    /// Messages kept per chat.
+    pub history: usize,
+}
+
+impl Default for Chats {
+    fn default() -> Self {
+        Chats { history: 100 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    #[serde(deserialize_with = "duration")]
+    pub node_lease: Duration,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            node_lease: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted WebSocket frame or message; larger ones close with 1009.
+    pub max_message_bytes: usize,
+    /// Frames queued for one connection before it counts as a slow consumer (1008).
+    pub outbound_queue: usize,
+    /// WebSocket connections held at once; more are refused with 503.
+    pub max_connections: usize,
+    /// Time a client has to send its HTTP request head (and so its upgrade).
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 65536,
+            outbound_queue: 1024,
+            max_connections: 18_000,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `presence_hub=debug`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A secret that prints as `***` (rathole's `MaskedString`).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Masked(pub String);
+
+impl fmt::Debug for Masked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"***\"")
+        }
+    }
+}
+
+impl Masked {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid environment override {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads `path` (a missing file is an error), applies the environment and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_and_env(&text, std::env::vars())
+    }
+
+    /// Parses TOML text, applies overrides from `env` and validates.
+    pub fn from_toml_and_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        for (var, raw) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            apply_env(&mut doc, &var, rest, &raw)?;
+        }
+        let config: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.presence.ping_interval.is_zero() {
+            return bad("presence.ping_interval must be greater than 0");
+        }
+        if self.presence.pong_timeout() < self.presence.ping_interval {
+            return bad("presence.pong_timeout must be at least presence.ping_interval");
+        }
+        if self.limits.max_message_bytes < 128 {
+            return bad("limits.max_message_bytes must be at least 128");
+        }
+        if self.limits.outbound_queue == 0 || self.limits.max_connections == 0 {
+            return bad("limits.outbound_queue and limits.max_connections must be greater than 0");
+        }
+        if self.store.key_prefix.is_empty() {
+            return bad("store.key_prefix must not be empty");
+        }
+        if self.store.backend == Backend::Redis {
+            if self.auth.jwt_secret.is_empty() || self.auth.api_key.is_empty() {
+                return bad(
+                    "store.backend = \"redis\" (cluster) needs auth.jwt_secret and auth.api_key set explicitly: every node must share them",
+                );
+            }
+            if self.cluster.node_lease < Duration::from_millis(100) {
+                return bad("cluster.node_lease must be at least 100ms");
+            }
+        }
+        for origin in &self.server.allowed_origins {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return bad(
+                    "server.allowed_origins entries must be \"*\" or start with http:// or https://",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// True when `origin` (an `Origin` header) may use the widget endpoints.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.server
+            .allowed_origins
+            .iter()
+            .any(|o| o == "*" || o.trim_end_matches('/') == origin)
+    }
+}
+
+const SECTIONS: [&str; 9] = [
+    "server",
+    "auth",
+    "store",
+    "presence",
+    "assignment",
+    "chats",
+    "cluster",
+    "limits",
+    "log",
+];
+
+/// Keys whose value is a list: an environment value `a,b` becomes `["a","b"]`.
+const LIST_KEYS: [&str; 1] = ["allowed_origins"];
+
+fn apply_env(doc: &mut toml::Table, var: &str, rest: &str, raw: &str) -> Result<(), ConfigError> {
+    let lower = rest.to_ascii_lowercase();
+    let err = |reason: &str| ConfigError::Env {
+        var: var.to_string(),
+        reason: reason.to_string(),
+    };
+    let (section, key) = SECTIONS
+        .iter()
+        .find_map(|s| {
+            lower
+                .strip_prefix(s)
+                .and_then(|k| k.strip_prefix('_'))
+                .map(|k| (*s, k))
+        })
+        .ok_or_else(|| err("unknown section"))?;
+    let value = if LIST_KEYS.contains(&key) && !raw.trim_start().starts_with('[') {
+        toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| s.into())
+                .collect(),
+        )
+    } else {
+        // A TOML literal (number, bool, array) when it parses as one, else a plain string.
+        match format!("v = {raw}").parse::<toml::Table>() {
+            Ok(mut t) => t.remove("v").unwrap_or_else(|| raw.into()),
+            Err(_) => toml::Value::String(raw.to_string()),
+        }
+    };
+    let table = doc
+        .entry(section)
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .ok_or_else(|| err("section is not a table"))?;
+    table.insert(key.to_string(), value);
+    Ok(())
+}
+
+/// Parses `"5s"`, `"250ms"`, `"1h"`; a bare `0` is accepted as zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("bad duration {s:?}: {e} (use e.g. \"5s\", \"250ms\")"))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml_and_env(
+            text,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn config_defaults_match_spec() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.presence.disconnect_grace, Duration::from_secs(5));
+        assert_eq!(c.presence.pong_timeout(), Duration::from_secs(40));
+        assert_eq!(c.assignment.default_max_chats, 4);
+        assert_eq!(c.chats.history, 100);
+        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.store.key_prefix, "hub:");
+    }
+
+    #[test]
+    fn config_refuses_unknown_key() {
+        let e = load("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+        let e = load("[nope]\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn config_refuses_bad_duration_and_address() {
+        let e = load("[presence]\ndisconnect_grace = \"5 parsecs\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("bad duration"), "{e}");
+        let e = load("[server]\nlisten = \"localhost\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("address"), "{e}");
+    }
+
+    #[test]
+    fn config_env_overrides() {
+        let c = load(
+            "[presence]\ndisconnect_grace = \"5s\"\n",
+            &[
+                ("PRESENCE_HUB_PRESENCE_DISCONNECT_GRACE", "250ms"),
+                ("PRESENCE_HUB_LIMITS_MAX_CONNECTIONS", "7"),
+                (
+                    "PRESENCE_HUB_SERVER_ALLOWED_ORIGINS",
+                    "https://a.example,https://b.example",
+                ),
+                ("PRESENCE_HUB_AUTH_API_KEY", "k"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.presence.disconnect_grace, Duration::from_millis(250));
+        assert_eq!(c.limits.max_connections, 7);
+        assert_eq!(
+            c.server.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
+        assert_eq!(c.auth.api_key.as_str(), "k");
+        let e = load("", &[("PRESENCE_HUB_LIMITS_NOPE", "1")]).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        let e = load("", &[("PRESENCE_HUB_BOGUS_X", "1")]).unwrap_err();
+        assert!(e.to_string().contains("PRESENCE_HUB_BOGUS_X"), "{e}");
+    }
+
+    #[test]
+    fn config_secrets_are_masked_in_debug() {
+        let c = load("[auth]\napi_key = \"supersecret\"\n", &[]).unwrap();
+        assert!(!format!("{c:?}").contains("supersecret"));
+    }
+
+    #[test]
+    fn config_cluster_needs_explicit_secrets() {
+        let e = load("[store]\nbackend = \"redis\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("jwt_secret"), "{e}");
+    }
+}

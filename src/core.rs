@@ -1,0 +1,1456 @@
+//! The hub's state and every change to it, behind one lock held by [`crate::hub::Hub`].
+//!
+//! A change runs to its end in one critical section: it validates, mutates, queues the store
+//! writes and the timers it needs, and pushes the resulting events to the peers' queues, so
+//! every client sees events in the order the changes happened. The rules themselves live in
+//! `presence.rs`, `rules.rs` and `assign.rs`; this file wires them to the data.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::assign::{self, Candidate, Queued};
+use crate::config::{Config, Strategy};
+use crate::error::{Error, Result};
+use crate::model::{
+    Chat, ChatMessage, ChatStatus, ChatView, Department, DeptReason, DeptState, OperatorRecord,
+    OperatorView, Permission, Sender, SenderKind, StoredOperator, VisitorChatView, now_rfc3339,
+};
+use crate::peer::Peer;
+use crate::presence::{ConnId, Presence, Settings, Status};
+use crate::protocol::{AssignReason, Event, Frame};
+use crate::rules;
+use crate::store::{Snapshot, Write};
+
+/// Who asks for a change: the back end (API key, may change anything) or an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    Backend,
+    Operator(u64),
+}
+
+/// A partial settings change (`set_status`, `PATCH …/status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsChange {
+    pub online: Option<bool>,
+    pub invisible: Option<bool>,
+    pub always_online: Option<bool>,
+}
+
+/// A timer a change asked for; the hub sleeps until `at` and calls back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    GraceEnd { operator: u64, at: Instant },
+    AcceptDeadline { chat: u64, round: u64, at: Instant },
+}
+
+/// `POST /api/v1/chats`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewChat {
+    pub id: Option<u64>,
+    pub department: u64,
+    #[serde(default)]
+    pub bot: bool,
+    #[serde(default)]
+    pub priority: i64,
+    #[serde(default = "empty_object")]
+    pub visitor: Value,
+}
+
+fn empty_object() -> Value {
+    json!({})
+}
+
+/// Filters of `GET /api/v1/operators`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorFilter {
+    pub department: Option<u64>,
+    pub status: Option<Status>,
+    pub misconfigured: Option<bool>,
+}
+
+/// Filters of `GET /api/v1/chats`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatFilter {
+    pub department: Option<u64>,
+    pub status: Option<ChatStatus>,
+    pub owner: Option<u64>,
+}
+
+pub struct Operator {
+    pub record: OperatorRecord,
+    pub settings: Settings,
+    pub presence: Presence,
+    /// This node's connections of the operator.
+    peers: Vec<Arc<Peer>>,
+    /// Chats each connection opened (to stop watching them on disconnect).
+    watching: HashMap<ConnId, BTreeSet<u64>>,
+    /// Chats owned and not yet accepted / accepted: the counts are their sizes.
+    pending: BTreeSet<u64>,
+    active: BTreeSet<u64>,
+    last_assigned: u64,
+    /// Status as of the last settle, to see transitions.
+    was_online: bool,
+    /// The last `operator_status` sent, to send only changes.
+    last_frame: Option<Frame>,
+}
+
+struct ChatEntry {
+    chat: Chat,
+    history: VecDeque<ChatMessage>,
+    next_message: u64,
+    /// Operators' connections that opened the chat.
+    watchers: HashMap<ConnId, Arc<Peer>>,
+    visitors: HashMap<ConnId, Arc<Peer>>,
+    /// Bumped on every assignment so a stale accept deadline does nothing.
+    round: u64,
+    /// Why the chat went back to the queue, for the next `chat_assigned`.
+    requeued: Option<AssignReason>,
+}
+
+/// Per-department counts of chats by status (the pending count drives `queue_full`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    pending: u32,
+    active: u32,
+    bot: u32,
+}
+
+#[derive(Default)]
+pub struct Core {
+    cfg: Arc<Config>,
+    operators: HashMap<u64, Operator>,
+    departments: HashMap<u64, Department>,
+    chats: HashMap<u64, ChatEntry>,
+    /// Unowned pending chats per department, in queue order.
+    queues: HashMap<u64, BTreeMap<(Reverse<i64>, u64), u64>>,
+    /// Chats not closed, per department (for `hello`).
+    open_chats: HashMap<u64, BTreeSet<u64>>,
+    counts: HashMap<u64, Counts>,
+    /// Operators working in / watching each department.
+    members: HashMap<u64, BTreeSet<u64>>,
+    watchers: HashMap<u64, BTreeSet<u64>>,
+    widgets: HashMap<u64, HashMap<ConnId, Arc<Peer>>>,
+    /// Department states as last published.
+    published: HashMap<u64, DeptState>,
+    next_chat_id: u64,
+    next_seq: u64,
+    assign_clock: u64,
+
+    // Work of the change under way.
+    writes: Vec<Write>,
+    timers: Vec<Timer>,
+    dirty_ops: BTreeSet<u64>,
+    views_to_send: BTreeSet<u64>,
+    dirty_depts: BTreeSet<u64>,
+    to_assign: BTreeSet<u64>,
+    /// Frames pushed and peers dropped as slow consumers, for the metrics.
+    pub sent: u64,
+    pub dropped: u64,
+}
+
+impl Core {
+    pub fn new(cfg: Arc<Config>, snap: Snapshot) -> Core {
+        let mut core = Core {
+            cfg,
+            next_chat_id: 1,
+            ..Default::default()
+        };
+        for d in snap.departments {
+            core.departments.insert(d.id, d);
+        }
+        for o in snap.operators {
+            core.insert_operator(o.record, o.settings);
+        }
+        let mut messages: HashMap<u64, Vec<ChatMessage>> = HashMap::new();
+        for (chat, m) in snap.messages {
+            messages.entry(chat).or_default().push(m);
+        }
+        let mut chats = snap.chats;
+        chats.sort_by_key(|c| c.seq);
+        for chat in chats {
+            let history: VecDeque<ChatMessage> =
+                messages.remove(&chat.id).unwrap_or_default().into();
+            let next_message = history.back().map_or(1, |m| m.id + 1);
+            core.next_chat_id = core.next_chat_id.max(chat.id.saturating_add(1));
+            core.next_seq = core.next_seq.max(chat.seq + 1);
+            let entry = ChatEntry {
+                chat: chat.clone(),
+                history,
+                next_message,
+                watchers: HashMap::new(),
+                visitors: HashMap::new(),
+                round: 0,
+                requeued: None,
+            };
+            core.chats.insert(chat.id, entry);
+            core.count(&chat, 1);
+        }
+        let now = Instant::now();
+        let depts: Vec<u64> = core.known_departments().collect();
+        for d in depts {
+            let state = core.dept_state(d);
+            core.published.insert(d, state);
+        }
+        let ids: Vec<u64> = core.operators.keys().copied().collect();
+        for id in ids {
+            let online = core.is_online(id);
+            if let Some(op) = core.operators.get_mut(&id) {
+                op.was_online = online;
+            }
+        }
+        // Accept deadlines do not survive a restart: give every unaccepted chat a new one,
+        // and assign whatever waits (always-online operators are candidates right away).
+        let pending: Vec<u64> = core
+            .chats
+            .values()
+            .filter(|e| e.chat.status == ChatStatus::Pending && e.chat.owner.is_some())
+            .map(|e| e.chat.id)
+            .collect();
+        for id in pending {
+            core.arm_accept_deadline(id, now);
+        }
+        core.to_assign = core.queues.keys().copied().collect();
+        core.settle(now);
+        core.writes.clear();
+        core
+    }
+
+    /// Takes the store writes and timers the last change produced.
+    pub fn take_effects(&mut self) -> (Vec<Write>, Vec<Timer>) {
+        (
+            std::mem::take(&mut self.writes),
+            std::mem::take(&mut self.timers),
+        )
+    }
+
+    // ----- queries -----
+
+    fn known_departments(&self) -> impl Iterator<Item = u64> + '_ {
+        let mut all: BTreeSet<u64> = self.departments.keys().copied().collect();
+        all.extend(self.members.keys());
+        all.extend(self.watchers.keys());
+        all.extend(self.counts.keys());
+        all.into_iter()
+    }
+
+    pub fn department(&self, id: u64) -> Department {
+        self.departments
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| Department::with_defaults(id, &self.cfg.assignment))
+    }
+
+    pub fn has_operator(&self, id: u64) -> bool {
+        self.operators.contains_key(&id)
+    }
+
+    fn is_online(&self, id: u64) -> bool {
+        self.operators
+            .get(&id)
+            .is_some_and(|o| o.presence.status(&o.settings).0 == Status::Online)
+    }
+
+    /// The one place that decides whether a department is online (SPEC.md section 3).
+    pub fn dept_state(&self, d: u64) -> DeptState {
+        let dept = self.departments.get(&d);
+        let pending = self.counts.get(&d).map_or(0, |c| c.pending);
+        let (online, reason) = if dept.is_some_and(|x| x.disabled) {
+            (false, DeptReason::Disabled)
+        } else if dept.is_some_and(|x| x.pending_max > 0 && pending >= x.pending_max) {
+            (false, DeptReason::QueueFull)
+        } else if self
+            .members
+            .get(&d)
+            .is_some_and(|m| m.iter().any(|id| self.is_online(*id)))
+        {
+            (true, DeptReason::Operators)
+        } else if dept.is_some_and(|x| x.bot) {
+            (true, DeptReason::Bot)
+        } else {
+            (false, DeptReason::None)
+        };
+        DeptState {
+            department: d,
+            online,
+            reason,
+        }
+    }
+
+    pub fn operator_view(&self, id: u64) -> Result<OperatorView> {
+        let op = self
+            .operators
+            .get(&id)
+            .ok_or_else(|| unknown_operator(id))?;
+        Ok(self.view_of(op))
+    }
+
+    fn view_of(&self, op: &Operator) -> OperatorView {
+        let (status, status_reason) = op.presence.status(&op.settings);
+        OperatorView {
+            record: op.record.clone(),
+            settings: op.settings,
+            connections: op.presence.connections(),
+            inactive: op.presence.inactive(),
+            active_chats: op.active.len() as u32,
+            pending_chats: op.pending.len() as u32,
+            status,
+            status_reason,
+            misconfigured: op.settings.misconfigured(),
+        }
+    }
+
+    pub fn list_operators(&self, f: &OperatorFilter) -> Vec<OperatorView> {
+        let mut out: Vec<OperatorView> = self
+            .operators
+            .values()
+            .filter(|o| {
+                f.department
+                    .is_none_or(|d| o.record.works_in(d) || o.record.watches(d))
+            })
+            .map(|o| self.view_of(o))
+            .filter(|v| f.status.is_none_or(|s| v.status == s))
+            .filter(|v| f.misconfigured.is_none_or(|m| v.misconfigured == m))
+            .collect();
+        out.sort_by_key(|v| v.record.id);
+        out
+    }
+
+    pub fn department_view(&self, id: u64) -> Value {
+        let dept = self.department(id);
+        let state = self.dept_state(id);
+        let counts = self.counts.get(&id).copied().unwrap_or_default();
+        let online_ops = self
+            .members
+            .get(&id)
+            .map_or(0, |m| m.iter().filter(|o| self.is_online(**o)).count());
+        let mut v = serde_json::to_value(&dept).expect("departments serialize");
+        let extra = json!({
+            "online": state.online,
+            "reason": state.reason,
+            "operators": self.members.get(&id).map_or(0, |m| m.len()),
+            "operators_online": online_ops,
+            "pending_chats": counts.pending,
+            "queued_chats": self.queues.get(&id).map_or(0, |q| q.len()),
+            "active_chats": counts.active,
+            "bot_chats": counts.bot,
+        });
+        if let (Some(obj), Value::Object(more)) = (v.as_object_mut(), extra) {
+            obj.extend(more);
+        }
+        v
+    }
+
+    pub fn chat(&self, id: u64) -> Result<Value> {
+        let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
+        Ok(serde_json::to_value(e.chat.view()).expect("chats serialize"))
+    }
+
+    pub fn list_chats(&self, f: &ChatFilter) -> Vec<Value> {
+        let mut out: Vec<&ChatEntry> = self
+            .chats
+            .values()
+            .filter(|e| f.department.is_none_or(|d| e.chat.department == d))
+            .filter(|e| f.status.is_none_or(|s| e.chat.status == s))
+            .filter(|e| f.owner.is_none_or(|o| e.chat.owner == Some(o)))
+            .collect();
+        out.sort_by_key(|e| e.chat.id);
+        out.into_iter()
+            .map(|e| serde_json::to_value(e.chat.view()).expect("chats serialize"))
+            .collect()
+    }
+
+    /// Checks a visitor's token before the upgrade.
+    pub fn check_visitor(&self, chat: u64, token: &str) -> Result<()> {
+        let e = self.chats.get(&chat).ok_or_else(|| unknown_chat(chat))?;
+        if constant_time_eq(e.chat.visitor_token.as_bytes(), token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden("wrong visitor token for this chat".into()))
+        }
+    }
+
+    /// Recomputes every count from the chats and compares (tests and debug checks).
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        for (id, op) in &self.operators {
+            let pending = self
+                .chats
+                .values()
+                .filter(|e| e.chat.owner == Some(*id) && e.chat.status == ChatStatus::Pending)
+                .count();
+            let active = self
+                .chats
+                .values()
+                .filter(|e| e.chat.owner == Some(*id) && e.chat.status == ChatStatus::Active)
+                .count();
+            if pending != op.pending.len() || active != op.active.len() {
+                return Err(format!(
+                    "operator {id}: counts {}/{} but chats {pending}/{active}",
+                    op.pending.len(),
+                    op.active.len()
+                ));
+            }
+        }
+        for (d, c) in &self.counts {
+            let of = |s| {
+                self.chats
+                    .values()
+                    .filter(|e| e.chat.department == *d && e.chat.status == s)
+                    .count() as u32
+            };
+            if c.pending != of(ChatStatus::Pending)
+                || c.active != of(ChatStatus::Active)
+                || c.bot != of(ChatStatus::Bot)
+            {
+                return Err(format!("department {d}: counts drifted"));
+            }
+        }
+        for e in self.chats.values() {
+            let queued = self
+                .queues
+                .get(&e.chat.department)
+                .is_some_and(|q| q.values().any(|c| *c == e.chat.id));
+            if queued != (e.chat.status == ChatStatus::Pending && e.chat.owner.is_none()) {
+                return Err(format!("chat {}: queue membership wrong", e.chat.id));
+            }
+        }
+        Ok(())
+    }
+
+    // ----- operators -----
+
+    fn insert_operator(&mut self, record: OperatorRecord, settings: Settings) {
+        let id = record.id;
+        for d in &record.departments {
+            self.members.entry(*d).or_default().insert(id);
+        }
+        for d in &record.watch_departments {
+            self.watchers.entry(*d).or_default().insert(id);
+        }
+        let op = Operator {
+            record,
+            settings,
+            presence: Presence::default(),
+            peers: Vec::new(),
+            watching: HashMap::new(),
+            pending: BTreeSet::new(),
+            active: BTreeSet::new(),
+            last_assigned: 0,
+            was_online: false,
+            last_frame: None,
+        };
+        self.operators.insert(id, op);
+    }
+
+    fn unindex_operator(&mut self, record: &OperatorRecord) {
+        for d in &record.departments {
+            if let Some(m) = self.members.get_mut(d) {
+                m.remove(&record.id);
+            }
+        }
+        for d in &record.watch_departments {
+            if let Some(m) = self.watchers.get_mut(d) {
+                m.remove(&record.id);
+            }
+        }
+    }
+
+    /// `PUT /api/v1/operators/{id}`: creates or replaces the record; settings given are
+    /// applied, others kept (defaults for a new operator). True when created.
+    pub fn put_operator(
+        &mut self,
+        record: OperatorRecord,
+        change: SettingsChange,
+        now: Instant,
+    ) -> (OperatorView, bool) {
+        let id = record.id;
+        let created = !self.operators.contains_key(&id);
+        let old_record = self.operators.get(&id).map(|o| o.record.clone());
+        let settings = apply_change(
+            self.operators
+                .get(&id)
+                .map_or_else(Settings::default, |o| o.settings),
+            change,
+        );
+        match old_record {
+            Some(old) => {
+                self.unindex_operator(&old);
+                self.dirty_depts.extend(old.all_departments());
+                let op = self.operators.get_mut(&id).expect("present");
+                op.record = record.clone();
+                op.settings = settings;
+                for d in &record.departments {
+                    self.members.entry(*d).or_default().insert(id);
+                }
+                for d in &record.watch_departments {
+                    self.watchers.entry(*d).or_default().insert(id);
+                }
+            }
+            None => self.insert_operator(record.clone(), settings),
+        }
+        self.dirty_depts.extend(record.all_departments());
+        self.to_assign.extend(record.departments.iter().copied());
+        self.writes
+            .push(Write::Operator(StoredOperator { record, settings }));
+        self.dirty_ops.insert(id);
+        self.settle(now);
+        (self.operator_view(id).expect("just put"), created)
+    }
+
+    /// `DELETE /api/v1/operators/{id}`: closes their sockets, puts their chats back in the
+    /// queue and tells colleagues they are gone (a last, offline `operator_status`).
+    pub fn delete_operator(&mut self, id: u64, now: Instant) -> Result<()> {
+        let op = self
+            .operators
+            .get_mut(&id)
+            .ok_or_else(|| unknown_operator(id))?;
+        for p in op.peers.drain(..) {
+            p.request_close(1008);
+        }
+        op.presence = Presence::default();
+        op.settings.online = false;
+        op.settings.always_online = false;
+        let owned: Vec<u64> = op.pending.iter().chain(op.active.iter()).copied().collect();
+        for chat in owned {
+            self.transition(chat, |c| {
+                c.owner = None;
+                c.status = ChatStatus::Pending;
+                c.assigned_at = None;
+                c.accepted_at = None;
+            });
+            self.requeued(chat, AssignReason::OperatorUnavailable);
+        }
+        let watched: Vec<(ConnId, BTreeSet<u64>)> = self
+            .operators
+            .get_mut(&id)
+            .map(|o| o.watching.drain().collect())
+            .unwrap_or_default();
+        for (conn, chats) in watched {
+            for c in chats {
+                if let Some(e) = self.chats.get_mut(&c) {
+                    e.watchers.remove(&conn);
+                }
+            }
+        }
+        self.dirty_ops.insert(id);
+        self.settle(now);
+        let op = self.operators.remove(&id).expect("present");
+        self.unindex_operator(&op.record);
+        self.writes.push(Write::DeleteOperator(id));
+        self.dirty_depts.extend(op.record.all_departments());
+        self.settle(now);
+        Ok(())
+    }
+
+    /// Changes settings, enforcing permissions: one forbidden field changes nothing.
+    pub fn set_settings(
+        &mut self,
+        actor: Actor,
+        target: u64,
+        change: SettingsChange,
+        now: Instant,
+    ) -> Result<OperatorView> {
+        let op = self
+            .operators
+            .get(&target)
+            .ok_or_else(|| unknown_operator(target))?;
+        if let Actor::Operator(me) = actor {
+            let mine = self
+                .operators
+                .get(&me)
+                .ok_or_else(|| unknown_operator(me))?;
+            let mut missing = Vec::new();
+            if me != target && !mine.record.can(Permission::SetOperatorStatus) {
+                missing.push("set_operator_status");
+            }
+            let need = [
+                (
+                    change.online,
+                    Permission::ChangeOnlineStatus,
+                    "change_online_status",
+                ),
+                (
+                    change.invisible,
+                    Permission::ChangeVisibility,
+                    "change_visibility",
+                ),
+                (
+                    change.always_online,
+                    Permission::ChangeAlwaysOnline,
+                    "change_always_online",
+                ),
+            ];
+            for (field, perm, name) in need {
+                if field.is_some() && !mine.record.can(perm) {
+                    missing.push(name);
+                }
+            }
+            if !missing.is_empty() {
+                return Err(Error::Forbidden(format!(
+                    "missing permission: {}",
+                    missing.join(", ")
+                )));
+            }
+        }
+        let settings = apply_change(op.settings, change);
+        if settings != op.settings {
+            let record = op.record.clone();
+            let op = self.operators.get_mut(&target).expect("present");
+            op.settings = settings;
+            self.writes
+                .push(Write::Operator(StoredOperator { record, settings }));
+            if settings.misconfigured() {
+                tracing::warn!(
+                    operator = target,
+                    "operator is online and invisible: auto-assigned chats never turn active"
+                );
+                let frame = Event::Warning {
+                    code: "online_invisible",
+                    message: MISCONFIGURED,
+                }
+                .frame();
+                self.send_to_operator(target, &frame);
+            }
+            self.dirty_ops.insert(target);
+        }
+        self.settle(now);
+        self.operator_view(target)
+    }
+
+    /// A new socket of an operator: counts it, sends `hello` to it, and events to others.
+    pub fn connect_operator(&mut self, id: u64, peer: Arc<Peer>, now: Instant) -> Result<()> {
+        let op = self
+            .operators
+            .get_mut(&id)
+            .ok_or_else(|| unknown_operator(id))?;
+        op.presence.connect(peer.id);
+        self.dirty_ops.insert(id);
+        self.settle(now);
+        let hello = self.hello(id);
+        self.push(&peer, &hello);
+        let op = self.operators.get_mut(&id).expect("present");
+        op.peers.push(peer.clone());
+        if op.settings.misconfigured() {
+            let frame = Event::Warning {
+                code: "online_invisible",
+                message: MISCONFIGURED,
+            }
+            .frame();
+            self.push(&peer, &frame);
+        }
+        Ok(())
+    }
+
+    fn hello(&self, id: u64) -> Frame {
+        let op = &self.operators[&id];
+        let me = self.view_of(op);
+        let depts: Vec<u64> = op.record.all_departments().collect();
+        let mut colleagues = BTreeSet::new();
+        for d in &depts {
+            colleagues.extend(self.members.get(d).into_iter().flatten());
+            colleagues.extend(self.watchers.get(d).into_iter().flatten());
+        }
+        colleagues.remove(&id);
+        let operators: Vec<OperatorView> = colleagues
+            .iter()
+            .filter_map(|o| self.operators.get(o))
+            .map(|o| self.view_of(o))
+            .collect();
+        let departments: Vec<DeptState> = depts.iter().map(|d| self.dept_state(*d)).collect();
+        let chats: Vec<ChatView> = depts
+            .iter()
+            .flat_map(|d| self.open_chats.get(d).into_iter().flatten())
+            .filter_map(|c| self.chats.get(c))
+            .filter(|e| matches!(e.chat.status, ChatStatus::Pending | ChatStatus::Active))
+            .map(|e| e.chat.view())
+            .collect();
+        Event::Hello {
+            operator: &me,
+            operators: &operators,
+            departments: &departments,
+            chats: &chats,
+        }
+        .frame()
+    }
+
+    /// A socket of an operator closed; with `logout` the grace is skipped.
+    pub fn disconnect_operator(&mut self, id: u64, conn: ConnId, logout: bool, now: Instant) {
+        let grace = self.cfg.presence.disconnect_grace;
+        let Some(op) = self.operators.get_mut(&id) else {
+            return;
+        };
+        op.peers.retain(|p| p.id != conn);
+        let watched = op.watching.remove(&conn).unwrap_or_default();
+        if logout {
+            op.presence.logout(conn);
+        } else if let Some(at) = op.presence.disconnect(conn, now, grace) {
+            self.timers.push(Timer::GraceEnd { operator: id, at });
+        }
+        for c in watched {
+            if let Some(e) = self.chats.get_mut(&c) {
+                e.watchers.remove(&conn);
+            }
+        }
+        self.dirty_ops.insert(id);
+        self.settle(now);
+    }
+
+    pub fn grace_ended(&mut self, id: u64, now: Instant) {
+        if let Some(op) = self.operators.get_mut(&id)
+            && op.presence.expire_grace(now)
+        {
+            self.dirty_ops.insert(id);
+            self.settle(now);
+        }
+    }
+
+    /// `activity` from a connection (or the server-side inactivity timeout).
+    pub fn set_active(&mut self, id: u64, conn: ConnId, active: bool, now: Instant) {
+        if let Some(op) = self.operators.get_mut(&id)
+            && op.presence.set_active(conn, active)
+        {
+            self.dirty_ops.insert(id);
+            self.settle(now);
+        }
+    }
+
+    // ----- departments -----
+
+    pub fn put_department(&mut self, dept: Department, now: Instant) -> Value {
+        let id = dept.id;
+        self.writes.push(Write::Department(dept.clone()));
+        self.departments.insert(id, dept);
+        self.dirty_depts.insert(id);
+        self.to_assign.insert(id);
+        self.settle(now);
+        self.department_view(id)
+    }
+
+    // ----- widgets and visitors -----
+
+    /// Subscribes a widget and sends it the current state of each department at once.
+    pub fn connect_widget(&mut self, peer: Arc<Peer>, depts: &[u64]) {
+        for d in depts {
+            let state = self.dept_state(*d);
+            self.published.entry(*d).or_insert(state);
+            let frame = Event::WidgetStatus(&state).frame();
+            self.push(&peer, &frame);
+            self.widgets
+                .entry(*d)
+                .or_default()
+                .insert(peer.id, peer.clone());
+        }
+    }
+
+    pub fn disconnect_widget(&mut self, conn: ConnId, depts: &[u64]) {
+        for d in depts {
+            if let Some(w) = self.widgets.get_mut(d) {
+                w.remove(&conn);
+                if w.is_empty() {
+                    self.widgets.remove(d);
+                }
+            }
+        }
+    }
+
+    pub fn connect_visitor(&mut self, chat: u64, peer: Arc<Peer>) -> Result<()> {
+        let frame = self.visitor_frame(chat)?;
+        self.push(&peer, &frame);
+        let e = self
+            .chats
+            .get_mut(&chat)
+            .ok_or_else(|| unknown_chat(chat))?;
+        e.visitors.insert(peer.id, peer);
+        Ok(())
+    }
+
+    pub fn disconnect_visitor(&mut self, chat: u64, conn: ConnId) {
+        if let Some(e) = self.chats.get_mut(&chat) {
+            e.visitors.remove(&conn);
+        }
+    }
+
+    fn visitor_frame(&self, chat: u64) -> Result<Frame> {
+        let e = self.chats.get(&chat).ok_or_else(|| unknown_chat(chat))?;
+        let owner_name = e
+            .chat
+            .owner
+            .and_then(|o| self.operators.get(&o))
+            .map(|o| o.record.name.as_str());
+        Ok(Event::VisitorChat {
+            chat: VisitorChatView {
+                id: chat,
+                status: e.chat.status,
+                owner_name,
+            },
+        }
+        .frame())
+    }
+
+    // ----- chats -----
+
+    pub fn create_chat(&mut self, req: NewChat, now: Instant) -> Result<(Value, String)> {
+        if !req.visitor.is_object() {
+            return Err(Error::bad("visitor must be a JSON object"));
+        }
+        let id = match req.id {
+            Some(id) if self.chats.contains_key(&id) => {
+                return Err(Error::Conflict(format!("chat {id} already exists")));
+            }
+            Some(0) => return Err(Error::bad("chat id must be greater than 0")),
+            Some(id) => id,
+            None => self.next_chat_id,
+        };
+        self.next_chat_id = self.next_chat_id.max(id.saturating_add(1));
+        let chat = Chat {
+            id,
+            department: req.department,
+            status: if req.bot {
+                ChatStatus::Bot
+            } else {
+                ChatStatus::Pending
+            },
+            owner: None,
+            priority: req.priority,
+            visitor: req.visitor,
+            created_at: now_rfc3339(),
+            assigned_at: None,
+            accepted_at: None,
+            seq: self.next_seq,
+            visitor_token: random_token(),
+            avoid: None,
+        };
+        self.next_seq += 1;
+        let token = chat.visitor_token.clone();
+        self.count(&chat, 1);
+        self.writes.push(Write::Chat(chat.clone()));
+        let entry = ChatEntry {
+            chat,
+            history: VecDeque::new(),
+            next_message: 1,
+            watchers: HashMap::new(),
+            visitors: HashMap::new(),
+            round: 0,
+            requeued: None,
+        };
+        self.chats.insert(id, entry);
+        self.dirty_depts.insert(req.department);
+        self.to_assign.insert(req.department);
+        self.emit_chat(id);
+        self.settle(now);
+        Ok((self.chat(id)?, token))
+    }
+
+    /// `PATCH /api/v1/chats/{id}` `{"status":"pending"}`: a bot hands the chat to humans.
+    pub fn hand_over(&mut self, id: u64, now: Instant) -> Result<Value> {
+        let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
+        if e.chat.status != ChatStatus::Bot {
+            return Err(Error::Conflict(
+                format!("chat {id} is {:?}, not a bot chat", e.chat.status).to_lowercase(),
+            ));
+        }
+        self.transition(id, |c| c.status = ChatStatus::Pending);
+        self.settle(now);
+        self.chat(id)
+    }
+
+    /// Closes a chat: by its owner, or by the back end.
+    pub fn close_chat(&mut self, actor: Actor, id: u64, now: Instant) -> Result<Value> {
+        let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
+        if let Actor::Operator(me) = actor
+            && e.chat.owner != Some(me)
+        {
+            return Err(Error::Forbidden(format!(
+                "only the owner of chat {id} can close it"
+            )));
+        }
+        if e.chat.status == ChatStatus::Closed {
+            return Err(Error::Conflict(format!("chat {id} is already closed")));
+        }
+        self.transition(id, |c| c.status = ChatStatus::Closed);
+        self.settle(now);
+        self.chat(id)
+    }
+
+    /// `open_chat`: the seed's opening rules; the opener watches the chat from now on.
+    pub fn open_chat(&mut self, me: u64, peer: &Arc<Peer>, id: u64, now: Instant) -> Result<Value> {
+        let takes = {
+            let op = self
+                .operators
+                .get(&me)
+                .ok_or_else(|| unknown_operator(me))?;
+            let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
+            let access = rules::access(&op.record, &e.chat)?;
+            rules::open_takes(&op.settings, access, &e.chat)
+        };
+        if takes {
+            self.take(id, me);
+        }
+        self.watch(me, peer, id);
+        self.settle(now);
+        let e = &self.chats[&id];
+        Ok(json!({ "chat": e.chat.view(), "messages": e.history }))
+    }
+
+    pub fn leave_chat(&mut self, me: u64, conn: ConnId, id: u64) -> Result<()> {
+        let e = self.chats.get_mut(&id).ok_or_else(|| unknown_chat(id))?;
+        e.watchers.remove(&conn);
+        if let Some(w) = self
+            .operators
+            .get_mut(&me)
+            .and_then(|o| o.watching.get_mut(&conn))
+        {
+            w.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// `send_message` of an operator: a visible member's first real message takes a
+    /// pending or bot chat; whispers reach operators only.
+    pub fn operator_message(
+        &mut self,
+        me: u64,
+        peer: &Arc<Peer>,
+        id: u64,
+        text: String,
+        whisper: bool,
+        now: Instant,
+    ) -> Result<Value> {
+        check_text(&text)?;
+        let (takes, name) = {
+            let op = self
+                .operators
+                .get(&me)
+                .ok_or_else(|| unknown_operator(me))?;
+            let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
+            if e.chat.status == ChatStatus::Closed {
+                return Err(Error::Conflict(format!("chat {id} is closed")));
+            }
+            let access = rules::access(&op.record, &e.chat)?;
+            (
+                rules::message_takes(&op.settings, access, &e.chat, whisper),
+                op.record.name.clone(),
+            )
+        };
+        if takes {
+            self.take(id, me);
+        }
+        self.watch(me, peer, id);
+        let from = Sender {
+            kind: SenderKind::Operator,
+            id: Some(me),
+            name: Some(name),
+        };
+        let message = self.append_message(id, from, text, whisper, Some(peer.id));
+        self.settle(now);
+        Ok(json!({ "message": message }))
+    }
+
+    pub fn visitor_message(&mut self, id: u64, conn: ConnId, text: String) -> Result<Value> {
+        check_text(&text)?;
+        let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
+        if e.chat.status == ChatStatus::Closed {
+            return Err(Error::Conflict(format!("chat {id} is closed")));
+        }
+        let name = e
+            .chat
+            .visitor
+            .get("name")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let from = Sender {
+            kind: SenderKind::Visitor,
+            id: None,
+            name,
+        };
+        let message = self.append_message(id, from, text, false, Some(conn));
+        Ok(json!({ "message": message }))
+    }
+
+    fn append_message(
+        &mut self,
+        id: u64,
+        from: Sender,
+        text: String,
+        whisper: bool,
+        skip: Option<ConnId>,
+    ) -> ChatMessage {
+        let limit = self.cfg.chats.history.max(1);
+        let e = self.chats.get_mut(&id).expect("checked by caller");
+        let message = ChatMessage {
+            id: e.next_message,
+            from,
+            text,
+            whisper,
+            at: now_rfc3339(),
+        };
+        e.next_message += 1;
+        e.history.push_back(message.clone());
+        self.writes.push(Write::Message(id, message.clone()));
+        if e.history.len() > limit {
+            e.history.pop_front();
+            if let Some(first) = e.history.front() {
+                self.writes.push(Write::TrimMessages {
+                    chat: id,
+                    below: first.id,
+                });
+            }
+        }
+        let frame = Event::Message {
+            chat: id,
+            message: &message,
+        }
+        .frame();
+        let owner = e.chat.owner;
+        let mut peers: HashMap<ConnId, Arc<Peer>> = e.watchers.clone();
+        if !whisper {
+            peers.extend(e.visitors.iter().map(|(k, v)| (*k, v.clone())));
+        }
+        if let Some(o) = owner.and_then(|o| self.operators.get(&o)) {
+            peers.extend(o.peers.iter().map(|p| (p.id, p.clone())));
+        }
+        for (conn, p) in &peers {
+            if Some(*conn) != skip {
+                self.push(p, &frame);
+            }
+        }
+        message
+    }
+
+    fn watch(&mut self, me: u64, peer: &Arc<Peer>, id: u64) {
+        if let Some(e) = self.chats.get_mut(&id) {
+            e.watchers.insert(peer.id, peer.clone());
+        }
+        if let Some(op) = self.operators.get_mut(&me) {
+            op.watching.entry(peer.id).or_default().insert(id);
+        }
+    }
+
+    /// `me` becomes the owner and the chat turns active.
+    fn take(&mut self, id: u64, me: u64) {
+        let stamp = now_rfc3339();
+        self.transition(id, |c| {
+            if c.owner != Some(me) {
+                c.assigned_at = Some(stamp.clone());
+            }
+            c.owner = Some(me);
+            c.status = ChatStatus::Active;
+            c.accepted_at = Some(stamp);
+        });
+    }
+
+    /// An accept deadline passed: the chat goes to another candidate.
+    pub fn accept_deadline(&mut self, id: u64, round: u64, now: Instant) {
+        let Some(e) = self.chats.get(&id) else { return };
+        if e.round != round || e.chat.status != ChatStatus::Pending {
+            return;
+        }
+        let Some(prev) = e.chat.owner else { return };
+        self.transition(id, |c| {
+            c.owner = None;
+            c.assigned_at = None;
+            c.avoid = Some(prev);
+        });
+        self.requeued(id, AssignReason::AcceptTimeout);
+        self.settle(now);
+    }
+
+    fn requeued(&mut self, id: u64, reason: AssignReason) {
+        if let Some(e) = self.chats.get_mut(&id) {
+            e.requeued = Some(reason);
+            self.to_assign.insert(e.chat.department);
+        }
+    }
+
+    /// The one path that changes a chat's owner or status: keeps every count, the queue and
+    /// the store in step, and tells the department.
+    fn transition(&mut self, id: u64, f: impl FnOnce(&mut Chat)) {
+        let Some(e) = self.chats.get_mut(&id) else {
+            return;
+        };
+        let before = e.chat.clone();
+        f(&mut e.chat);
+        if e.chat.owner.is_some() {
+            e.chat.avoid = None;
+        }
+        if before.owner != e.chat.owner || before.status != e.chat.status {
+            e.round += 1;
+        }
+        let after = e.chat.clone();
+        self.count(&before, -1);
+        self.count(&after, 1);
+        // Capacity may have freed up, or the chat may wait in the queue now.
+        self.to_assign.insert(after.department);
+        self.dirty_ops
+            .extend([before.owner, after.owner].into_iter().flatten());
+        self.dirty_depts.insert(after.department);
+        self.writes.push(Write::Chat(after));
+        self.emit_chat(id);
+    }
+
+    /// Adds (`sign` 1) or removes (-1) a chat from every count and index it belongs to.
+    fn count(&mut self, c: &Chat, sign: i32) {
+        let add = sign > 0;
+        if let Some(op) = c.owner.and_then(|o| self.operators.get_mut(&o)) {
+            let set = match c.status {
+                ChatStatus::Pending => Some(&mut op.pending),
+                ChatStatus::Active => Some(&mut op.active),
+                _ => None,
+            };
+            if let Some(set) = set {
+                if add {
+                    set.insert(c.id)
+                } else {
+                    set.remove(&c.id)
+                };
+            }
+        }
+        let n = self.counts.entry(c.department).or_default();
+        let slot = match c.status {
+            ChatStatus::Pending => Some(&mut n.pending),
+            ChatStatus::Active => Some(&mut n.active),
+            ChatStatus::Bot => Some(&mut n.bot),
+            ChatStatus::Closed => None,
+        };
+        if let Some(slot) = slot {
+            *slot = if add {
+                *slot + 1
+            } else {
+                slot.saturating_sub(1)
+            };
+        }
+        if c.status != ChatStatus::Closed {
+            let open = self.open_chats.entry(c.department).or_default();
+            if add {
+                open.insert(c.id)
+            } else {
+                open.remove(&c.id)
+            };
+        }
+        if c.status == ChatStatus::Pending && c.owner.is_none() {
+            let q = self.queues.entry(c.department).or_default();
+            let key = assign::queue_key(c.priority, c.seq);
+            if add {
+                q.insert(key, c.id)
+            } else {
+                q.remove(&key)
+            };
+        }
+    }
+
+    // ----- assignment -----
+
+    fn run_assignment(&mut self, d: u64, now: Instant) {
+        let dept = self.department(d);
+        if dept.assignment == Strategy::Off {
+            return;
+        }
+        let Some(queue) = self.queues.get(&d).filter(|q| !q.is_empty()) else {
+            return;
+        };
+        let mut cands: Vec<Candidate> = self
+            .members
+            .get(&d)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.operators.get(id))
+            .filter(|o| {
+                !o.record.exclude_autoassign && o.presence.status(&o.settings).0 == Status::Online
+            })
+            .map(|o| Candidate {
+                id: o.record.id,
+                load: (o.active.len() + o.pending.len()) as u32,
+                capacity: if o.record.max_chats > 0 {
+                    o.record.max_chats
+                } else {
+                    dept.max_chats
+                },
+                last_assigned: o.last_assigned,
+            })
+            .collect();
+        if cands.is_empty() {
+            return;
+        }
+        let chats = &self.chats;
+        let queued = queue.values().map(|id| Queued {
+            chat: *id,
+            avoid: chats.get(id).and_then(|e| e.chat.avoid),
+        });
+        let decisions = assign::plan(dept.assignment, queued, &mut cands, &mut self.assign_clock);
+        for (chat, op) in decisions {
+            if let Some(c) = cands.iter().find(|c| c.id == op)
+                && let Some(o) = self.operators.get_mut(&op)
+            {
+                o.last_assigned = c.last_assigned;
+            }
+            self.assign(chat, op, now);
+        }
+    }
+
+    fn assign(&mut self, id: u64, op: u64, now: Instant) {
+        let reason = self
+            .chats
+            .get_mut(&id)
+            .and_then(|e| e.requeued.take())
+            .unwrap_or(AssignReason::Auto);
+        let accepts = self
+            .operators
+            .get(&op)
+            .is_some_and(|o| rules::auto_accepts(&o.record, &o.settings));
+        let stamp = now_rfc3339();
+        self.transition(id, |c| {
+            c.owner = Some(op);
+            c.assigned_at = Some(stamp.clone());
+            c.avoid = None;
+            if accepts {
+                c.status = ChatStatus::Active;
+                c.accepted_at = Some(stamp);
+            }
+        });
+        if !accepts {
+            self.arm_accept_deadline(id, now);
+        }
+        let e = &self.chats[&id];
+        let frame = Event::ChatAssigned {
+            chat: e.chat.view(),
+            reason,
+        }
+        .frame();
+        self.send_to_operator(op, &frame);
+    }
+
+    /// Re-assigns the chat if its owner has not accepted it within the department's
+    /// `accept_timeout` (zero: never).
+    fn arm_accept_deadline(&mut self, id: u64, now: Instant) {
+        let Some(e) = self.chats.get(&id) else { return };
+        let timeout = self.department(e.chat.department).accept_timeout;
+        if !timeout.is_zero() {
+            self.timers.push(Timer::AcceptDeadline {
+                chat: id,
+                round: e.round,
+                at: now + timeout,
+            });
+        }
+    }
+
+    // ----- settling and publishing -----
+
+    /// Follows the consequences of a change until nothing moves: status transitions
+    /// requeue or trigger assignment; then publishes changed views and department states.
+    fn settle(&mut self, now: Instant) {
+        loop {
+            let ops = std::mem::take(&mut self.dirty_ops);
+            if ops.is_empty() && self.to_assign.is_empty() {
+                break;
+            }
+            for id in ops {
+                self.views_to_send.insert(id);
+                let online = self.is_online(id);
+                let Some(op) = self.operators.get_mut(&id) else {
+                    continue;
+                };
+                if op.was_online == online {
+                    continue;
+                }
+                op.was_online = online;
+                let depts: Vec<u64> = op.record.departments.clone();
+                self.dirty_depts.extend(depts.iter().copied());
+                if online {
+                    self.to_assign.extend(depts);
+                } else {
+                    let unaccepted: Vec<u64> = op.pending.iter().copied().collect();
+                    for chat in unaccepted {
+                        self.transition(chat, |c| {
+                            c.owner = None;
+                            c.assigned_at = None;
+                        });
+                        self.requeued(chat, AssignReason::OperatorUnavailable);
+                    }
+                }
+            }
+            for d in std::mem::take(&mut self.to_assign) {
+                self.run_assignment(d, now);
+            }
+        }
+        for id in std::mem::take(&mut self.views_to_send) {
+            self.publish_operator(id);
+        }
+        for d in std::mem::take(&mut self.dirty_depts) {
+            self.publish_department(d);
+        }
+    }
+
+    fn publish_operator(&mut self, id: u64) {
+        let Some(op) = self.operators.get(&id) else {
+            return;
+        };
+        let frame = Event::OperatorStatus {
+            operator: &self.view_of(op),
+        }
+        .frame();
+        if op.last_frame.as_ref() == Some(&frame) {
+            return;
+        }
+        let mut audience: BTreeSet<u64> = BTreeSet::from([id]);
+        for d in op.record.all_departments() {
+            audience.extend(self.members.get(&d).into_iter().flatten());
+            audience.extend(self.watchers.get(&d).into_iter().flatten());
+        }
+        for o in audience {
+            self.send_to_operator(o, &frame);
+        }
+        if let Some(op) = self.operators.get_mut(&id) {
+            op.last_frame = Some(frame);
+        }
+    }
+
+    fn publish_department(&mut self, d: u64) {
+        let state = self.dept_state(d);
+        let before = self.published.insert(d, state);
+        let unchanged = before.map_or(!state.online && state.reason == DeptReason::None, |b| {
+            b == state
+        });
+        if unchanged {
+            return;
+        }
+        let frame = Event::DepartmentStatus(&state).frame();
+        for o in self.audience(d) {
+            self.send_to_operator(o, &frame);
+        }
+        if let Some(widgets) = self.widgets.get(&d) {
+            let frame = Event::WidgetStatus(&state).frame();
+            let mut sent = 0;
+            let mut dropped = 0;
+            for p in widgets.values() {
+                match p.send(&frame) {
+                    Ok(()) => sent += 1,
+                    Err(_) => dropped += 1,
+                }
+            }
+            self.sent += sent;
+            self.dropped += dropped;
+        }
+    }
+
+    /// Operators who work in or watch a department.
+    fn audience(&self, d: u64) -> BTreeSet<u64> {
+        let mut out: BTreeSet<u64> = self.members.get(&d).cloned().unwrap_or_default();
+        out.extend(self.watchers.get(&d).into_iter().flatten());
+        out
+    }
+
+    fn emit_chat(&mut self, id: u64) {
+        let Some(e) = self.chats.get(&id) else { return };
+        let frame = Event::Chat {
+            chat: e.chat.view(),
+        }
+        .frame();
+        let mut done: HashSet<ConnId> = HashSet::new();
+        let mut peers: Vec<Arc<Peer>> = Vec::new();
+        for o in self.audience(e.chat.department) {
+            if let Some(op) = self.operators.get(&o) {
+                for p in &op.peers {
+                    if done.insert(p.id) {
+                        peers.push(p.clone());
+                    }
+                }
+            }
+        }
+        for (conn, p) in &e.watchers {
+            if done.insert(*conn) {
+                peers.push(p.clone());
+            }
+        }
+        let visitors: Vec<Arc<Peer>> = e.visitors.values().cloned().collect();
+        for p in &peers {
+            self.push(p, &frame);
+        }
+        if !visitors.is_empty()
+            && let Ok(vf) = self.visitor_frame(id)
+        {
+            for p in &visitors {
+                self.push(p, &vf);
+            }
+        }
+    }
+
+    fn send_to_operator(&mut self, id: u64, frame: &Frame) {
+        let Some(op) = self.operators.get(&id) else {
+            return;
+        };
+        let mut sent = 0;
+        let mut dropped = 0;
+        for p in &op.peers {
+            match p.send(frame) {
+                Ok(()) => sent += 1,
+                Err(_) => dropped += 1,
+            }
+        }
+        self.sent += sent;
+        self.dropped += dropped;
+    }
+
+    fn push(&mut self, peer: &Peer, frame: &Frame) {
+        match peer.send(frame) {
+            Ok(()) => self.sent += 1,
+            Err(_) => self.dropped += 1,
+        }
+    }
+}
+
+const MISCONFIGURED: &str =
+    "you are online and invisible: auto-assigned chats will not turn active when you open them";
+
+fn apply_change(mut s: Settings, c: SettingsChange) -> Settings {
+    if let Some(v) = c.online {
+        s.online = v;
+    }
+    if let Some(v) = c.invisible {
+        s.invisible = v;
+    }
+    if let Some(v) = c.always_online {
+        s.always_online = v;
+    }
+    s
+}
+
+fn check_text(text: &str) -> Result<()> {
+    if text.trim().is_empty() {
+        return Err(Error::bad("text must not be empty"));
+    }
+    Ok(())
+}
+
+fn unknown_operator(id: u64) -> Error {
+    Error::NotFound(format!("operator {id} is unknown"))
+}
+
+fn unknown_chat(id: u64) -> Error {
+    Error::NotFound(format!("chat {id} is unknown"))
+}
+
+fn random_token() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Core {
+    /// Operators whose status is online (metrics).
+    pub fn online_operators(&self) -> usize {
+        self.operators
+            .keys()
+            .filter(|id| self.is_online(**id))
+            .count()
+    }
+}

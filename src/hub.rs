@@ -1,0 +1,218 @@
+//! The hub handle: a cheap clone around the shared state (mini-redis's `Db`). It owns the
+//! lock around [`Core`], the concurrent map of live connections, the store, the timers and
+//! the sweeper that pings connections and closes dead ones.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Secrets, Tokens};
+use crate::config::Config;
+use crate::core::{Core, Timer};
+use crate::error::Result;
+use crate::peer::{Kind, Out, Peer};
+use crate::presence::ConnId;
+use crate::store::{self, Store, Ticket};
+
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    core: Mutex<Core>,
+    /// Every live WebSocket of this node.
+    pub peers: DashMap<ConnId, Arc<Peer>>,
+    store: Arc<dyn Store>,
+    next_conn: AtomicU64,
+    epoch: Instant,
+    pub tokens: Tokens,
+    pub api_key: String,
+    /// Fired once on shutdown; every connection and background task watches it.
+    pub shutdown: CancellationToken,
+    /// Connection tasks, waited for on shutdown.
+    pub tasks: TaskTracker,
+}
+
+#[derive(Clone)]
+pub struct Hub(Arc<Shared>);
+
+impl std::ops::Deref for Hub {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl Hub {
+    /// Loads the state from the store; always-online operators are online at once.
+    pub fn open(cfg: Config, secrets: Secrets, store: Arc<dyn Store>) -> Result<Hub> {
+        let cfg = Arc::new(cfg);
+        let snapshot = store.load()?;
+        let mut core = Core::new(cfg.clone(), snapshot);
+        let (_, timers) = core.take_effects();
+        let hub = Hub(Arc::new(Shared {
+            cfg,
+            core: Mutex::new(core),
+            peers: DashMap::new(),
+            store,
+            next_conn: AtomicU64::new(1),
+            epoch: Instant::now(),
+            tokens: Tokens::new(&secrets.jwt_secret),
+            api_key: secrets.api_key,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }));
+        for t in timers {
+            hub.schedule(t);
+        }
+        Ok(hub)
+    }
+
+    /// Runs a change under the lock; returns its result and the ticket of its writes.
+    pub fn run<R>(&self, f: impl FnOnce(&mut Core, Instant) -> R) -> (R, Ticket) {
+        let mut core = self.core.lock();
+        let r = f(&mut core, Instant::now());
+        let (writes, timers) = core.take_effects();
+        let (sent, dropped) = (
+            std::mem::take(&mut core.sent),
+            std::mem::take(&mut core.dropped),
+        );
+        let ticket = if writes.is_empty() {
+            store::done()
+        } else {
+            self.store.write(writes)
+        };
+        drop(core);
+        crate::metrics::events(sent, dropped);
+        for t in timers {
+            self.schedule(t);
+        }
+        (r, ticket)
+    }
+
+    /// Runs a change and waits until it is durable: what a client is acknowledged.
+    pub async fn commit<R>(&self, f: impl FnOnce(&mut Core, Instant) -> Result<R>) -> Result<R> {
+        let (r, ticket) = self.run(f);
+        let r = r?;
+        store::durable(ticket).await?;
+        Ok(r)
+    }
+
+    /// A read-only look at the state.
+    pub fn read<R>(&self, f: impl FnOnce(&Core) -> R) -> R {
+        f(&self.core.lock())
+    }
+
+    pub fn store_ready(&self) -> bool {
+        self.store.ready()
+    }
+
+    /// Milliseconds since the hub started (the peers' liveness clock).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Registers a new socket in the connection map.
+    pub fn new_peer(&self, kind: Kind) -> Arc<Peer> {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let peer = Arc::new(Peer::new(
+            id,
+            kind,
+            self.cfg.limits.outbound_queue,
+            self.now_ms(),
+        ));
+        self.peers.insert(id, peer.clone());
+        peer
+    }
+
+    pub fn remove_peer(&self, id: ConnId) {
+        self.peers.remove(&id);
+    }
+
+    fn schedule(&self, t: Timer) {
+        let hub = self.clone();
+        let at = match t {
+            Timer::GraceEnd { at, .. } | Timer::AcceptDeadline { at, .. } => at,
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = hub.shutdown.cancelled() => return,
+            }
+            hub.run(|core, now| match t {
+                Timer::GraceEnd { operator, .. } => core.grace_ended(operator, now),
+                Timer::AcceptDeadline { chat, round, .. } => core.accept_deadline(chat, round, now),
+            });
+        });
+    }
+
+    /// Pings every connection each `ping_interval`, closes those silent for `pong_timeout`
+    /// and marks operator connections idle after `inactivity_timeout`. One task for all
+    /// connections instead of a timer in each keeps idle connections small.
+    pub async fn sweep(self) {
+        let p = &self.cfg.presence;
+        let mut period = p.ping_interval.min(p.pong_timeout() / 2);
+        if !p.inactivity_timeout.is_zero() {
+            period = period.min(p.inactivity_timeout);
+        }
+        let period = (period / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+        let ping_every = p.ping_interval.as_millis() as u64;
+        let dead_after = p.pong_timeout().as_millis() as u64;
+        let idle_after = p.inactivity_timeout.as_millis() as u64;
+        let mut last_ping = self.now_ms();
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let now = self.now_ms();
+            let ping = now.saturating_sub(last_ping) >= ping_every;
+            if ping {
+                last_ping = now;
+            }
+            let mut idle = Vec::new();
+            let mut dropped = 0;
+            for entry in self.peers.iter() {
+                let peer = entry.value();
+                if now.saturating_sub(peer.last_seen.load(Ordering::Relaxed)) > dead_after {
+                    tracing::info!(
+                        conn = peer.id,
+                        kind = peer.kind.label(),
+                        "no pong in time: closing"
+                    );
+                    peer.request_close(1001);
+                    continue;
+                }
+                if ping && peer.push(Out::Ping).is_err() {
+                    dropped += 1;
+                }
+                if let Kind::Operator(op) = peer.kind
+                    && idle_after > 0
+                {
+                    let last = peer.last_activity.load(Ordering::Relaxed);
+                    if last != u64::MAX && now.saturating_sub(last) >= idle_after {
+                        peer.last_activity.store(u64::MAX, Ordering::Relaxed);
+                        idle.push((op, peer.id));
+                    }
+                }
+            }
+            crate::metrics::events(0, dropped);
+            if !idle.is_empty() {
+                self.run(|core, now| {
+                    for (op, conn) in idle {
+                        core.set_active(op, conn, false, now);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Makes every queued write durable and closes the store.
+    pub fn close_store(&self) {
+        self.store.close();
+    }
+}

@@ -1,0 +1,60 @@
+//! Prometheus metrics: connections by kind, operators online, events sent, slow consumers
+//! dropped, HTTP request latency. Gauges are read from the hub when scraped.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::hub::Hub;
+use crate::peer::Kind;
+
+fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // A second hub in the same process (tests) shares the first one's recorder.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Installs the recorder; call once at start so early events are counted.
+pub fn init() {
+    handle();
+}
+
+/// Frames queued to peers, and peers closed because their queue was full.
+pub fn events(sent: u64, dropped: u64) {
+    if sent > 0 {
+        counter!("presence_hub_events_sent_total").increment(sent);
+    }
+    if dropped > 0 {
+        counter!("presence_hub_slow_consumers_dropped_total").increment(dropped);
+    }
+}
+
+pub fn request(method: &str, status: u16, took: Duration) {
+    histogram!("presence_hub_http_request_duration_seconds", "method" => method.to_string(), "status" => status.to_string())
+        .record(took.as_secs_f64());
+}
+
+/// The Prometheus text of this process.
+pub fn render(hub: &Hub) -> String {
+    let (mut operators, mut widgets, mut visitors) = (0usize, 0usize, 0usize);
+    for p in hub.peers.iter() {
+        match p.kind {
+            Kind::Operator(_) => operators += 1,
+            Kind::Widget => widgets += 1,
+            Kind::Visitor(_) => visitors += 1,
+        }
+    }
+    gauge!("presence_hub_connections", "kind" => "operator").set(operators as f64);
+    gauge!("presence_hub_connections", "kind" => "widget").set(widgets as f64);
+    gauge!("presence_hub_connections", "kind" => "visitor").set(visitors as f64);
+    let online = hub.read(|c| c.online_operators());
+    gauge!("presence_hub_operators_online").set(online as f64);
+    handle().render()
+}

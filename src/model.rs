@@ -1,0 +1,255 @@
+//! The hub's records (operators, departments, chats, messages) and the views clients see.
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Strategy;
+use crate::presence::{Reason, Settings, Status};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Permission {
+    ChangeOnlineStatus,
+    ChangeVisibility,
+    ChangeAlwaysOnline,
+    /// Change other operators' settings.
+    SetOperatorStatus,
+    /// Open chats assigned to someone else.
+    OpenAll,
+}
+
+/// What the platform's back end says about an operator (`PUT /api/v1/operators/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorRecord {
+    pub id: u64,
+    pub name: String,
+    /// Departments the operator works in: counts toward their online state, receives chats.
+    pub departments: Vec<u64>,
+    /// Departments the operator only watches (supervisor): never online or assigned there.
+    pub watch_departments: Vec<u64>,
+    pub permissions: Vec<Permission>,
+    /// Auto-assignment capacity; 0 = the department's default.
+    pub max_chats: u32,
+    pub exclude_autoassign: bool,
+    pub auto_accept: bool,
+}
+
+impl OperatorRecord {
+    pub fn can(&self, p: Permission) -> bool {
+        self.permissions.contains(&p)
+    }
+
+    pub fn works_in(&self, dept: u64) -> bool {
+        self.departments.contains(&dept)
+    }
+
+    pub fn watches(&self, dept: u64) -> bool {
+        self.watch_departments.contains(&dept)
+    }
+
+    /// Departments the operator works in or watches, without repeats.
+    pub fn all_departments(&self) -> impl Iterator<Item = u64> + '_ {
+        let extra = self
+            .watch_departments
+            .iter()
+            .filter(|d| !self.departments.contains(d));
+        self.departments.iter().chain(extra).copied()
+    }
+}
+
+/// An operator as persisted: the record and the three settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredOperator {
+    #[serde(flatten)]
+    pub record: OperatorRecord,
+    #[serde(flatten)]
+    pub settings: Settings,
+}
+
+/// The flat operator view of SPEC.md section 2 (HTTP answers, `hello`, `operator_status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorView {
+    #[serde(flatten)]
+    pub record: OperatorRecord,
+    #[serde(flatten)]
+    pub settings: Settings,
+    pub connections: u32,
+    pub inactive: bool,
+    pub active_chats: u32,
+    pub pending_chats: u32,
+    pub status: Status,
+    pub status_reason: Option<Reason>,
+    pub misconfigured: bool,
+}
+
+/// Department settings (`PUT /api/v1/departments/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Department {
+    pub id: u64,
+    pub name: String,
+    /// Always offline.
+    pub disabled: bool,
+    pub assignment: Strategy,
+    /// Default capacity of its operators.
+    pub max_chats: u32,
+    /// Re-assign a chat not accepted within this; zero = never.
+    #[serde(with = "duration_str")]
+    pub accept_timeout: Duration,
+    /// Pending chats at which the widget turns offline (`queue_full`); 0 = unlimited.
+    pub pending_max: u32,
+    /// A bot answers when no operator is online.
+    pub bot: bool,
+}
+
+impl Department {
+    /// A department referred to but never set: the config file's defaults.
+    pub fn with_defaults(id: u64, a: &crate::config::Assignment) -> Department {
+        Department {
+            id,
+            name: String::new(),
+            disabled: false,
+            assignment: a.strategy,
+            max_chats: a.default_max_chats,
+            accept_timeout: a.accept_timeout,
+            pending_max: 0,
+            bot: false,
+        }
+    }
+}
+
+/// Why a department is online or offline for the widget (SPEC.md section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeptReason {
+    Disabled,
+    QueueFull,
+    Operators,
+    Bot,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeptState {
+    pub department: u64,
+    pub online: bool,
+    pub reason: DeptReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatStatus {
+    Bot,
+    Pending,
+    Active,
+    Closed,
+}
+
+/// A chat as kept and persisted. The wire form is [`ChatView`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chat {
+    pub id: u64,
+    pub department: u64,
+    pub status: ChatStatus,
+    pub owner: Option<u64>,
+    pub priority: i64,
+    pub visitor: serde_json::Value,
+    pub created_at: String,
+    pub assigned_at: Option<String>,
+    pub accepted_at: Option<String>,
+    /// Creation order: "oldest first" within a priority, stable across restarts.
+    pub seq: u64,
+    pub visitor_token: String,
+    /// The owner an `accept_timeout` took the chat from: the next assignment avoids them.
+    #[serde(default)]
+    pub avoid: Option<u64>,
+}
+
+/// The wire form of a chat for operators and the back end.
+#[derive(Debug, Serialize)]
+pub struct ChatView<'a> {
+    pub id: u64,
+    pub department: u64,
+    pub status: ChatStatus,
+    pub owner: Option<u64>,
+    pub priority: i64,
+    pub visitor: &'a serde_json::Value,
+    pub created_at: &'a str,
+    pub assigned_at: Option<&'a str>,
+    pub accepted_at: Option<&'a str>,
+}
+
+impl Chat {
+    pub fn view(&self) -> ChatView<'_> {
+        ChatView {
+            id: self.id,
+            department: self.department,
+            status: self.status,
+            owner: self.owner,
+            priority: self.priority,
+            visitor: &self.visitor,
+            created_at: &self.created_at,
+            assigned_at: self.assigned_at.as_deref(),
+            accepted_at: self.accepted_at.as_deref(),
+        }
+    }
+}
+
+/// What a visitor sees of their chat: its status and the owner's name, never watchers.
+#[derive(Debug, Serialize)]
+pub struct VisitorChatView<'a> {
+    pub id: u64,
+    pub status: ChatStatus,
+    pub owner_name: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SenderKind {
+    Operator,
+    Visitor,
+    System,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sender {
+    pub kind: SenderKind,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub id: u64,
+    pub from: Sender,
+    pub text: String,
+    pub whisper: bool,
+    pub at: String,
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub fn now_rfc3339() -> String {
+    rfc3339(SystemTime::now())
+}
+
+/// Durations as the config writes them (`"60s"`).
+pub mod duration_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::config::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}

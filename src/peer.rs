@@ -1,0 +1,151 @@
+//! One live socket as the rest of the hub sees it: a bounded outbound queue, a close
+//! request, and the liveness clocks the sweeper reads. Small on purpose: there is one per
+//! connection, and an idle connection must cost a few KiB at most.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::presence::ConnId;
+use crate::protocol::Frame;
+
+/// Who is on the other end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Operator(u64),
+    Widget,
+    Visitor(u64),
+}
+
+impl Kind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Kind::Operator(_) => "operator",
+            Kind::Widget => "widget",
+            Kind::Visitor(_) => "visitor",
+        }
+    }
+}
+
+/// What the connection task writes next.
+#[derive(Debug, Clone)]
+pub enum Out {
+    Text(Frame),
+    Ping,
+}
+
+/// Returned by [`Peer::push`] when the queue is full: the peer is being closed with 1008.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SlowConsumer;
+
+pub struct Peer {
+    pub id: ConnId,
+    pub kind: Kind,
+    queue: Mutex<VecDeque<Out>>,
+    capacity: usize,
+    /// Wakes the connection task: frames queued or a close requested.
+    wake: Notify,
+    /// Close code requested by the hub; 0 = none.
+    close: AtomicU16,
+    /// Milliseconds (hub clock) of the last frame received: dead-connection detection.
+    pub last_seen: AtomicU64,
+    /// Milliseconds (hub clock) of the last `activity` message: server-side inactivity.
+    pub last_activity: AtomicU64,
+}
+
+impl Peer {
+    pub fn new(id: ConnId, kind: Kind, capacity: usize, now_ms: u64) -> Peer {
+        Peer {
+            id,
+            kind,
+            queue: Mutex::new(VecDeque::new()),
+            capacity,
+            wake: Notify::new(),
+            close: AtomicU16::new(0),
+            last_seen: AtomicU64::new(now_ms),
+            last_activity: AtomicU64::new(now_ms),
+        }
+    }
+
+    /// Queues a frame. A full queue means the reader cannot keep up: the peer is closed with
+    /// 1008 rather than buffered without bound.
+    pub fn push(&self, out: Out) -> Result<(), SlowConsumer> {
+        if self.closing().is_some() {
+            return Err(SlowConsumer);
+        }
+        let mut q = self.queue.lock();
+        if q.len() >= self.capacity {
+            drop(q);
+            self.request_close(1008);
+            return Err(SlowConsumer);
+        }
+        q.push_back(out);
+        drop(q);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub fn send(&self, frame: &Frame) -> Result<(), SlowConsumer> {
+        self.push(Out::Text(frame.clone()))
+    }
+
+    /// Takes every queued frame, in order.
+    pub fn drain(&self, into: &mut Vec<Out>) {
+        let mut q = self.queue.lock();
+        into.extend(q.drain(..));
+        if q.capacity() > 64 {
+            q.shrink_to_fit();
+        }
+    }
+
+    /// Asks the connection task to close with `code` (first request wins).
+    pub fn request_close(&self, code: u16) {
+        let _ = self
+            .close
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.wake.notify_one();
+    }
+
+    pub fn closing(&self) -> Option<u16> {
+        match self.close.load(Ordering::Acquire) {
+            0 => None,
+            c => Some(c),
+        }
+    }
+
+    /// Resolves when frames were queued or a close was requested since the last call.
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    pub fn touch(&self, now_ms: u64) {
+        self.last_seen.store(now_ms, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_consumer_is_closed_with_1008_when_queue_is_full() {
+        let p = Peer::new(1, Kind::Widget, 2, 0);
+        assert!(p.send(&"a".into()).is_ok());
+        assert!(p.send(&"b".into()).is_ok());
+        assert_eq!(p.send(&"c".into()), Err(SlowConsumer));
+        assert_eq!(p.closing(), Some(1008));
+        let mut out = Vec::new();
+        p.drain(&mut out);
+        assert_eq!(out.len(), 2, "nothing past the bound was buffered");
+    }
+
+    #[test]
+    fn first_close_request_wins() {
+        let p = Peer::new(1, Kind::Widget, 2, 0);
+        p.request_close(1001);
+        p.request_close(1008);
+        assert_eq!(p.closing(), Some(1001));
+    }
+}

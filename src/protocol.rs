@@ -1,0 +1,204 @@
+//! Every WebSocket message of SPEC.md section 6: requests clients send and events the hub
+//! pushes. Events are serialized once into [`Frame`] bytes shared by all recipients.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::error::Error;
+use crate::model::{ChatMessage, ChatView, DeptState, OperatorView, VisitorChatView};
+
+/// A serialized text frame; cloning shares the bytes.
+pub type Frame = Utf8Bytes;
+
+/// Operator → hub.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OperatorRequest {
+    SetStatus {
+        online: Option<bool>,
+        invisible: Option<bool>,
+        always_online: Option<bool>,
+        /// Another operator's settings (needs `set_operator_status`).
+        operator: Option<u64>,
+    },
+    Activity {
+        active: bool,
+    },
+    Logout {},
+    OpenChat {
+        chat: u64,
+    },
+    LeaveChat {
+        chat: u64,
+    },
+    SendMessage {
+        chat: u64,
+        text: String,
+        #[serde(default)]
+        whisper: bool,
+    },
+    CloseChat {
+        chat: u64,
+    },
+}
+
+/// Visitor → hub.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VisitorRequest {
+    SendMessage { text: String },
+}
+
+/// Parses a request frame, separating its `ref` so that an error can still carry it.
+pub fn parse_request<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> (Option<Value>, Result<T, Error>) {
+    let mut value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return (None, Err(Error::bad(format!("malformed JSON: {e}")))),
+    };
+    let Some(obj) = value.as_object_mut() else {
+        return (None, Err(Error::bad("a message must be a JSON object")));
+    };
+    let r = obj.remove("ref");
+    if !obj.contains_key("type") {
+        return (r, Err(Error::bad("missing field `type`")));
+    }
+    let parsed = serde_json::from_value(value).map_err(|e| Error::bad(e.to_string()));
+    (r, parsed)
+}
+
+/// Hub → client.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event<'a> {
+    Hello {
+        operator: &'a OperatorView,
+        operators: &'a [OperatorView],
+        departments: &'a [DeptState],
+        chats: &'a [ChatView<'a>],
+    },
+    OperatorStatus {
+        operator: &'a OperatorView,
+    },
+    DepartmentStatus(&'a DeptState),
+    WidgetStatus(&'a DeptState),
+    Chat {
+        chat: ChatView<'a>,
+    },
+    #[serde(rename = "chat")]
+    VisitorChat {
+        chat: VisitorChatView<'a>,
+    },
+    ChatAssigned {
+        chat: ChatView<'a>,
+        reason: AssignReason,
+    },
+    Message {
+        chat: u64,
+        message: &'a ChatMessage,
+    },
+    Warning {
+        code: &'a str,
+        message: &'a str,
+    },
+    Ack {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        r: Option<&'a Value>,
+        #[serde(flatten, skip_serializing_if = "Option::is_none")]
+        result: Option<&'a Value>,
+    },
+    Error {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        r: Option<&'a Value>,
+        code: &'a str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssignReason {
+    Auto,
+    AcceptTimeout,
+    OperatorUnavailable,
+}
+
+impl Event<'_> {
+    pub fn frame(&self) -> Frame {
+        // Serializing these types cannot fail: no maps with non-string keys, no floats.
+        serde_json::to_string(self)
+            .expect("events serialize")
+            .into()
+    }
+}
+
+/// The answer to a failed request.
+pub fn error_frame(r: Option<&Value>, e: &Error) -> Frame {
+    Event::Error {
+        r,
+        code: e.code(),
+        message: e.to_string(),
+    }
+    .frame()
+}
+
+/// The answer to a request that worked; `result` fields are merged into the ack.
+pub fn ack_frame(r: Option<&Value>, result: Option<&Value>) -> Frame {
+    Event::Ack { r, result }.frame()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_keeps_ref_on_error() {
+        let (r, req) = parse_request::<OperatorRequest>(r#"{"type":"nope","ref":7}"#);
+        assert_eq!(r, Some(Value::from(7)));
+        assert!(req.unwrap_err().to_string().contains("unknown variant"));
+    }
+
+    #[test]
+    fn parse_rejects_wrong_types_and_huge_numbers() {
+        let (_, req) = parse_request::<OperatorRequest>(r#"{"type":"activity","active":"yes"}"#);
+        assert!(req.is_err());
+        let (_, req) = parse_request::<OperatorRequest>(r#"{"type":"open_chat","chat":1e400}"#);
+        assert!(req.is_err());
+        let (_, req) = parse_request::<OperatorRequest>(
+            r#"{"type":"open_chat","chat":184467440737095516160}"#,
+        );
+        assert!(req.is_err());
+        let (_, req) = parse_request::<OperatorRequest>(r#"[1,2]"#);
+        assert!(req.is_err());
+        let (_, req) =
+            parse_request::<OperatorRequest>(r#"{"type":"activity","active":true,"x":1}"#);
+        assert!(req.is_err(), "unknown fields are refused");
+    }
+
+    #[test]
+    fn parse_set_status() {
+        let (r, req) =
+            parse_request::<OperatorRequest>(r#"{"type":"set_status","online":false,"ref":"a"}"#);
+        assert_eq!(r, Some(Value::from("a")));
+        assert!(matches!(
+            req.unwrap(),
+            OperatorRequest::SetStatus {
+                online: Some(false),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn ack_merges_result_and_ref() {
+        let v = serde_json::json!({"chat": {"id": 1}});
+        let f = ack_frame(Some(&Value::from(3)), Some(&v));
+        let back: Value = serde_json::from_str(&f).unwrap();
+        assert_eq!(
+            back,
+            serde_json::json!({"type":"ack","ref":3,"chat":{"id":1}})
+        );
+    }
+}

@@ -1,0 +1,93 @@
+//! The accept loop: one hyper HTTP/1 connection per socket (the WebSocket upgrades leave
+//! it), shutdown injected as a future, connections drained before the store is flushed.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+use crate::auth::Secrets;
+use crate::config::{Backend, Config};
+use crate::hub::Hub;
+use crate::store::Store;
+use crate::store::embedded::Embedded;
+
+/// Opens the store the config names.
+pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match cfg.store.backend {
+        Backend::Embedded => Ok(Arc::new(Embedded::open(&cfg.store.data_dir)?)),
+        Backend::Redis => {
+            anyhow::bail!("store.backend = \"redis\" is not available in this build yet")
+        }
+    }
+}
+
+/// Builds the hub from a config: secrets, store, state.
+pub fn build(cfg: Config) -> anyhow::Result<Hub> {
+    let secrets = Secrets::resolve(&cfg)?;
+    let store = open_store(&cfg)?;
+    Ok(Hub::open(cfg, secrets, store)?)
+}
+
+/// Serves until `shutdown` resolves; then closes every socket with 1001, waits for the
+/// connection tasks and makes the store durable.
+pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output = ()>) {
+    crate::metrics::init();
+    let app = crate::api::router(hub.clone());
+    let sweeper = tokio::spawn(hub.clone().sweep());
+    let handshake = hub.cfg.limits.handshake_timeout;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(app.clone());
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake)
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = hub.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(peer = %addr, cause = %e, "http connection ended with an error");
+            }
+        });
+    }
+    tracing::info!("shutting down: closing connections");
+    drop(listener);
+    hub.shutdown.cancel();
+    hub.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(10), hub.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close within 10s");
+    }
+    let _ = sweeper.await;
+    let store_hub = hub.clone();
+    let _ = tokio::task::spawn_blocking(move || store_hub.close_store()).await;
+    tracing::info!("stopped");
+}

@@ -1,0 +1,301 @@
+//! WebSocket endpoints: the upgrade (checks happen before it, so a bad token is a plain
+//! HTTP 401), the connection loop shared by every kind, and one module per kind for what
+//! its clients may send.
+
+pub mod operator;
+pub mod visitor;
+pub mod widget;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use futures::{SinkExt, StreamExt};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::error::Error;
+use crate::hub::Hub;
+use crate::peer::{Kind, Out, Peer};
+use crate::protocol::error_frame;
+
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Bytes the read buffer starts with. tungstenite's default (128 KiB, allocated eagerly)
+/// is sized for throughput; presence traffic is tiny and connections are many.
+pub const READ_BUFFER: usize = 1024;
+/// Frames are buffered up to this before a write to the socket; a flush follows each batch.
+pub const WRITE_BUFFER: usize = 8 * 1024;
+
+/// The socket settings of every connection (the load tester's baseline uses the same).
+pub fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes))
+}
+
+/// What the loop does after a request.
+pub enum Flow {
+    Continue,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// Checks that a request is a WebSocket upgrade and answers `101`, or says what is wrong.
+pub fn accept(req: &mut Request) -> Result<(Response, OnUpgrade), Error> {
+    let h = req.headers();
+    let has = |name: header::HeaderName, token: &str| {
+        h.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
+        return Err(Error::bad(
+            "expected a WebSocket upgrade (Upgrade: websocket)",
+        ));
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return Err(Error::bad("Sec-WebSocket-Version must be 13"));
+    }
+    let key = h
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| Error::bad("missing Sec-WebSocket-Key"))?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = req
+        .extensions_mut()
+        .remove::<OnUpgrade>()
+        .ok_or_else(|| Error::Internal("connection cannot be upgraded".into()))?;
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = res.headers_mut();
+    hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    hs.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    hs.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
+    Ok((res, on_upgrade))
+}
+
+/// Refuses a new socket past `limits.max_connections`.
+pub fn check_capacity(hub: &Hub) -> Result<(), Error> {
+    if hub.peers.len() >= hub.cfg.limits.max_connections {
+        metrics::counter!("presence_hub_connections_refused_total").increment(1);
+        return Err(Error::Unavailable("too many connections".into()));
+    }
+    Ok(())
+}
+
+/// True when a browser's `Origin` is allowed (no `Origin`: not a browser, not refused).
+pub fn origin_ok(hub: &Hub, headers: &HeaderMap) -> bool {
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(o) => hub.cfg.origin_allowed(o),
+    }
+}
+
+/// The behaviour of one kind of socket.
+pub trait Handler: Send + 'static {
+    /// Registers the socket with the hub; it pushes the first frames (`hello`, state).
+    fn start(&mut self, hub: &Hub, peer: &Arc<Peer>) -> Result<(), Error>;
+    /// A text frame from the client.
+    fn on_text(
+        &mut self,
+        hub: &Hub,
+        peer: &Arc<Peer>,
+        text: &str,
+    ) -> impl Future<Output = Flow> + Send;
+    /// The socket is gone (any reason); not called when `start` failed.
+    fn stop(&mut self, hub: &Hub, peer: &Arc<Peer>);
+}
+
+/// Answers the upgrade and runs the socket to its end in a tracked task.
+pub fn spawn<H: Handler>(hub: Hub, on_upgrade: OnUpgrade, kind: Kind, handler: H, origin_ok: bool) {
+    let peer = hub.new_peer(kind);
+    let span = tracing::info_span!(
+        "ws",
+        conn = peer.id,
+        kind = kind.label(),
+        operator = tracing::field::Empty
+    );
+    if let Kind::Operator(op) = kind {
+        span.record("operator", op);
+    }
+    let task = {
+        let hub = hub.clone();
+        async move {
+            let io = match on_upgrade.await {
+                Ok(io) => TokioIo::new(io),
+                Err(e) => {
+                    tracing::debug!(cause = %e, "upgrade failed");
+                    hub.remove_peer(peer.id);
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(
+                io,
+                Role::Server,
+                Some(ws_config(hub.cfg.limits.max_message_bytes)),
+            )
+            .await;
+            run(hub.clone(), ws, peer.clone(), handler, origin_ok).await;
+            hub.remove_peer(peer.id);
+        }
+    };
+    hub.tasks.spawn(tracing::Instrument::instrument(task, span));
+}
+
+async fn run<H: Handler>(
+    hub: Hub,
+    mut ws: Socket,
+    peer: Arc<Peer>,
+    mut handler: H,
+    origin_ok: bool,
+) {
+    if !origin_ok {
+        close(&mut ws, 1008, "origin not allowed").await;
+        return;
+    }
+    if let Err(e) = handler.start(&hub, &peer) {
+        let code = if matches!(e, Error::NotFound(_) | Error::Forbidden(_)) {
+            1008
+        } else {
+            1011
+        };
+        tracing::info!(cause = %e, "refused after upgrade");
+        close(&mut ws, code, "refused").await;
+        return;
+    }
+    tracing::debug!("connected");
+    let (code, reason) = serve(&hub, &mut ws, &peer, &mut handler).await;
+    handler.stop(&hub, &peer);
+    if let Some(code) = code {
+        close(&mut ws, code, reason).await;
+    }
+    tracing::debug!(code, "disconnected");
+}
+
+/// The loop: frames from the client, frames queued for it, a close from the hub.
+/// Returns the close code to send, if the hub is the one closing.
+async fn serve<H: Handler>(
+    hub: &Hub,
+    ws: &mut Socket,
+    peer: &Arc<Peer>,
+    handler: &mut H,
+) -> (Option<u16>, &'static str) {
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = hub.shutdown.cancelled() => return (Some(1001), "server shutting down"),
+            _ = peer.woken() => {
+                loop {
+                    if let Some(code) = peer.closing() {
+                        return (Some(code), close_reason(code));
+                    }
+                    peer.drain(&mut batch);
+                    if batch.is_empty() {
+                        break;
+                    }
+                    if !write_batch(ws, peer, &mut batch).await {
+                        return match peer.closing() {
+                            Some(code) => (Some(code), close_reason(code)),
+                            None => (None, ""),
+                        };
+                    }
+                }
+            }
+            frame = ws.next() => {
+                peer.touch(hub.now_ms());
+                match frame {
+                    None => return (None, ""),
+                    Some(Ok(Message::Text(text))) => {
+                        if let Flow::Close(code, reason) = handler.on_text(hub, peer, text.as_str()).await {
+                            // Flush what the request queued (its ack) before closing.
+                            peer.drain(&mut batch);
+                            write_batch(ws, peer, &mut batch).await;
+                            return (Some(code), reason);
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        let _ = peer.send(&error_frame(None, &Error::bad("binary frames are not supported; send JSON text frames")));
+                    }
+                    Some(Ok(_)) => {} // ping, pong (answered by tungstenite), close (loop ends at None)
+                    Some(Err(WsError::Capacity(e))) => {
+                        tracing::info!(cause = %e, "frame too large");
+                        return (Some(1009), "message too big");
+                    }
+                    Some(Err(WsError::Utf8(_))) => {
+                        let _ = peer.send(&error_frame(None, &Error::bad("text frame is not valid UTF-8")));
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(cause = %e, "socket error");
+                        return (None, "");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes the frames; false when the socket failed or the hub asked to close meanwhile
+/// (a reader that does not read must not hold the task in a write forever).
+async fn write_batch(ws: &mut Socket, peer: &Peer, batch: &mut Vec<Out>) -> bool {
+    let write = async {
+        for out in batch.drain(..) {
+            let msg = match out {
+                Out::Text(t) => Message::Text(t),
+                Out::Ping => Message::Ping(Default::default()),
+            };
+            ws.feed(msg).await?;
+        }
+        ws.flush().await
+    };
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            r = &mut write => return r.is_ok(),
+            _ = peer.woken() => {
+                if peer.closing().is_some() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        1000 => "logout",
+        1001 => "going away",
+        1008 => "slow consumer",
+        _ => "",
+    }
+}
+
+/// Sends a close frame and waits briefly for the client's answer.
+async fn close(ws: &mut Socket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        if ws.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}

@@ -1,0 +1,168 @@
+//! `/ws/operator`: an operator's dashboard. JWT checked before the upgrade; `hello` first;
+//! requests `set_status`, `activity`, `logout`, `open_chat`, `leave_chat`, `send_message`,
+//! `close_chat`, each answered by `ack` or `error` carrying the request's `ref`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::header;
+use serde_json::{Value, json};
+
+use super::{Flow, Handler};
+use crate::core::{Actor, SettingsChange};
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+use crate::peer::{Kind, Peer};
+use crate::protocol::{OperatorRequest, ack_frame, error_frame, parse_request};
+
+pub async fn upgrade(State(hub): State<Hub>, mut req: Request) -> Response {
+    let op = match authenticate(&hub, &req) {
+        Ok(op) => op,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = super::check_capacity(&hub) {
+        return e.into_response();
+    }
+    let origin_ok = super::origin_ok(&hub, req.headers());
+    match super::accept(&mut req) {
+        Ok((res, on_upgrade)) => {
+            super::spawn(
+                hub,
+                on_upgrade,
+                Kind::Operator(op),
+                Operator {
+                    id: op,
+                    logged_out: false,
+                },
+                origin_ok,
+            );
+            res
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The token from `?token=` or `Authorization: Bearer`; 401 when missing, bad or expired,
+/// 403 when the operator is unknown to the hub.
+fn authenticate(hub: &Hub, req: &Request) -> Result<u64> {
+    let from_query = req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    });
+    let from_header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let token = from_query
+        .or(from_header)
+        .ok_or_else(|| Error::Unauthorized("missing token".into()))?;
+    let op = hub.tokens.verify(&token)?;
+    if !hub.read(|c| c.has_operator(op)) {
+        return Err(Error::Forbidden(format!(
+            "operator {op} is unknown to the hub"
+        )));
+    }
+    Ok(op)
+}
+
+struct Operator {
+    id: u64,
+    logged_out: bool,
+}
+
+impl Handler for Operator {
+    fn start(&mut self, hub: &Hub, peer: &Arc<Peer>) -> Result<()> {
+        hub.run(|core, now| core.connect_operator(self.id, peer.clone(), now))
+            .0
+    }
+
+    async fn on_text(&mut self, hub: &Hub, peer: &Arc<Peer>, text: &str) -> Flow {
+        let (r, req) = parse_request::<OperatorRequest>(text);
+        let result = match req {
+            Ok(req) => self.handle(hub, peer, req).await,
+            Err(e) => Err(e),
+        };
+        let frame = match &result {
+            Ok(v) => ack_frame(r.as_ref(), v.as_ref()),
+            Err(e) => error_frame(r.as_ref(), e),
+        };
+        let _ = peer.send(&frame);
+        if self.logged_out {
+            Flow::Close(1000, "logout")
+        } else {
+            Flow::Continue
+        }
+    }
+
+    fn stop(&mut self, hub: &Hub, peer: &Arc<Peer>) {
+        let logout = self.logged_out;
+        hub.run(|core, now| core.disconnect_operator(self.id, peer.id, logout, now));
+    }
+}
+
+impl Operator {
+    async fn handle(
+        &mut self,
+        hub: &Hub,
+        peer: &Arc<Peer>,
+        req: OperatorRequest,
+    ) -> Result<Option<Value>> {
+        let me = self.id;
+        match req {
+            OperatorRequest::SetStatus {
+                online,
+                invisible,
+                always_online,
+                operator,
+            } => {
+                let change = SettingsChange {
+                    online,
+                    invisible,
+                    always_online,
+                };
+                let target = operator.unwrap_or(me);
+                let view = hub
+                    .commit(|c, now| c.set_settings(Actor::Operator(me), target, change, now))
+                    .await?;
+                Ok(Some(json!({ "operator": view })))
+            }
+            OperatorRequest::Activity { active } => {
+                let stamp = if active { hub.now_ms() } else { u64::MAX };
+                peer.last_activity.store(stamp, Ordering::Relaxed);
+                hub.run(|c, now| c.set_active(me, peer.id, active, now));
+                Ok(None)
+            }
+            OperatorRequest::Logout {} => {
+                self.logged_out = true;
+                Ok(None)
+            }
+            OperatorRequest::OpenChat { chat } => hub
+                .commit(|c, now| c.open_chat(me, peer, chat, now))
+                .await
+                .map(Some),
+            OperatorRequest::LeaveChat { chat } => hub
+                .commit(|c, _| c.leave_chat(me, peer.id, chat))
+                .await
+                .map(|()| None),
+            OperatorRequest::SendMessage {
+                chat,
+                text,
+                whisper,
+            } => hub
+                .commit(|c, now| c.operator_message(me, peer, chat, text, whisper, now))
+                .await
+                .map(Some),
+            OperatorRequest::CloseChat { chat } => {
+                let chat = hub
+                    .commit(|c, now| c.close_chat(Actor::Operator(me), chat, now))
+                    .await?;
+                Ok(Some(json!({ "chat": chat })))
+            }
+        }
+    }
+}

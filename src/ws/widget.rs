@@ -1,0 +1,84 @@
+//! `/ws/widget?department=1[&department=2…]`: public. Sends each department's state at once,
+//! then a `widget_status` only when a department's `online` or `reason` changes.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+
+use super::{Flow, Handler};
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+use crate::peer::{Kind, Peer};
+use crate::protocol::error_frame;
+
+/// Departments one widget socket may follow.
+const MAX_DEPARTMENTS: usize = 64;
+
+pub async fn upgrade(State(hub): State<Hub>, mut req: Request) -> Response {
+    let depts = match departments(req.uri().query()) {
+        Ok(d) => d,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = super::check_capacity(&hub) {
+        return e.into_response();
+    }
+    let origin_ok = super::origin_ok(&hub, req.headers());
+    match super::accept(&mut req) {
+        Ok((res, on_upgrade)) => {
+            super::spawn(hub, on_upgrade, Kind::Widget, Widget { depts }, origin_ok);
+            res
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The `department` query parameters: at least one, numeric, without repeats.
+pub fn departments(query: Option<&str>) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if k != "department" {
+            continue;
+        }
+        let d: u64 = v
+            .parse()
+            .map_err(|_| Error::bad(format!("department must be a number, got {v:?}")))?;
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::bad(
+            "at least one department query parameter is required",
+        ));
+    }
+    if out.len() > MAX_DEPARTMENTS {
+        return Err(Error::bad(format!(
+            "at most {MAX_DEPARTMENTS} departments per widget"
+        )));
+    }
+    Ok(out)
+}
+
+struct Widget {
+    depts: Vec<u64>,
+}
+
+impl Handler for Widget {
+    fn start(&mut self, hub: &Hub, peer: &Arc<Peer>) -> Result<()> {
+        hub.run(|core, _| core.connect_widget(peer.clone(), &self.depts));
+        Ok(())
+    }
+
+    async fn on_text(&mut self, _hub: &Hub, peer: &Arc<Peer>, _text: &str) -> Flow {
+        let _ = peer.send(&error_frame(
+            None,
+            &Error::bad("widgets only receive; nothing to send"),
+        ));
+        Flow::Continue
+    }
+
+    fn stop(&mut self, hub: &Hub, peer: &Arc<Peer>) {
+        hub.run(|core, _| core.disconnect_widget(peer.id, &self.depts));
+    }
+}
