@@ -73,7 +73,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", cfg.server.listen))?;
         let generated = cfg.auth.api_key.is_empty() || cfg.auth.jwt_secret.is_empty();
         let data_dir = cfg.store.data_dir.clone();
-        let hub = presence_hub::server::build(cfg)?;
+        let hub = presence_hub::server::build(cfg).await?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "presence-hub listening (HTTP and WebSocket)");
         if generated {

@@ -15,22 +15,46 @@ use crate::config::{Backend, Config};
 use crate::hub::Hub;
 use crate::store::Store;
 use crate::store::embedded::Embedded;
+use crate::store::redis::{Keys, RedisStore, claim_node, hold_node};
 
 /// Opens the store the config names.
-pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match cfg.store.backend {
         Backend::Embedded => Ok(Arc::new(Embedded::open(&cfg.store.data_dir)?)),
         Backend::Redis => {
-            anyhow::bail!("store.backend = \"redis\" is not available in this build yet")
+            let url = cfg.store.redis_url.as_str();
+            Ok(Arc::new(RedisStore::open(url, &cfg.store.key_prefix).await?))
         }
     }
 }
 
-/// Builds the hub from a config: secrets, store, state.
-pub fn build(cfg: Config) -> anyhow::Result<Hub> {
+/// Builds the hub from a config: secrets, store, state. With Redis, the node first claims
+/// its `node_id` (refused when a live node holds it) and keeps the lease while it runs.
+pub async fn build(mut cfg: Config) -> anyhow::Result<Hub> {
+    if cfg.server.node_id.is_empty() {
+        let n: u32 = rand::random();
+        cfg.server.node_id = format!("node-{n:08x}");
+    }
     let secrets = Secrets::resolve(&cfg)?;
-    let store = open_store(&cfg)?;
-    Ok(Hub::open(cfg, secrets, store)?)
+    let store = open_store(&cfg).await?;
+    let mut lease = None;
+    if cfg.store.backend == Backend::Redis {
+        let keys = Keys(cfg.store.key_prefix.clone());
+        let token = format!("{:016x}", rand::random::<u64>());
+        let url = cfg.store.redis_url.as_str().to_string();
+        let node = cfg.server.node_id.clone();
+        if !claim_node(&url, &keys, &node, &token, cfg.cluster.node_lease).await? {
+            anyhow::bail!(
+                "server.node_id {node:?} is already alive in the cluster: give each node its own node_id"
+            );
+        }
+        lease = Some((url, keys, node, token, cfg.cluster.node_lease));
+    }
+    let hub = Hub::open(cfg, secrets, store)?;
+    if let Some((url, keys, node, token, ttl)) = lease {
+        tokio::spawn(hold_node(url, keys, node, token, ttl, hub.shutdown.clone()));
+    }
+    Ok(hub)
 }
 
 /// Serves until `shutdown` resolves; then closes every socket with 1001, waits for the

@@ -25,7 +25,8 @@ const MAX_GROUP: usize = 4096;
 type Job = (Vec<Write>, oneshot::Sender<Result<(), StoreError>>);
 
 pub struct Embedded {
-    db: std::sync::Arc<Database>,
+    /// Dropped by `close`, which releases the file lock (a restart in the same process).
+    db: Mutex<Option<std::sync::Arc<Database>>>,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     healthy: std::sync::Arc<AtomicBool>,
@@ -57,7 +58,7 @@ impl Embedded {
                 .map_err(|e| backend(e.to_string()))?
         };
         Ok(Embedded {
-            db,
+            db: Mutex::new(Some(db)),
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             healthy,
@@ -156,7 +157,8 @@ where
 
 impl Store for Embedded {
     fn load(&self) -> Result<Snapshot, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let db = self.db.lock().clone().ok_or(StoreError::Closed)?;
+        let txn = db.begin_read().map_err(backend)?;
         Ok(Snapshot {
             operators: read_all(&txn, OPERATORS)?
                 .into_iter()
@@ -198,6 +200,7 @@ impl Store for Embedded {
         if let Some(writer) = self.writer.lock().take() {
             let _ = writer.join();
         }
+        drop(self.db.lock().take());
     }
 }
 

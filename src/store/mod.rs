@@ -3,6 +3,7 @@
 //! acknowledged through a [`Ticket`] once durable; the hub acknowledges a client only then.
 
 pub mod embedded;
+pub mod redis;
 
 use tokio::sync::oneshot;
 

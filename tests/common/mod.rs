@@ -3,6 +3,8 @@
 //! hanging it.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,7 +63,7 @@ impl TestHub {
         tweak(&mut cfg);
         let listener = tokio::net::TcpListener::bind(cfg.server.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let hub = presence_hub::server::build(cfg).expect("hub builds");
+        let hub = presence_hub::server::build(cfg).await.expect("hub builds");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(presence_hub::server::run(listener, hub, async {
             let _ = stopped.await;
@@ -289,5 +291,129 @@ impl Client {
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
         let _ = tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+    }
+}
+
+// ----- helpers for the api, widget, limits and ops tests -----
+
+impl TestHub {
+    /// A request without the API key (public endpoints, or to show the key is required).
+    pub async fn public(&self, method: reqwest::Method, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self.http.request(method, self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("request sent")
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let res = self.http.get(self.url("/metrics")).send().await.expect("metrics");
+        assert_eq!(res.status().as_u16(), 200);
+        res.text().await.unwrap()
+    }
+}
+
+/// The value of the first sample of `metric` whose line contains every one of `labels`
+/// (e.g. `kind="widget"`); None when absent.
+pub fn metric_value(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(metric) && matches!(l.as_bytes().get(metric.len()), Some(b'{' | b' ')))
+        .find(|l| labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+impl Client {
+    /// Connects with extra request headers (e.g. a browser's `Origin`).
+    pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> Client {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = url.into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("connect in time")
+            .expect("upgrade accepted");
+        Client { ws, next_ref: 0 }
+    }
+
+    /// Waits for the hub's close frame, answers it and reads to the end (so the hub's close
+    /// handshake completes at once); returns the close code, None when the socket just ended.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        let frame = self.closed().await;
+        let _ = tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+        frame.map(|f| u16::from(f.code))
+    }
+}
+
+// ----- chats, departments, visitors (appended for tests/chats.rs and tests/assignment.rs) -----
+
+impl TestHub {
+    /// `POST /api/v1/chats`; returns the chat and its visitor token.
+    pub async fn create_chat(&self, body: Value) -> (Value, String) {
+        let (status, v) = self.post("/api/v1/chats", body).await;
+        assert_eq!(status, 201, "POST chat: {v}");
+        let token = v["visitor_token"].as_str().expect("visitor_token").to_string();
+        (v["chat"].clone(), token)
+    }
+
+    /// `GET /api/v1/chats/{id}`.
+    pub async fn chat_view(&self, id: u64) -> Value {
+        let (status, v) = self.get(&format!("/api/v1/chats/{id}")).await;
+        assert_eq!(status, 200, "GET chat {id}: {v}");
+        v
+    }
+
+    /// `PUT /api/v1/departments/{id}`.
+    pub async fn put_department(&self, id: u64, body: Value) -> Value {
+        let (status, v) = self.put(&format!("/api/v1/departments/{id}"), body).await;
+        assert!(status == 200 || status == 201, "PUT department {id}: {status} {v}");
+        v
+    }
+
+    pub fn visitor_url(&self, chat: u64, token: &str) -> String {
+        self.ws_url(&format!("/ws/visitor?chat={chat}&token={token}"))
+    }
+
+    /// A visitor socket, with its first `chat` frame already read.
+    pub async fn visitor(&self, chat: u64, token: &str) -> (Client, Value) {
+        let mut c = Client::connect(&self.visitor_url(chat, token)).await;
+        let first = c.next().await;
+        assert_eq!(first["type"], "chat", "{first}");
+        (c, first)
+    }
+
+    /// Polls the HTTP API until `pred` holds for `path`'s answer (for changes no socket
+    /// of the test is told about, e.g. a socket's close being processed); panics after [`WAIT`].
+    pub async fn poll_until(&self, path: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, v) = self.get(path).await;
+            if pred(&v) {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what} not reached: {v}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Client {
+    /// Every message already received, without waiting (keeps the hub's queue for this
+    /// socket short in long tests).
+    pub async fn drain(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::ZERO, self.ws.next()).await {
+            if let Message::Text(t) = msg {
+                out.push(serde_json::from_str(&t).expect("JSON text"));
+            }
+        }
+        out
     }
 }

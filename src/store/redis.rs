@@ -1,0 +1,331 @@
+//! The Redis store: the same records as the embedded store, under `store.key_prefix`
+//! (schema in docs/redis.md). One writer task applies queued writes in order, each group
+//! as one MULTI/EXEC. While Redis is unreachable, writes are answered with an error at
+//! once (never acknowledged) and kept, in order, to be applied when it is back, so Redis
+//! converges to what the hub holds.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Client, Commands};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Snapshot, Store, StoreError, Ticket, Write};
+
+type Job = (Vec<Write>, oneshot::Sender<Result<(), StoreError>>);
+
+/// Writes taken into one MULTI/EXEC at most.
+const MAX_GROUP: usize = 1024;
+
+pub struct RedisStore {
+    client: Client,
+    prefix: String,
+    tx: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    healthy: Arc<AtomicBool>,
+}
+
+/// Key names, in one place (docs/redis.md lists them).
+#[derive(Clone)]
+pub struct Keys(pub String);
+
+impl Keys {
+    pub fn operator(&self, id: u64) -> String {
+        format!("{}operator:{id}", self.0)
+    }
+    pub fn operators(&self) -> String {
+        format!("{}operators", self.0)
+    }
+    pub fn department(&self, id: u64) -> String {
+        format!("{}department:{id}", self.0)
+    }
+    pub fn departments(&self) -> String {
+        format!("{}departments", self.0)
+    }
+    pub fn chat(&self, id: u64) -> String {
+        format!("{}chat:{id}", self.0)
+    }
+    pub fn chats(&self) -> String {
+        format!("{}chats", self.0)
+    }
+    pub fn messages(&self, chat: u64) -> String {
+        format!("{}messages:{chat}", self.0)
+    }
+    pub fn node(&self, node: &str) -> String {
+        format!("{}node:{node}", self.0)
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("redis: {e}"))
+}
+
+impl RedisStore {
+    /// Connects (and fails if Redis cannot be reached now) and starts the writer.
+    pub async fn open(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        let client = Client::open(url).map_err(backend)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = client.get_connection_manager_with_config(config).await.map_err(backend)?;
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(writer_loop(conn.clone(), Keys(prefix.to_string()), rx, healthy.clone()));
+        tokio::spawn(health_loop(conn, healthy.clone()));
+        Ok(RedisStore {
+            client,
+            prefix: prefix.to_string(),
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            healthy,
+        })
+    }
+
+    pub fn keys(&self) -> Keys {
+        Keys(self.prefix.clone())
+    }
+}
+
+/// Pings Redis so `/readyz` turns not-ready when it goes away even without writes.
+async fn health_loop(mut conn: ConnectionManager, healthy: Arc<AtomicBool>) {
+    loop {
+        let ok = redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok();
+        healthy.store(ok, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(if ok { 1000 } else { 200 })).await;
+        if Arc::strong_count(&healthy) == 1 {
+            return; // the store is gone
+        }
+    }
+}
+
+async fn writer_loop(
+    mut conn: ConnectionManager,
+    keys: Keys,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    healthy: Arc<AtomicBool>,
+) {
+    // Writes that failed: kept in order and applied before anything newer.
+    let mut backlog: Vec<Write> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut writes = std::mem::take(&mut backlog);
+        let mut acks = Vec::with_capacity(jobs.len());
+        for (w, ack) in jobs {
+            writes.extend(w);
+            acks.push(ack);
+        }
+        match apply(&mut conn, &keys, &writes).await {
+            Ok(()) => {
+                healthy.store(true, Ordering::Relaxed);
+                for a in acks {
+                    let _ = a.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, writes = writes.len(), "redis write failed; retrying until it is back");
+                healthy.store(false, Ordering::Relaxed);
+                for a in acks {
+                    let _ = a.send(Err(e.clone()));
+                }
+                backlog = writes;
+                // Retry the backlog; writes arriving meanwhile fail at once and join it.
+                let mut delay = Duration::from_millis(100);
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        job = rx.recv() => match job {
+                            Some((w, ack)) => {
+                                let _ = ack.send(Err(StoreError::Backend("redis unavailable".into())));
+                                backlog.extend(w);
+                                continue;
+                            }
+                            None => return,
+                        },
+                    }
+                    if apply(&mut conn, &keys, &backlog).await.is_ok() {
+                        tracing::info!(writes = backlog.len(), "redis is back; backlog applied");
+                        healthy.store(true, Ordering::Relaxed);
+                        backlog.clear();
+                        break;
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+async fn apply(conn: &mut ConnectionManager, keys: &Keys, writes: &[Write]) -> Result<(), StoreError> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for w in writes {
+        match w {
+            Write::Operator(o) => {
+                pipe.set(keys.operator(o.record.id), json(o)).ignore();
+                pipe.sadd(keys.operators(), o.record.id).ignore();
+            }
+            Write::DeleteOperator(id) => {
+                pipe.del(keys.operator(*id)).ignore();
+                pipe.srem(keys.operators(), *id).ignore();
+            }
+            Write::Department(d) => {
+                pipe.set(keys.department(d.id), json(d)).ignore();
+                pipe.sadd(keys.departments(), d.id).ignore();
+            }
+            Write::Chat(c) => {
+                pipe.set(keys.chat(c.id), json(c)).ignore();
+                pipe.sadd(keys.chats(), c.id).ignore();
+            }
+            Write::Message(chat, m) => {
+                pipe.zadd(keys.messages(*chat), json(m), m.id).ignore();
+            }
+            Write::TrimMessages { chat, below } => {
+                pipe.zrembyscore(keys.messages(*chat), "-inf", format!("({below}")).ignore();
+            }
+        }
+    }
+    pipe.query_async::<()>(conn).await.map_err(backend)
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("records serialize")
+}
+
+fn parse<T: serde::de::DeserializeOwned>(key: &str, raw: &str) -> Result<T, StoreError> {
+    serde_json::from_str(raw).map_err(|e| backend(format!("corrupt record {key}: {e}")))
+}
+
+/// Reads every record of one kind: the id set, then the values.
+fn read_kind<T: serde::de::DeserializeOwned>(
+    conn: &mut redis::Connection,
+    set: &str,
+    key: impl Fn(u64) -> String,
+) -> Result<Vec<T>, StoreError> {
+    let ids: Vec<u64> = conn.smembers(set).map_err(backend)?;
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(512) {
+        let names: Vec<String> = chunk.iter().map(|id| key(*id)).collect();
+        let values: Vec<Option<String>> = redis::cmd("MGET").arg(&names).query(conn).map_err(backend)?;
+        for (name, v) in names.iter().zip(values) {
+            if let Some(v) = v {
+                out.push(parse(name, &v)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Store for RedisStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let keys = self.keys();
+        let mut conn = self.client.get_connection_with_timeout(Duration::from_secs(5)).map_err(backend)?;
+        let operators = read_kind(&mut conn, &keys.operators(), |id| keys.operator(id))?;
+        let departments = read_kind(&mut conn, &keys.departments(), |id| keys.department(id))?;
+        let chats: Vec<crate::model::Chat> = read_kind(&mut conn, &keys.chats(), |id| keys.chat(id))?;
+        let mut messages = Vec::new();
+        for c in &chats {
+            let key = keys.messages(c.id);
+            let raw: Vec<String> = conn.zrange(&key, 0, -1).map_err(backend)?;
+            for m in raw {
+                messages.push((c.id, parse(&key, &m)?));
+            }
+        }
+        Ok(Snapshot { operators, departments, chats, messages })
+    }
+
+    fn write(&self, batch: Vec<Write>) -> Ticket {
+        let (ack, ticket) = oneshot::channel();
+        match self.tx.lock().as_ref() {
+            Some(tx) => {
+                if let Err(mpsc::error::SendError((_, ack))) = tx.send((batch, ack)) {
+                    let _ = ack.send(Err(StoreError::Closed));
+                }
+            }
+            None => {
+                let _ = ack.send(Err(StoreError::Closed));
+            }
+        }
+        ticket
+    }
+
+    fn ready(&self) -> bool {
+        self.tx.lock().is_some() && self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn close(&self) {
+        drop(self.tx.lock().take());
+        if let Some(writer) = self.writer.lock().take() {
+            // Called from a blocking thread at shutdown: wait for queued writes to land,
+            // bounded so an unreachable Redis cannot hold the exit.
+            let handle = tokio::runtime::Handle::current();
+            let _ = handle.block_on(async { tokio::time::timeout(Duration::from_secs(5), writer).await });
+        }
+    }
+}
+
+/// Claims `node_id` in the cluster for `lease`: refused when a live node holds it.
+pub async fn claim_node(store_url: &str, keys: &Keys, node: &str, token: &str, lease: Duration) -> Result<bool, StoreError> {
+    let client = Client::open(store_url).map_err(backend)?;
+    let mut conn = client.get_multiplexed_async_connection().await.map_err(backend)?;
+    let ok: Option<String> = redis::cmd("SET")
+        .arg(keys.node(node))
+        .arg(token)
+        .arg("NX")
+        .arg("PX")
+        .arg(lease.as_millis() as u64)
+        .query_async(&mut conn)
+        .await
+        .map_err(backend)?;
+    Ok(ok.is_some())
+}
+
+/// Renews the node's lease every third of it while `alive` is not cancelled, then drops it.
+pub async fn hold_node(store_url: String, keys: Keys, node: String, token: String, lease: Duration, alive: tokio_util::sync::CancellationToken) {
+    let Ok(client) = Client::open(store_url) else { return };
+    let key = keys.node(&node);
+    // Renew only while the key still holds our token (another node may have taken it over
+    // after we lost the lease).
+    let renew = redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] or redis.call('EXISTS', KEYS[1]) == 0 then \
+         return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) else return false end",
+    );
+    let release = redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+    );
+    let mut conn = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(lease / 3) => {}
+            _ = alive.cancelled() => break,
+        }
+        if conn.is_none() {
+            conn = client.get_multiplexed_async_connection().await.ok();
+        }
+        if let Some(c) = conn.as_mut()
+            && let Err(e) = renew.key(&key).arg(&token).arg(lease.as_millis() as u64).invoke_async::<Option<String>>(c).await
+        {
+            tracing::warn!(cause = %e, "could not renew the node lease");
+            conn = None;
+        }
+    }
+    if let Some(c) = conn.as_mut() {
+        let _ = release.key(&key).arg(&token).invoke_async::<i64>(c).await;
+    }
+}
+
+#[allow(unused_imports)]
+use AsyncCommands as _;
