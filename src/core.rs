@@ -13,6 +13,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use crate::assign::{self, Candidate, Queued};
+use crate::cluster::Note;
 use crate::config::{Config, Strategy};
 use crate::error::{Error, Result};
 use crate::model::{
@@ -100,6 +101,8 @@ pub struct Operator {
     was_online: bool,
     /// The last `operator_status` sent, to send only changes.
     last_frame: Option<Frame>,
+    /// Local (connections, idle) last told to other nodes.
+    noted: (u32, u32),
 }
 
 struct ChatEntry {
@@ -147,6 +150,12 @@ pub struct Core {
     // Work of the change under way.
     writes: Vec<Write>,
     timers: Vec<Timer>,
+    /// Changes other nodes must hear about (cluster mode only).
+    notes: Vec<Note>,
+    /// Cluster mode: other nodes hold connections too.
+    pub cluster: bool,
+    /// Other nodes' connections per operator: node → (all, idle).
+    remote: HashMap<u64, HashMap<String, (u32, u32)>>,
     dirty_ops: BTreeSet<u64>,
     views_to_send: BTreeSet<u64>,
     dirty_depts: BTreeSet<u64>,
@@ -225,10 +234,24 @@ impl Core {
 
     /// Takes the store writes and timers the last change produced.
     pub fn take_effects(&mut self) -> (Vec<Write>, Vec<Timer>) {
-        (
-            std::mem::take(&mut self.writes),
-            std::mem::take(&mut self.timers),
-        )
+        if self.cluster {
+            for w in &self.writes {
+                match w {
+                    Write::Operator(o) => {
+                        self.notes.push(Note::Operator { id: o.record.id, record: Some(o.clone()) })
+                    }
+                    Write::DeleteOperator(id) => self.notes.push(Note::Operator { id: *id, record: None }),
+                    Write::Department(d) => self.notes.push(Note::Department { department: d.clone() }),
+                    _ => {}
+                }
+            }
+        }
+        (std::mem::take(&mut self.writes), std::mem::take(&mut self.timers))
+    }
+
+    /// Takes the notes for other nodes (cluster mode).
+    pub fn take_notes(&mut self) -> Vec<Note> {
+        std::mem::take(&mut self.notes)
     }
 
     // ----- queries -----
@@ -445,6 +468,7 @@ impl Core {
             last_assigned: 0,
             was_online: false,
             last_frame: None,
+            noted: (0, 0),
         };
         self.operators.insert(id, op);
     }
@@ -473,12 +497,8 @@ impl Core {
         let id = record.id;
         let created = !self.operators.contains_key(&id);
         let old_record = self.operators.get(&id).map(|o| o.record.clone());
-        let settings = apply_change(
-            self.operators
-                .get(&id)
-                .map_or_else(Settings::default, |o| o.settings),
-            change,
-        );
+        let old_settings = self.operators.get(&id).map(|o| o.settings);
+        let settings = apply_change(old_settings.unwrap_or_default(), change);
         match old_record {
             Some(old) => {
                 self.unindex_operator(&old);
@@ -499,6 +519,19 @@ impl Core {
         self.to_assign.extend(record.departments.iter().copied());
         self.writes
             .push(Write::Operator(StoredOperator { record, settings }));
+        // Turning Online & Invisible through the record warns like `set_status` does.
+        if settings.misconfigured() && old_settings != Some(settings) {
+            tracing::warn!(
+                operator = id,
+                "operator is online and invisible: auto-assigned chats never turn active"
+            );
+            let frame = Event::Warning {
+                code: "online_invisible",
+                message: MISCONFIGURED,
+            }
+            .frame();
+            self.send_to_operator(id, &frame);
+        }
         self.dirty_ops.insert(id);
         self.settle(now);
         (self.operator_view(id).expect("just put"), created)
@@ -1252,6 +1285,7 @@ impl Core {
             }
             for id in ops {
                 self.views_to_send.insert(id);
+                self.note_presence(id);
                 let online = self.is_online(id);
                 let Some(op) = self.operators.get_mut(&id) else {
                     continue;
@@ -1452,5 +1486,128 @@ impl Core {
             .keys()
             .filter(|id| self.is_online(**id))
             .count()
+    }
+}
+
+/// Cluster: applying what other nodes did. Their writes are already in the store, so the
+/// writes these changes produce here are dropped; events go to this node's clients.
+impl Core {
+    fn note_presence(&mut self, id: u64) {
+        if !self.cluster {
+            return;
+        }
+        let Some(op) = self.operators.get_mut(&id) else { return };
+        let counts = (op.presence.local_connections(), op.presence.local_idle());
+        if counts != op.noted {
+            op.noted = counts;
+            self.notes.push(Note::Presence { operator: id, all: counts.0, idle: counts.1 });
+        }
+    }
+
+    /// Another node's connections of an operator.
+    pub fn apply_presence(&mut self, node: &str, op: u64, all: u32, idle: u32, now: Instant) {
+        let entry = self.remote.entry(op).or_default();
+        if all == 0 {
+            entry.remove(node);
+        } else {
+            entry.insert(node.to_string(), (all, idle));
+        }
+        self.refresh_remote(op, now);
+        self.settle(now);
+    }
+
+    /// Replaces every remote count (resync after an interruption).
+    pub fn replace_remote(&mut self, nodes: HashMap<String, Vec<(u64, u32, u32)>>, now: Instant) {
+        let mut touched: BTreeSet<u64> = self.remote.keys().copied().collect();
+        self.remote.clear();
+        for (node, counts) in nodes {
+            for (op, all, idle) in counts {
+                if all > 0 {
+                    self.remote.entry(op).or_default().insert(node.clone(), (all, idle));
+                    touched.insert(op);
+                }
+            }
+        }
+        for op in touched {
+            self.refresh_remote(op, now);
+        }
+        self.settle(now);
+    }
+
+    /// A node's lease expired: its connections stop counting (the grace then applies).
+    pub fn drop_node(&mut self, node: &str, now: Instant) {
+        let ops: Vec<u64> = self.remote.iter().filter(|(_, m)| m.contains_key(node)).map(|(op, _)| *op).collect();
+        for op in ops {
+            if let Some(m) = self.remote.get_mut(&op) {
+                m.remove(node);
+            }
+            self.refresh_remote(op, now);
+        }
+        self.settle(now);
+    }
+
+    fn refresh_remote(&mut self, op: u64, now: Instant) {
+        let (all, idle) = self
+            .remote
+            .get(&op)
+            .map(|m| m.values().fold((0, 0), |(a, i), (x, y)| (a + x, i + y)))
+            .unwrap_or((0, 0));
+        if self.remote.get(&op).is_some_and(|m| m.is_empty()) {
+            self.remote.remove(&op);
+        }
+        let grace = self.cfg.presence.disconnect_grace;
+        if let Some(o) = self.operators.get_mut(&op) {
+            if let Some(at) = o.presence.set_remote(all, idle, now, grace) {
+                self.timers.push(Timer::GraceEnd { operator: op, at });
+            }
+            self.dirty_ops.insert(op);
+        }
+    }
+
+    /// Another node changed (or deleted) an operator.
+    pub fn apply_operator(&mut self, id: u64, record: Option<StoredOperator>, now: Instant) {
+        match record {
+            Some(o) => {
+                let same = self.operators.get(&id).is_some_and(|x| x.record == o.record && x.settings == o.settings);
+                if !same {
+                    let change = SettingsChange {
+                        online: Some(o.settings.online),
+                        invisible: Some(o.settings.invisible),
+                        always_online: Some(o.settings.always_online),
+                    };
+                    self.put_operator(o.record, change, now);
+                    self.refresh_remote(id, now);
+                    self.settle(now);
+                }
+            }
+            None => {
+                if self.operators.contains_key(&id) {
+                    let _ = self.delete_operator(id, now);
+                }
+            }
+        }
+        self.writes.clear();
+    }
+
+    pub fn apply_department(&mut self, dept: Department, now: Instant) {
+        if self.departments.get(&dept.id) != Some(&dept) {
+            self.put_department(dept, now);
+        }
+        self.writes.clear();
+    }
+
+    /// Nodes whose connections count here.
+    pub fn remote_nodes(&self) -> Vec<String> {
+        let set: BTreeSet<&String> = self.remote.values().flat_map(|m| m.keys()).collect();
+        set.into_iter().cloned().collect()
+    }
+
+    /// Operators with a connection on this node.
+    pub fn local_operators(&self) -> Vec<u64> {
+        self.operators.iter().filter(|(_, o)| o.presence.local_connections() > 0).map(|(id, _)| *id).collect()
+    }
+
+    pub fn operator_ids(&self) -> Vec<u64> {
+        self.operators.keys().copied().collect()
     }
 }

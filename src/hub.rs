@@ -2,7 +2,7 @@
 //! lock around [`Core`], the concurrent map of live connections, the store, the timers and
 //! the sweeper that pings connections and closes dead ones.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Secrets, Tokens};
 use crate::config::Config;
+use crate::cluster::Note;
 use crate::core::{Core, Timer};
+use tokio::sync::mpsc;
 use crate::error::Result;
 use crate::peer::{Kind, Out, Peer};
 use crate::presence::ConnId;
@@ -33,6 +35,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Connection tasks, waited for on shutdown.
     pub tasks: TaskTracker,
+    /// Cluster mode: where notes for the other nodes go.
+    notes: OnceLock<mpsc::UnboundedSender<Note>>,
+    /// Tasks that leave the cluster cleanly after shutdown (lease release, last notes).
+    leaving: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Clone)]
@@ -51,6 +57,7 @@ impl Hub {
         let cfg = Arc::new(cfg);
         let snapshot = store.load()?;
         let mut core = Core::new(cfg.clone(), snapshot);
+        core.cluster = cfg.store.backend == crate::config::Backend::Redis;
         let (_, timers) = core.take_effects();
         let hub = Hub(Arc::new(Shared {
             cfg,
@@ -63,6 +70,8 @@ impl Hub {
             api_key: secrets.api_key,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            notes: OnceLock::new(),
+            leaving: Mutex::new(Vec::new()),
         }));
         for t in timers {
             hub.schedule(t);
@@ -84,6 +93,12 @@ impl Hub {
         } else {
             self.store.write(writes)
         };
+        // Sent under the lock, so other nodes hear changes in the order they happened.
+        if let Some(tx) = self.notes.get() {
+            for n in core.take_notes() {
+                let _ = tx.send(n);
+            }
+        }
         drop(core);
         crate::metrics::events(sent, dropped);
         for t in timers {
@@ -208,6 +223,24 @@ impl Hub {
                     }
                 });
             }
+        }
+    }
+
+    /// Joins the cluster: from now on changes are told to the other nodes.
+    pub fn attach_cluster(&self, tx: mpsc::UnboundedSender<Note>) {
+        let _ = self.notes.set(tx);
+    }
+
+    /// A task to wait for at shutdown, after the store is closed.
+    pub fn on_leave(&self, task: tokio::task::JoinHandle<()>) {
+        self.leaving.lock().push(task);
+    }
+
+    /// Waits (bounded) for the tasks registered with [`Hub::on_leave`].
+    pub async fn leave(&self) {
+        let tasks: Vec<_> = std::mem::take(&mut *self.leaving.lock());
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod assign;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod error;

@@ -77,11 +77,13 @@ impl Presence {
     /// A connection closed. When it was the last one, the grace starts and its end is
     /// returned for the caller to call [`Presence::expire_grace`] then.
     pub fn disconnect(&mut self, id: ConnId, now: Instant, grace: Duration) -> Option<Instant> {
+        // An inactive operator is already offline: a grace would show them online again.
+        let was_inactive = self.inactive();
         if !self.remove(id) || self.connections() > 0 {
             return None;
         }
         self.logged_out = false;
-        if grace.is_zero() {
+        if grace.is_zero() || was_inactive {
             self.grace_until = None;
             return None;
         }
@@ -130,12 +132,13 @@ impl Presence {
         grace: Duration,
     ) -> Option<Instant> {
         let before = self.connections();
+        let was_inactive = self.inactive();
         self.remote = (all, idle.min(all));
         let after = self.connections();
         if after > 0 {
             self.grace_until = None;
             self.logged_out = false;
-        } else if before > 0 && !grace.is_zero() {
+        } else if before > 0 && !grace.is_zero() && !was_inactive {
             let until = now + grace;
             self.grace_until = Some(until);
             return Some(until);

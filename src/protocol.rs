@@ -56,7 +56,12 @@ pub fn parse_request<T: serde::de::DeserializeOwned>(
 ) -> (Option<Value>, Result<T, Error>) {
     let mut value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
-        Err(e) => return (None, Err(Error::bad(format!("malformed JSON: {e}")))),
+        Err(e) => {
+            // A number beyond f64 (`1e400`) spoils the value but not the `ref`: keep it so
+            // that the client can match the error to its request.
+            let r = serde_json::from_str::<RefOnly>(text).ok().and_then(|x| x.r);
+            return (r, Err(Error::bad(format!("malformed JSON: {e}"))));
+        }
     };
     let Some(obj) = value.as_object_mut() else {
         return (None, Err(Error::bad("a message must be a JSON object")));
@@ -67,6 +72,13 @@ pub fn parse_request<T: serde::de::DeserializeOwned>(
     }
     let parsed = serde_json::from_value(value).map_err(|e| Error::bad(e.to_string()));
     (r, parsed)
+}
+
+/// Only the `ref` of a request, other fields skipped unparsed.
+#[derive(Deserialize)]
+struct RefOnly {
+    #[serde(rename = "ref")]
+    r: Option<Value>,
 }
 
 /// Hub → client.
@@ -175,6 +187,16 @@ mod tests {
         let (_, req) =
             parse_request::<OperatorRequest>(r#"{"type":"activity","active":true,"x":1}"#);
         assert!(req.is_err(), "unknown fields are refused");
+    }
+
+    #[test]
+    fn parse_keeps_ref_beside_a_number_beyond_f64() {
+        let (r, req) =
+            parse_request::<OperatorRequest>(r#"{"type":"open_chat","chat":1e400,"ref":8}"#);
+        assert_eq!(r, Some(Value::from(8)));
+        assert!(req.is_err());
+        let (r, _) = parse_request::<OperatorRequest>(r#"{"type":"open_chat","ref":8,"#);
+        assert_eq!(r, None, "truly malformed JSON has no ref");
     }
 
     #[test]

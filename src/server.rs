@@ -11,6 +11,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use crate::auth::Secrets;
+use crate::cluster::Cluster;
 use crate::config::{Backend, Config};
 use crate::hub::Hub;
 use crate::store::Store;
@@ -52,7 +53,9 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Hub> {
     }
     let hub = Hub::open(cfg, secrets, store)?;
     if let Some((url, keys, node, token, ttl)) = lease {
-        tokio::spawn(hold_node(url, keys, node, token, ttl, hub.shutdown.clone()));
+        let cluster = Cluster::new(&url, keys.clone(), node.clone(), ttl)?;
+        hub.attach_cluster(cluster.start(hub.clone()));
+        hub.on_leave(tokio::spawn(hold_node(url, keys, node, token, ttl, hub.shutdown.clone())));
     }
     Ok(hub)
 }
@@ -113,5 +116,6 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
     let _ = sweeper.await;
     let store_hub = hub.clone();
     let _ = tokio::task::spawn_blocking(move || store_hub.close_store()).await;
+    hub.leave().await;
     tracing::info!("stopped");
 }

@@ -322,6 +322,9 @@ pub async fn hold_node(store_url: String, keys: Keys, node: String, token: Strin
             conn = None;
         }
     }
+    if conn.is_none() {
+        conn = client.get_multiplexed_async_connection().await.ok();
+    }
     if let Some(c) = conn.as_mut() {
         let _ = release.key(&key).arg(&token).invoke_async::<i64>(c).await;
     }

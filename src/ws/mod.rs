@@ -240,6 +240,11 @@ async fn serve<H: Handler>(
                     }
                     Some(Err(WsError::Utf8(_))) => {
                         let _ = peer.send(&error_frame(None, &Error::bad("text frame is not valid UTF-8")));
+                        // tokio-tungstenite ends the stream after any read error, so the
+                        // connection cannot go on (RFC 6455 fails it too): say why, close 1007.
+                        peer.drain(&mut batch);
+                        write_batch(ws, peer, &mut batch).await;
+                        return (Some(1007), "invalid UTF-8");
                     }
                     Some(Err(e)) => {
                         tracing::debug!(cause = %e, "socket error");

@@ -1,0 +1,231 @@
+//! Several hub nodes on one real redis-server act as one service (SPEC.md section 8).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use common::{API_KEY, Client, JWT_SECRET, TestHub};
+use presence_hub::config::Backend;
+use serde_json::json;
+
+async fn node(redis: &RedisServer, id: &str, tweak: impl FnOnce(&mut presence_hub::config::Config)) -> TestHub {
+    let url = redis.url();
+    let id = id.to_string();
+    TestHub::start_with(move |cfg| {
+        cfg.store.backend = Backend::Redis;
+        cfg.store.redis_url.0 = url;
+        cfg.server.node_id = id;
+        cfg.cluster.node_lease = Duration::from_millis(600);
+        tweak(cfg);
+    })
+    .await
+}
+
+/// Waits until `hub` knows operator `id` (records reach other nodes through Redis).
+async fn known(hub: &TestHub, id: u64) {
+    for _ in 0..200 {
+        if hub.get(&format!("/api/v1/operators/{id}")).await.0 == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("operator {id} never reached the node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_operator_on_node_a_is_online_for_widget_on_node_b() {
+    let redis = RedisServer::start().await;
+    let a = node(&redis, "a", |_| {}).await;
+    let b = node(&redis, "b", |_| {}).await;
+    a.operator(1, &[1]).await;
+    known(&b, 1).await;
+    let mut widget = b.widget(&[1]).await;
+    assert_eq!(widget.next().await["online"], false);
+    let (op, _) = a.connect(1).await;
+    let flip = widget.next_of("widget_status").await;
+    assert_eq!(flip["online"], true, "{flip}");
+    assert_eq!(b.view(1).await["connections"], 1, "node B counts node A's connection");
+    // A colleague on node B sees the operator on node A.
+    b.operator(2, &[1]).await;
+    known(&a, 2).await;
+    let (_, hello) = b.connect(2).await;
+    let colleague = hello["operators"].as_array().unwrap().iter().find(|o| o["id"] == 1).cloned().unwrap();
+    assert_eq!(colleague["status"], "online");
+    op.close().await;
+    let off = widget.next_of("widget_status").await;
+    assert_eq!(off["online"], false, "offline everywhere after the grace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_settings_changed_on_one_node_reach_the_other() {
+    let redis = RedisServer::start().await;
+    let a = node(&redis, "a", |_| {}).await;
+    let b = node(&redis, "b", |_| {}).await;
+    a.operator(1, &[1]).await;
+    known(&b, 1).await;
+    let (_op, _) = b.connect(1).await;
+    let mut widget = a.widget(&[1]).await;
+    if widget.next().await["online"] == false {
+        assert_eq!(widget.next_of("widget_status").await["online"], true);
+    }
+    let (status, _) = b.patch("/api/v1/operators/1/status", json!({"online": false})).await;
+    assert_eq!(status, 200);
+    let w = widget.next_of("widget_status").await;
+    assert_eq!(w["online"], false, "a change on node B reaches widgets on node A once");
+    widget.silent_for(Duration::from_millis(300), "a duplicate event", |v| v["type"] == "widget_status").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_grace_reconnect_to_other_node_does_not_flap() {
+    let redis = RedisServer::start().await;
+    let grace = |cfg: &mut presence_hub::config::Config| cfg.presence.disconnect_grace = Duration::from_secs(2);
+    let a = node(&redis, "a", grace).await;
+    let b = node(&redis, "b", grace).await;
+    a.operator(1, &[1]).await;
+    known(&b, 1).await;
+    let (op, _) = a.connect(1).await;
+    let mut wa = a.widget(&[1]).await;
+    let mut wb = b.widget(&[1]).await;
+    assert_eq!(wa.next().await["online"], true);
+    let first = wb.next().await;
+    if first["online"] == false {
+        assert_eq!(wb.next_of("widget_status").await["online"], true);
+    }
+    op.close().await;
+    let (_op2, _) = b.connect(1).await;
+    let offline = |v: &serde_json::Value| v["type"] == "widget_status" && v["online"] == false;
+    wa.silent_for(Duration::from_millis(2500), "a flap on node A", offline).await;
+    wb.silent_for(Duration::from_millis(200), "a flap on node B", offline).await;
+    assert_eq!(a.view(1).await["status"], "online");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_refuses_a_node_id_already_alive() {
+    let redis = RedisServer::start().await;
+    let _a = node(&redis, "same", |_| {}).await;
+    let mut cfg = common::test_config(tempfile::tempdir().unwrap().path());
+    cfg.store.backend = Backend::Redis;
+    cfg.store.redis_url.0 = redis.url();
+    cfg.server.node_id = "same".into();
+    let err = presence_hub::server::build(cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("already alive"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_restart_loses_nothing_and_always_online_is_online_at_once() {
+    let redis = RedisServer::start().await;
+    let a = node(&redis, "a", |_| {}).await;
+    a.operator_with(1, json!({"name": "Ann", "departments": [1], "always_online": true})).await;
+    a.put("/api/v1/departments/1", json!({"name": "Sales", "max_chats": 2})).await;
+    let _ = a.stop_keep_dir().await;
+    let a2 = node(&redis, "a", |_| {}).await;
+    let v = a2.view(1).await;
+    assert_eq!(v["name"], "Ann");
+    assert_eq!(v["status"], "online", "always online before anyone connects: {v}");
+    let (_, d) = a2.get("/api/v1/departments/1").await;
+    assert_eq!(d["max_chats"], 2);
+    assert_eq!(d["online"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_redis_outage_is_not_ready_refuses_writes_and_recovers() {
+    let mut redis = RedisServer::start().await;
+    let a = node(&redis, "a", |_| {}).await;
+    a.operator(1, &[1]).await;
+    let (mut op, _) = a.connect(1).await;
+    redis.stop().await;
+    // Not ready once the store notices; writes are refused, not pretended.
+    let mut ready = 200;
+    for _ in 0..100 {
+        ready = a.http.get(a.url("/readyz")).send().await.unwrap().status().as_u16();
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, 503);
+    let (status, body) = a.put("/api/v1/operators/2", json!({"name": "Bob", "departments": [1]})).await;
+    assert_eq!(status, 503, "{body}");
+    let err = op.request(json!({"type": "set_status", "invisible": true})).await;
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["code"], "internal");
+    assert_eq!(a.view(1).await["connections"], 1, "sockets are kept");
+    redis.spawn().await;
+    let mut ready = 503;
+    for _ in 0..100 {
+        ready = a.http.get(a.url("/readyz")).send().await.unwrap().status().as_u16();
+        if ready == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, 200, "reconnects by itself");
+    let (status, _) = a.put("/api/v1/operators/3", json!({"name": "Cy", "departments": [1]})).await;
+    assert_eq!(status, 201);
+    // Acknowledged writes from before the outage and after it are in Redis.
+    let store = presence_hub::store::redis::RedisStore::open(&redis.url(), "hub:").await.unwrap();
+    let snap = tokio::task::spawn_blocking(move || presence_hub::store::Store::load(&store)).await.unwrap().unwrap();
+    let ids: Vec<u64> = snap.operators.iter().map(|o| o.record.id).collect();
+    assert!(ids.contains(&1) && ids.contains(&3), "{ids:?}");
+}
+
+/// kill -9 of a node: the others stop counting its connections within the lease, then the
+/// grace applies. Prints the measured ghost-online time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
+    let redis = RedisServer::start().await;
+    let lease = Duration::from_millis(1000);
+    let grace = Duration::from_millis(500);
+    let a = node(&redis, "a", |cfg| {
+        cfg.cluster.node_lease = lease;
+        cfg.presence.disconnect_grace = grace;
+    })
+    .await;
+    a.operator(1, &[1]).await;
+    // Node B: the real binary, in its own process, so that it can be killed.
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("b.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nnode_id = \"b\"\n[auth]\njwt_secret = \"{JWT_SECRET}\"\napi_key = \"{API_KEY}\"\n\
+             [store]\nbackend = \"redis\"\nredis_url = \"{}\"\ndata_dir = \"{}\"\n[cluster]\nnode_lease = \"1s\"\n[presence]\ndisconnect_grace = \"500ms\"\n",
+            redis.url(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_presence-hub"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..200 {
+        if http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "node b started");
+    let token = a.token(1);
+    let mut op = Client::connect(&format!("ws://127.0.0.1:{port}/ws/operator?token={token}")).await;
+    assert_eq!(op.next().await["type"], "hello");
+    let mut widget = a.widget(&[1]).await;
+    widget.next_where("online on node A", |v| v["type"] == "widget_status" && v["online"] == true).await;
+    let killed = Instant::now();
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    let off = widget.next_where("offline after the kill", |v| v["type"] == "widget_status").await;
+    let ghost = killed.elapsed();
+    assert_eq!(off["online"], false);
+    println!("ghost-online after kill -9: {ghost:?} (lease {lease:?} + grace {grace:?})");
+    assert!(ghost <= lease + grace + Duration::from_secs(1), "ghost online for {ghost:?}");
+    assert!(ghost >= grace, "the grace still applies: {ghost:?}");
+}
