@@ -185,6 +185,8 @@ impl Cluster {
         let mut c = self.client.get_multiplexed_async_connection().await?;
         let op_ids: Vec<u64> = c.smembers(self.keys.operators()).await?;
         let mut ops = Vec::new();
+        // Only newer copies are applied, and deletions only through notes: a snapshot may be
+        // older than what this node already holds (its own writes may still be in flight).
         for id in &op_ids {
             ops.push((*id, self.get::<StoredOperator>(&self.keys.operator(*id)).await?));
         }
@@ -224,13 +226,9 @@ impl Cluster {
                 .collect();
             remote.insert(node, counts);
         }
-        let known: Vec<u64> = hub.read(|core| core.operator_ids());
         hub.run(|core, now| {
             for (id, rec) in ops {
                 core.apply_operator(id, rec, now);
-            }
-            for id in known.into_iter().filter(|k| !op_ids.contains(k)) {
-                core.apply_operator(id, None, now);
             }
             for d in depts {
                 core.apply_department(d, now);

@@ -346,6 +346,13 @@ const SECTIONS: [&str; 9] = [
     "log",
 ];
 
+/// Keys whose value is a string even when it looks like a number (`node_id=1`, `"0"`).
+const STRING_KEYS: [&str; 18] = [
+    "listen", "node_id", "jwt_secret", "api_key", "backend", "data_dir", "redis_url", "key_prefix",
+    "disconnect_grace", "ping_interval", "pong_timeout", "inactivity_timeout", "accept_timeout",
+    "node_lease", "handshake_timeout", "strategy", "format", "level",
+];
+
 /// Keys whose value is a list: an environment value `a,b` becomes `["a","b"]`.
 const LIST_KEYS: [&str; 1] = ["allowed_origins"];
 
@@ -372,6 +379,8 @@ fn apply_env(doc: &mut toml::Table, var: &str, rest: &str, raw: &str) -> Result<
                 .map(|s| s.into())
                 .collect(),
         )
+    } else if STRING_KEYS.contains(&key) {
+        toml::Value::String(raw.to_string())
     } else {
         // A TOML literal (number, bool, array) when it parses as one, else a plain string.
         match format!("v = {raw}").parse::<toml::Table>() {
@@ -464,7 +473,9 @@ mod tests {
                     "PRESENCE_HUB_SERVER_ALLOWED_ORIGINS",
                     "https://a.example,https://b.example",
                 ),
-                ("PRESENCE_HUB_AUTH_API_KEY", "k"),
+                ("PRESENCE_HUB_AUTH_API_KEY", "1234"),
+                ("PRESENCE_HUB_SERVER_NODE_ID", "7"),
+                ("PRESENCE_HUB_PRESENCE_INACTIVITY_TIMEOUT", "0"),
                 ("OTHER", "x"),
             ],
         )
@@ -475,7 +486,9 @@ mod tests {
             c.server.allowed_origins,
             vec!["https://a.example", "https://b.example"]
         );
-        assert_eq!(c.auth.api_key.as_str(), "k");
+        assert_eq!(c.auth.api_key.as_str(), "1234");
+        assert_eq!(c.server.node_id, "7");
+        assert_eq!(c.presence.inactivity_timeout, Duration::ZERO);
         let e = load("", &[("PRESENCE_HUB_LIMITS_NOPE", "1")]).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
         let e = load("", &[("PRESENCE_HUB_BOGUS_X", "1")]).unwrap_err();

@@ -18,7 +18,7 @@ use crate::config::{Config, Strategy};
 use crate::error::{Error, Result};
 use crate::model::{
     Chat, ChatMessage, ChatStatus, ChatView, Department, DeptReason, DeptState, OperatorRecord,
-    OperatorView, Permission, Sender, SenderKind, StoredOperator, VisitorChatView, now_rfc3339,
+    OperatorView, Permission, Sender, SenderKind, StoredOperator, VisitorChatView, next_version, now_rfc3339,
 };
 use crate::peer::Peer;
 use crate::presence::{ConnId, Presence, Settings, Status};
@@ -103,6 +103,8 @@ pub struct Operator {
     last_frame: Option<Frame>,
     /// Local (connections, idle) last told to other nodes.
     noted: (u32, u32),
+    /// Version of the record and settings (see [`StoredOperator::version`]).
+    version: u64,
 }
 
 struct ChatEntry {
@@ -176,7 +178,7 @@ impl Core {
             core.departments.insert(d.id, d);
         }
         for o in snap.operators {
-            core.insert_operator(o.record, o.settings);
+            core.insert_operator(o.record, o.settings, o.version);
         }
         let mut messages: HashMap<u64, Vec<ChatMessage>> = HashMap::new();
         for (chat, m) in snap.messages {
@@ -449,7 +451,7 @@ impl Core {
 
     // ----- operators -----
 
-    fn insert_operator(&mut self, record: OperatorRecord, settings: Settings) {
+    fn insert_operator(&mut self, record: OperatorRecord, settings: Settings, version: u64) {
         let id = record.id;
         for d in &record.departments {
             self.members.entry(*d).or_default().insert(id);
@@ -469,6 +471,7 @@ impl Core {
             was_online: false,
             last_frame: None,
             noted: (0, 0),
+            version,
         };
         self.operators.insert(id, op);
     }
@@ -494,6 +497,17 @@ impl Core {
         change: SettingsChange,
         now: Instant,
     ) -> (OperatorView, bool) {
+        let version = next_version(self.operators.get(&record.id).map_or(0, |o| o.version));
+        self.put_operator_at(record, change, version, now)
+    }
+
+    fn put_operator_at(
+        &mut self,
+        record: OperatorRecord,
+        change: SettingsChange,
+        version: u64,
+        now: Instant,
+    ) -> (OperatorView, bool) {
         let id = record.id;
         let created = !self.operators.contains_key(&id);
         let old_record = self.operators.get(&id).map(|o| o.record.clone());
@@ -506,6 +520,7 @@ impl Core {
                 let op = self.operators.get_mut(&id).expect("present");
                 op.record = record.clone();
                 op.settings = settings;
+                op.version = version;
                 for d in &record.departments {
                     self.members.entry(*d).or_default().insert(id);
                 }
@@ -513,12 +528,15 @@ impl Core {
                     self.watchers.entry(*d).or_default().insert(id);
                 }
             }
-            None => self.insert_operator(record.clone(), settings),
+            None => self.insert_operator(record.clone(), settings, version),
         }
         self.dirty_depts.extend(record.all_departments());
         self.to_assign.extend(record.departments.iter().copied());
-        self.writes
-            .push(Write::Operator(StoredOperator { record, settings }));
+        self.writes.push(Write::Operator(StoredOperator {
+            record,
+            settings,
+            version,
+        }));
         // Turning Online & Invisible through the record warns like `set_status` does.
         if settings.misconfigured() && old_settings != Some(settings) {
             tracing::warn!(
@@ -637,8 +655,13 @@ impl Core {
             let record = op.record.clone();
             let op = self.operators.get_mut(&target).expect("present");
             op.settings = settings;
-            self.writes
-                .push(Write::Operator(StoredOperator { record, settings }));
+            op.version = next_version(op.version);
+            let version = op.version;
+            self.writes.push(Write::Operator(StoredOperator {
+                record,
+                settings,
+                version,
+            }));
             if settings.misconfigured() {
                 tracing::warn!(
                     operator = target,
@@ -756,8 +779,11 @@ impl Core {
 
     // ----- departments -----
 
-    pub fn put_department(&mut self, dept: Department, now: Instant) -> Value {
+    pub fn put_department(&mut self, mut dept: Department, now: Instant) -> Value {
         let id = dept.id;
+        if dept.version == 0 {
+            dept.version = next_version(self.departments.get(&id).map_or(0, |d| d.version));
+        }
         self.writes.push(Write::Department(dept.clone()));
         self.departments.insert(id, dept);
         self.dirty_depts.insert(id);
@@ -1564,22 +1590,20 @@ impl Core {
         }
     }
 
-    /// Another node changed (or deleted) an operator.
+    /// Another node changed (or deleted) an operator; an older copy than ours is ignored.
     pub fn apply_operator(&mut self, id: u64, record: Option<StoredOperator>, now: Instant) {
         match record {
-            Some(o) => {
-                let same = self.operators.get(&id).is_some_and(|x| x.record == o.record && x.settings == o.settings);
-                if !same {
-                    let change = SettingsChange {
-                        online: Some(o.settings.online),
-                        invisible: Some(o.settings.invisible),
-                        always_online: Some(o.settings.always_online),
-                    };
-                    self.put_operator(o.record, change, now);
-                    self.refresh_remote(id, now);
-                    self.settle(now);
-                }
+            Some(o) if self.operators.get(&id).is_none_or(|x| x.version < o.version) => {
+                let change = SettingsChange {
+                    online: Some(o.settings.online),
+                    invisible: Some(o.settings.invisible),
+                    always_online: Some(o.settings.always_online),
+                };
+                self.put_operator_at(o.record, change, o.version, now);
+                self.refresh_remote(id, now);
+                self.settle(now);
             }
+            Some(_) => {}
             None => {
                 if self.operators.contains_key(&id) {
                     let _ = self.delete_operator(id, now);
@@ -1590,7 +1614,7 @@ impl Core {
     }
 
     pub fn apply_department(&mut self, dept: Department, now: Instant) {
-        if self.departments.get(&dept.id) != Some(&dept) {
+        if self.departments.get(&dept.id).is_none_or(|d| d.version < dept.version) {
             self.put_department(dept, now);
         }
         self.writes.clear();

@@ -17,7 +17,7 @@ pub enum Error {
     #[error("{0}")]
     RateLimited(String),
     /// The store could not make a write durable; nothing was acknowledged.
-    #[error("store unavailable: {0}")]
+    #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
@@ -59,6 +59,6 @@ impl Error {
 
 impl From<crate::store::StoreError> for Error {
     fn from(e: crate::store::StoreError) -> Self {
-        Error::Unavailable(e.to_string())
+        Error::Unavailable(format!("store unavailable: {e}"))
     }
 }

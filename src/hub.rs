@@ -199,7 +199,7 @@ impl Hub {
                         kind = peer.kind.label(),
                         "no pong in time: closing"
                     );
-                    peer.request_close(1001);
+                    peer.request_close(1008);
                     continue;
                 }
                 if ping && peer.push(Out::Ping).is_err() {

@@ -65,6 +65,10 @@ pub struct StoredOperator {
     pub record: OperatorRecord,
     #[serde(flatten)]
     pub settings: Settings,
+    /// Grows with every change (microseconds, at least the previous + 1), so a node never
+    /// applies an older copy over a newer one.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// The flat operator view of SPEC.md section 2 (HTTP answers, `hello`, `operator_status`).
@@ -100,6 +104,9 @@ pub struct Department {
     pub pending_max: u32,
     /// A bot answers when no operator is online.
     pub bot: bool,
+    /// Grows with every change, like [`StoredOperator::version`].
+    #[serde(default)]
+    pub version: u64,
 }
 
 impl Department {
@@ -114,6 +121,7 @@ impl Department {
             accept_timeout: a.accept_timeout,
             pending_max: 0,
             bot: false,
+            version: 0,
         }
     }
 }
@@ -245,11 +253,25 @@ pub mod duration_str {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
+        // Whole seconds as "60s", otherwise milliseconds: the form the config uses.
+        let text = if d.subsec_nanos() == 0 {
+            format!("{}s", d.as_secs())
+        } else {
+            format!("{}ms", d.as_millis())
+        };
+        s.serialize_str(&text)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         crate::config::parse_duration(&s).map_err(serde::de::Error::custom)
     }
+}
+
+/// The next version of a record: the clock in microseconds, but always past `prev`.
+pub fn next_version(prev: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    now.max(prev + 1)
 }

@@ -28,6 +28,7 @@ fn operator(id: u64) -> StoredOperator {
             auto_accept: true,
         },
         settings: Settings { online: false, invisible: true, always_online: true },
+        version: 1,
     }
 }
 
@@ -41,6 +42,7 @@ fn department(id: u64) -> Department {
         accept_timeout: Duration::from_secs(30),
         pending_max: 5,
         bot: true,
+        version: 1,
     }
 }
 

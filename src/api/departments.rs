@@ -53,6 +53,7 @@ pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) 
             accept_timeout,
             pending_max: p.pending_max,
             bot: p.bot,
+            version: 0,
         };
         hub.commit(|c, now| Ok(c.put_department(dept, now))).await
     };

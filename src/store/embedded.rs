@@ -227,6 +227,7 @@ mod tests {
                 invisible: true,
                 always_online: true,
             },
+            version: 1,
         }
     }
 

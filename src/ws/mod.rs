@@ -286,7 +286,7 @@ fn close_reason(code: u16) -> &'static str {
     match code {
         1000 => "logout",
         1001 => "going away",
-        1008 => "slow consumer",
+        1008 => "policy violation",
         _ => "",
     }
 }
