@@ -73,7 +73,9 @@ impl Peer {
     /// 1008 rather than buffered without bound.
     pub fn push(&self, out: Out) -> Result<(), SlowConsumer> {
         if self.closing().is_some() {
-            return Err(SlowConsumer);
+            // Being closed already (and counted as a slow consumer once, if it is one):
+            // the frame goes nowhere.
+            return Ok(());
         }
         let mut q = self.queue.lock();
         if q.len() >= self.capacity {
@@ -136,6 +138,7 @@ mod tests {
         assert!(p.send(&"b".into()).is_ok());
         assert_eq!(p.send(&"c".into()), Err(SlowConsumer));
         assert_eq!(p.closing(), Some(1008));
+        assert!(p.send(&"d".into()).is_ok(), "a slow consumer is reported once");
         let mut out = Vec::new();
         p.drain(&mut out);
         assert_eq!(out.len(), 2, "nothing past the bound was buffered");
