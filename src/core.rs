@@ -162,6 +162,9 @@ pub struct Core {
     views_to_send: BTreeSet<u64>,
     dirty_depts: BTreeSet<u64>,
     to_assign: BTreeSet<u64>,
+    /// While an operator's socket connects: chats assigned meanwhile and why, told to that
+    /// socket after its `hello` (it is registered only then).
+    assigned_during_connect: Option<Vec<(u64, AssignReason)>>,
     /// Frames pushed and peers dropped as slow consumers, for the metrics.
     pub sent: u64,
     pub dropped: u64,
@@ -688,7 +691,9 @@ impl Core {
             .ok_or_else(|| unknown_operator(id))?;
         op.presence.connect(peer.id);
         self.dirty_ops.insert(id);
+        self.assigned_during_connect = Some(Vec::new());
         self.settle(now);
+        let assigned = self.assigned_during_connect.take().unwrap_or_default();
         let hello = self.hello(id);
         self.push(&peer, &hello);
         let op = self.operators.get_mut(&id).expect("present");
@@ -700,6 +705,17 @@ impl Core {
             }
             .frame();
             self.push(&peer, &frame);
+        }
+        // Chats the connection got assigned: `assign` told the operator's other sockets only.
+        for (chat, reason) in assigned {
+            if let Some(e) = self.chats.get(&chat).filter(|e| e.chat.owner == Some(id)) {
+                let frame = Event::ChatAssigned {
+                    chat: e.chat.view(),
+                    reason,
+                }
+                .frame();
+                self.push(&peer, &frame);
+            }
         }
         Ok(())
     }
@@ -1147,6 +1163,10 @@ impl Core {
         self.count(&after, 1);
         // Capacity may have freed up, or the chat may wait in the queue now.
         self.to_assign.insert(after.department);
+        // The previous owner's capacity counts in every department they work in.
+        if let Some(prev) = before.owner.and_then(|o| self.operators.get(&o)) {
+            self.to_assign.extend(prev.record.departments.iter().copied());
+        }
         self.dirty_ops
             .extend([before.owner, after.owner].into_iter().flatten());
         self.dirty_depts.insert(after.department);
@@ -1259,6 +1279,9 @@ impl Core {
             .get_mut(&id)
             .and_then(|e| e.requeued.take())
             .unwrap_or(AssignReason::Auto);
+        if let Some(during) = self.assigned_during_connect.as_mut() {
+            during.push((id, reason));
+        }
         let accepts = self
             .operators
             .get(&op)
