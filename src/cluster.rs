@@ -11,13 +11,22 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::core::ChatOp;
+use crate::error::Error;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::hub::Hub;
-use crate::model::{Department, StoredOperator};
+use crate::core::Origin;
+use crate::model::{Chat, ChatMessage, Department, StoredOperator};
 use crate::store::redis::Keys;
 
 /// A change other nodes must hear about.
@@ -31,6 +40,10 @@ pub enum Note {
     Operator { id: u64, record: Option<StoredOperator> },
     /// The department as now.
     Department { department: Department },
+    /// A chat as the assigning node left it.
+    Chat { chat: Chat },
+    /// A message written in a chat; `origin` does not get it back.
+    Message { chat: u64, message: ChatMessage, origin: Option<Origin> },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -45,11 +58,41 @@ pub struct Cluster {
     keys: Keys,
     client: redis::Client,
     lease: Duration,
+    /// Chat changes forwarded to the assigning node and waiting for its answer.
+    pending: parking_lot::Mutex<HashMap<u64, oneshot::Sender<Result<Value, Error>>>>,
+    next_call: AtomicU64,
 }
+
+/// A chat change forwarded to the assigning node.
+#[derive(Debug, Serialize, Deserialize)]
+struct Call {
+    id: u64,
+    from: String,
+    op: ChatOp,
+}
+
+/// Its answer, published on the caller's reply channel.
+#[derive(Debug, Serialize, Deserialize)]
+struct Reply {
+    id: u64,
+    ok: Option<Value>,
+    code: Option<String>,
+    message: Option<String>,
+}
+
+/// How long a forwarded chat change may take before the caller gives up.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Cluster {
     pub fn new(url: &str, keys: Keys, node: String, lease: Duration) -> redis::RedisResult<Cluster> {
-        Ok(Cluster { node, keys, client: redis::Client::open(url)?, lease })
+        Ok(Cluster {
+            node,
+            keys,
+            client: redis::Client::open(url)?,
+            lease,
+            pending: parking_lot::Mutex::new(HashMap::new()),
+            next_call: AtomicU64::new(1),
+        })
     }
 
     fn channel(&self) -> String {
@@ -60,18 +103,176 @@ impl Cluster {
         format!("{}conns:{node}", self.keys.0)
     }
 
-    /// Starts the publisher, the subscriber and the node watcher; returns the sender the
-    /// hub queues its notes into.
-    pub fn start(self, hub: Hub) -> mpsc::UnboundedSender<Note> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let me = std::sync::Arc::new(self);
-        hub.on_leave(tokio::spawn(me.clone().publish(rx, hub.clone())));
-        tokio::spawn(me.clone().subscribe(hub.clone()));
-        tokio::spawn(me.watch_nodes(hub));
-        tx
+    fn leader_key(&self) -> String {
+        format!("{}leader", self.keys.0)
     }
 
-    async fn publish(self: std::sync::Arc<Self>, mut rx: mpsc::UnboundedReceiver<Note>, hub: Hub) {
+    fn calls_key(&self, node: &str) -> String {
+        format!("{}calls:{node}", self.keys.0)
+    }
+
+    fn reply_channel(&self, node: &str) -> String {
+        format!("{}reply:{node}", self.keys.0)
+    }
+
+    /// Starts the publisher, the subscriber and the node watcher; returns the sender the
+    /// hub queues its notes into.
+    /// Starts the publisher, the subscriber, the node watcher, the election and the
+    /// server of forwarded chat changes; the first election round is over on return.
+    pub async fn start(self, hub: Hub) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let me = Arc::new(self);
+        hub.attach_cluster(me.clone(), tx);
+        hub.on_leave(tokio::spawn(me.clone().publish(rx, hub.clone())));
+        tokio::spawn(me.clone().subscribe(hub.clone()));
+        tokio::spawn(me.clone().watch_nodes(hub.clone()));
+        tokio::spawn(me.clone().serve_calls(hub.clone()));
+        let elected = me.clone().elect_once(false, &hub).await;
+        hub.on_leave(tokio::spawn(me.clone().elect(hub.clone(), elected)));
+    }
+
+    /// One election round: renews our lease on `{prefix}leader` or takes it when free.
+    /// Becoming the assigning node resynchronises chats first.
+    async fn elect_once(&self, was: bool, hub: &Hub) -> bool {
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 \
+             elseif redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 else return 0 end",
+        );
+        let got = match self.client.get_multiplexed_async_connection().await {
+            Ok(mut c) => script
+                .key(self.leader_key())
+                .arg(&self.node)
+                .arg(self.lease.as_millis() as u64)
+                .invoke_async::<i64>(&mut c)
+                .await
+                .is_ok_and(|v| v == 1),
+            Err(_) => false,
+        };
+        if got && !was {
+            if let Err(e) = self.resync(hub).await {
+                tracing::warn!(cause = %e, "resync before assigning failed");
+                return false;
+            }
+            tracing::info!(node = %self.node, "this node now assigns chats");
+            hub.run(|c, now| c.start_assigning(now));
+        } else if !got && was {
+            tracing::warn!(node = %self.node, "this node no longer assigns chats");
+            hub.run(|c, _| c.stop_assigning());
+        }
+        got
+    }
+
+    async fn elect(self: Arc<Self>, hub: Hub, mut leader: bool) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.lease / 3) => {}
+                _ = hub.shutdown.cancelled() => break,
+            }
+            leader = self.elect_once(leader, &hub).await;
+        }
+        if leader {
+            // Hand over at once rather than after the lease.
+            let release = redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+            );
+            if let Ok(mut c) = self.client.get_multiplexed_async_connection().await {
+                let _ = release.key(self.leader_key()).arg(&self.node).invoke_async::<i64>(&mut c).await;
+            }
+        }
+    }
+
+    /// Forwards a chat change to the assigning node and waits for its answer.
+    pub async fn call(&self, op: ChatOp) -> Result<Value, Error> {
+        let unavailable = |m: &str| Error::Unavailable(format!("cluster: {m}"));
+        let mut c = self.client.get_multiplexed_async_connection().await.map_err(|e| unavailable(&e.to_string()))?;
+        let leader: Option<String> = c.get(self.leader_key()).await.map_err(|e| unavailable(&e.to_string()))?;
+        let leader = leader.ok_or_else(|| unavailable("no node assigns chats right now"))?;
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        let call = serde_json::to_string(&Call { id, from: self.node.clone(), op }).expect("calls serialize");
+        let pushed: redis::RedisResult<()> = redis::pipe()
+            .rpush(self.calls_key(&leader), call)
+            .ignore()
+            .pexpire(self.calls_key(&leader), (CALL_TIMEOUT * 2).as_millis() as i64)
+            .ignore()
+            .query_async(&mut c)
+            .await;
+        if let Err(e) = pushed {
+            self.pending.lock().remove(&id);
+            return Err(unavailable(&e.to_string()));
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                self.pending.lock().remove(&id);
+                Err(unavailable("the assigning node did not answer in time"))
+            }
+        }
+    }
+
+    /// Runs chat changes other nodes forward to this one while it is the assigning node.
+    async fn serve_calls(self: Arc<Self>, hub: Hub) {
+        let key = self.calls_key(&self.node);
+        let mut conn = None;
+        loop {
+            if hub.shutdown.is_cancelled() {
+                return;
+            }
+            if conn.is_none() {
+                conn = self.client.get_multiplexed_async_connection().await.ok();
+                if conn.is_none() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+            let c = conn.as_mut().expect("connected");
+            let popped: redis::RedisResult<Option<(String, String)>> = tokio::select! {
+                r = c.blpop(&key, 0.5) => r,
+                _ = hub.shutdown.cancelled() => return,
+            };
+            let raw = match popped {
+                Ok(Some((_, raw))) => raw,
+                Ok(None) => continue,
+                Err(_) => {
+                    conn = None;
+                    continue;
+                }
+            };
+            let Ok(call) = serde_json::from_str::<Call>(&raw) else { continue };
+            let result = if hub.read(|c| c.assigner) {
+                hub.commit(|c, now| c.exec(call.op, now)).await
+            } else {
+                Err(Error::Unavailable("cluster: this node no longer assigns chats".into()))
+            };
+            let reply = match result {
+                Ok(v) => Reply { id: call.id, ok: Some(v), code: None, message: None },
+                Err(e) => Reply { id: call.id, ok: None, code: Some(e.code().into()), message: Some(e.to_string()) },
+            };
+            let payload = serde_json::to_string(&reply).expect("replies serialize");
+            let _: redis::RedisResult<()> = c.publish(self.reply_channel(&call.from), payload).await;
+        }
+    }
+
+    fn answer(&self, reply: Reply) {
+        let Some(tx) = self.pending.lock().remove(&reply.id) else { return };
+        let result = match (reply.ok, reply.code) {
+            (Some(v), _) => Ok(v),
+            (None, code) => {
+                let m = reply.message.unwrap_or_default();
+                Err(match code.as_deref() {
+                    Some("bad_request") => Error::BadRequest(m),
+                    Some("forbidden") => Error::Forbidden(m),
+                    Some("not_found") => Error::NotFound(m),
+                    Some("conflict") => Error::Conflict(m),
+                    _ => Error::Unavailable(m),
+                })
+            }
+        };
+        let _ = tx.send(result);
+    }
+
+    async fn publish(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Note>, hub: Hub) {
         let mut conn = None;
         let ttl = (self.lease * 3).as_millis() as i64;
         loop {
@@ -119,14 +320,16 @@ impl Cluster {
         }
     }
 
-    async fn subscribe(self: std::sync::Arc<Self>, hub: Hub) {
+    async fn subscribe(self: Arc<Self>, hub: Hub) {
         loop {
             if hub.shutdown.is_cancelled() {
                 return;
             }
             match self.client.get_async_pubsub().await {
                 Ok(mut ps) => {
-                    if ps.subscribe(self.channel()).await.is_ok() {
+                    if ps.subscribe(self.channel()).await.is_ok()
+                        && ps.subscribe(self.reply_channel(&self.node)).await.is_ok()
+                    {
                         // Subscribed first, then read the state: nothing falls in between.
                         if let Err(e) = self.resync(&hub).await {
                             tracing::warn!(cause = %e, "cluster resync failed");
@@ -138,6 +341,12 @@ impl Cluster {
                                 _ = hub.shutdown.cancelled() => return,
                             };
                             let Some(msg) = msg else { break };
+                            if msg.get_channel_name() != self.channel() {
+                                if let Ok(reply) = serde_json::from_slice::<Reply>(msg.get_payload_bytes()) {
+                                    self.answer(reply);
+                                }
+                                continue;
+                            }
                             let Ok(env) = serde_json::from_slice::<Envelope>(msg.get_payload_bytes()) else {
                                 continue;
                             };
@@ -167,6 +376,12 @@ impl Cluster {
             }
             Note::Department { department } => {
                 hub.run(|c, now| c.apply_department(department, now));
+            }
+            Note::Chat { chat } => {
+                hub.run(|c, now| c.apply_chat(chat, now));
+            }
+            Note::Message { chat, message, origin } => {
+                hub.run(|c, _| c.apply_message(chat, message, origin));
             }
         }
     }
@@ -235,11 +450,35 @@ impl Cluster {
             }
             core.replace_remote(remote, now);
         });
+        self.resync_chats(hub).await
+    }
+
+    /// Reads every chat and its history again; only newer copies are applied.
+    async fn resync_chats(&self, hub: &Hub) -> anyhow::Result<()> {
+        let mut c = self.client.get_multiplexed_async_connection().await?;
+        let ids: Vec<u64> = c.smembers(self.keys.chats()).await?;
+        for chunk in ids.chunks(256) {
+            let mut chats = Vec::new();
+            for id in chunk {
+                if let Some(chat) = self.get::<Chat>(&self.keys.chat(*id)).await? {
+                    let raw: Vec<String> = c.zrange(self.keys.messages(*id), 0, -1).await?;
+                    let history: Vec<ChatMessage> = raw.iter().filter_map(|m| serde_json::from_str(m).ok()).collect();
+                    chats.push((chat, history));
+                }
+            }
+            hub.run(|core, now| {
+                for (chat, history) in chats {
+                    let id = chat.id;
+                    core.apply_chat(chat, now);
+                    core.apply_history(id, history);
+                }
+            });
+        }
         Ok(())
     }
 
     /// Drops the connections of nodes whose lease expired (kill -9, network loss).
-    async fn watch_nodes(self: std::sync::Arc<Self>, hub: Hub) {
+    async fn watch_nodes(self: Arc<Self>, hub: Hub) {
         let every = (self.lease / 8).clamp(Duration::from_millis(50), Duration::from_millis(250));
         let mut conn = None;
         loop {

@@ -50,7 +50,7 @@ pub enum Timer {
 }
 
 /// `POST /api/v1/chats`.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewChat {
     pub id: Option<u64>,
@@ -156,6 +156,9 @@ pub struct Core {
     notes: Vec<Note>,
     /// Cluster mode: other nodes hold connections too.
     pub cluster: bool,
+    /// This node runs auto-assignment and accept deadlines: always alone, the elected
+    /// node in a cluster (so one chat never gets two owners).
+    pub assigner: bool,
     /// Other nodes' connections per operator: node → (all, idle).
     remote: HashMap<u64, HashMap<String, (u32, u32)>>,
     dirty_ops: BTreeSet<u64>,
@@ -172,8 +175,12 @@ pub struct Core {
 
 impl Core {
     pub fn new(cfg: Arc<Config>, snap: Snapshot) -> Core {
+        // In a cluster only the elected node assigns; it starts once elected.
+        let cluster = cfg.store.backend == crate::config::Backend::Redis;
         let mut core = Core {
             cfg,
+            cluster,
+            assigner: !cluster,
             next_chat_id: 1,
             ..Default::default()
         };
@@ -220,18 +227,9 @@ impl Core {
                 op.was_online = online;
             }
         }
-        // Accept deadlines do not survive a restart: give every unaccepted chat a new one,
-        // and assign whatever waits (always-online operators are candidates right away).
-        let pending: Vec<u64> = core
-            .chats
-            .values()
-            .filter(|e| e.chat.status == ChatStatus::Pending && e.chat.owner.is_some())
-            .map(|e| e.chat.id)
-            .collect();
-        for id in pending {
-            core.arm_accept_deadline(id, now);
+        if core.assigner {
+            core.start_assigning(now);
         }
-        core.to_assign = core.queues.keys().copied().collect();
         core.settle(now);
         core.writes.clear();
         core
@@ -571,7 +569,12 @@ impl Core {
         op.presence = Presence::default();
         op.settings.online = false;
         op.settings.always_online = false;
-        let owned: Vec<u64> = op.pending.iter().chain(op.active.iter()).copied().collect();
+        // In a cluster the assigning node gives their chats back; the others hear of it.
+        let owned: Vec<u64> = if self.assigner {
+            op.pending.iter().chain(op.active.iter()).copied().collect()
+        } else {
+            Vec::new()
+        };
         for chat in owned {
             self.transition(chat, |c| {
                 c.owner = None;
@@ -901,10 +904,15 @@ impl Core {
             seq: self.next_seq,
             visitor_token: random_token(),
             avoid: None,
+            assign_reason: None,
+            version: next_version(0),
         };
         self.next_seq += 1;
         let token = chat.visitor_token.clone();
         self.count(&chat, 1);
+        if self.cluster {
+            self.notes.push(Note::Chat { chat: chat.clone() });
+        }
         self.writes.push(Write::Chat(chat.clone()));
         let entry = ChatEntry {
             chat,
@@ -955,7 +963,7 @@ impl Core {
     }
 
     /// `open_chat`: the seed's opening rules; the opener watches the chat from now on.
-    pub fn open_chat(&mut self, me: u64, peer: &Arc<Peer>, id: u64, now: Instant) -> Result<Value> {
+    pub fn open_chat(&mut self, me: u64, id: u64, now: Instant) -> Result<Value> {
         let takes = {
             let op = self
                 .operators
@@ -968,7 +976,6 @@ impl Core {
         if takes {
             self.take(id, me);
         }
-        self.watch(me, peer, id);
         self.settle(now);
         let e = &self.chats[&id];
         Ok(json!({ "chat": e.chat.view(), "messages": e.history }))
@@ -992,10 +999,10 @@ impl Core {
     pub fn operator_message(
         &mut self,
         me: u64,
-        peer: &Arc<Peer>,
         id: u64,
         text: String,
         whisper: bool,
+        origin: Option<Origin>,
         now: Instant,
     ) -> Result<Value> {
         check_text(&text)?;
@@ -1017,18 +1024,17 @@ impl Core {
         if takes {
             self.take(id, me);
         }
-        self.watch(me, peer, id);
         let from = Sender {
             kind: SenderKind::Operator,
             id: Some(me),
             name: Some(name),
         };
-        let message = self.append_message(id, from, text, whisper, Some(peer.id));
+        let message = self.append_message(id, from, text, whisper, origin);
         self.settle(now);
         Ok(json!({ "message": message }))
     }
 
-    pub fn visitor_message(&mut self, id: u64, conn: ConnId, text: String) -> Result<Value> {
+    pub fn visitor_message(&mut self, id: u64, text: String, origin: Option<Origin>) -> Result<Value> {
         check_text(&text)?;
         let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
         if e.chat.status == ChatStatus::Closed {
@@ -1045,7 +1051,7 @@ impl Core {
             id: None,
             name,
         };
-        let message = self.append_message(id, from, text, false, Some(conn));
+        let message = self.append_message(id, from, text, false, origin);
         Ok(json!({ "message": message }))
     }
 
@@ -1055,9 +1061,8 @@ impl Core {
         from: Sender,
         text: String,
         whisper: bool,
-        skip: Option<ConnId>,
+        origin: Option<Origin>,
     ) -> ChatMessage {
-        let limit = self.cfg.chats.history.max(1);
         let e = self.chats.get_mut(&id).expect("checked by caller");
         let message = ChatMessage {
             id: e.next_message,
@@ -1066,29 +1071,40 @@ impl Core {
             whisper,
             at: now_rfc3339(),
         };
-        e.next_message += 1;
-        e.history.push_back(message.clone());
         self.writes.push(Write::Message(id, message.clone()));
+        self.keep_message(id, message.clone());
+        if self.cluster {
+            self.notes.push(Note::Message { chat: id, message: message.clone(), origin: origin.clone() });
+        }
+        self.deliver_message(id, &message, origin.as_ref());
+        message
+    }
+
+    /// Adds a message to the chat's history, dropping the oldest past `chats.history`.
+    fn keep_message(&mut self, id: u64, message: ChatMessage) {
+        let limit = self.cfg.chats.history.max(1);
+        let Some(e) = self.chats.get_mut(&id) else { return };
+        e.next_message = e.next_message.max(message.id + 1);
+        e.history.push_back(message);
         if e.history.len() > limit {
             e.history.pop_front();
             if let Some(first) = e.history.front() {
-                self.writes.push(Write::TrimMessages {
-                    chat: id,
-                    below: first.id,
-                });
+                self.writes.push(Write::TrimMessages { chat: id, below: first.id });
             }
         }
-        let frame = Event::Message {
-            chat: id,
-            message: &message,
-        }
-        .frame();
-        let owner = e.chat.owner;
+    }
+
+    /// Sends a message to the owner's and the watchers' sockets on this node, and to the
+    /// visitors unless it is a whisper; never back to the socket it came from.
+    fn deliver_message(&mut self, id: u64, message: &ChatMessage, origin: Option<&Origin>) {
+        let Some(e) = self.chats.get(&id) else { return };
+        let skip = origin.filter(|o| o.node == self.cfg.server.node_id).map(|o| o.conn);
+        let frame = Event::Message { chat: id, message }.frame();
         let mut peers: HashMap<ConnId, Arc<Peer>> = e.watchers.clone();
-        if !whisper {
+        if !message.whisper {
             peers.extend(e.visitors.iter().map(|(k, v)| (*k, v.clone())));
         }
-        if let Some(o) = owner.and_then(|o| self.operators.get(&o)) {
+        if let Some(o) = e.chat.owner.and_then(|o| self.operators.get(&o)) {
             peers.extend(o.peers.iter().map(|p| (p.id, p.clone())));
         }
         for (conn, p) in &peers {
@@ -1096,10 +1112,10 @@ impl Core {
                 self.push(p, &frame);
             }
         }
-        message
     }
 
-    fn watch(&mut self, me: u64, peer: &Arc<Peer>, id: u64) {
+    /// The socket watches the chat: gets its messages until `leave_chat` or disconnect.
+    pub fn watch(&mut self, me: u64, peer: &Arc<Peer>, id: u64) {
         if let Some(e) = self.chats.get_mut(&id) {
             e.watchers.insert(peer.id, peer.clone());
         }
@@ -1114,6 +1130,7 @@ impl Core {
         self.transition(id, |c| {
             if c.owner != Some(me) {
                 c.assigned_at = Some(stamp.clone());
+                c.assign_reason = None;
             }
             c.owner = Some(me);
             c.status = ChatStatus::Active;
@@ -1123,7 +1140,7 @@ impl Core {
 
     /// An accept deadline passed: the chat goes to another candidate.
     pub fn accept_deadline(&mut self, id: u64, round: u64, now: Instant) {
-        let Some(e) = self.chats.get(&id) else { return };
+        let Some(e) = self.chats.get(&id).filter(|_| self.assigner) else { return };
         if e.round != round || e.chat.status != ChatStatus::Pending {
             return;
         }
@@ -1154,7 +1171,10 @@ impl Core {
         f(&mut e.chat);
         if e.chat.owner.is_some() {
             e.chat.avoid = None;
+        } else {
+            e.chat.assign_reason = None;
         }
+        e.chat.version = next_version(before.version);
         if before.owner != e.chat.owner || before.status != e.chat.status {
             e.round += 1;
         }
@@ -1170,6 +1190,9 @@ impl Core {
         self.dirty_ops
             .extend([before.owner, after.owner].into_iter().flatten());
         self.dirty_depts.insert(after.department);
+        if self.cluster {
+            self.notes.push(Note::Chat { chat: after.clone() });
+        }
         self.writes.push(Write::Chat(after));
         self.emit_chat(id);
     }
@@ -1228,7 +1251,7 @@ impl Core {
 
     fn run_assignment(&mut self, d: u64, now: Instant) {
         let dept = self.department(d);
-        if dept.assignment == Strategy::Off {
+        if !self.assigner || dept.assignment == Strategy::Off {
             return;
         }
         let Some(queue) = self.queues.get(&d).filter(|q| !q.is_empty()) else {
@@ -1290,6 +1313,7 @@ impl Core {
         self.transition(id, |c| {
             c.owner = Some(op);
             c.assigned_at = Some(stamp.clone());
+            c.assign_reason = Some(reason);
             c.avoid = None;
             if accepts {
                 c.status = ChatStatus::Active;
@@ -1347,7 +1371,7 @@ impl Core {
                 self.dirty_depts.extend(depts.iter().copied());
                 if online {
                     self.to_assign.extend(depts);
-                } else {
+                } else if self.assigner {
                     let unaccepted: Vec<u64> = op.pending.iter().copied().collect();
                     for chat in unaccepted {
                         self.transition(chat, |c| {
@@ -1656,5 +1680,141 @@ impl Core {
 
     pub fn operator_ids(&self) -> Vec<u64> {
         self.operators.keys().copied().collect()
+    }
+}
+
+/// Where a message came from: its socket does not get it back as an event.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Origin {
+    pub node: String,
+    pub conn: ConnId,
+}
+
+/// A change to a chat. In a cluster every chat change runs on the assigning node (the
+/// single writer of chats); other nodes forward it there.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ChatOp {
+    Create { req: NewChat },
+    HandOver { chat: u64 },
+    /// `by`: the operator closing it; None for the back end.
+    Close { by: Option<u64>, chat: u64 },
+    Open { me: u64, chat: u64 },
+    Message { me: u64, chat: u64, text: String, whisper: bool, origin: Option<Origin> },
+    VisitorMessage { chat: u64, text: String, origin: Option<Origin> },
+}
+
+impl Core {
+    /// Runs a chat change; the answer is what the client is acknowledged with.
+    pub fn exec(&mut self, op: ChatOp, now: Instant) -> Result<Value> {
+        match op {
+            ChatOp::Create { req } => {
+                let (chat, token) = self.create_chat(req, now)?;
+                Ok(json!({ "chat": chat, "visitor_token": token }))
+            }
+            ChatOp::HandOver { chat } => self.hand_over(chat, now),
+            ChatOp::Close { by, chat } => {
+                let actor = by.map_or(Actor::Backend, Actor::Operator);
+                self.close_chat(actor, chat, now)
+            }
+            ChatOp::Open { me, chat } => self.open_chat(me, chat, now),
+            ChatOp::Message { me, chat, text, whisper, origin } => {
+                self.operator_message(me, chat, text, whisper, origin, now)
+            }
+            ChatOp::VisitorMessage { chat, text, origin } => self.visitor_message(chat, text, origin),
+        }
+    }
+
+    /// Starts assigning (alone at start, or elected in a cluster): accept deadlines start
+    /// anew for unaccepted chats, chats of owners who are offline go back to the queue, and
+    /// whatever waits is assigned (always-online operators are candidates right away).
+    pub fn start_assigning(&mut self, now: Instant) {
+        self.assigner = true;
+        let unaccepted: Vec<(u64, Option<u64>)> = self
+            .chats
+            .values()
+            .filter(|e| e.chat.status == ChatStatus::Pending && e.chat.owner.is_some())
+            .map(|e| (e.chat.id, e.chat.owner))
+            .collect();
+        for (id, owner) in unaccepted {
+            if self.cluster && !owner.is_some_and(|o| self.is_online(o)) {
+                self.transition(id, |c| {
+                    c.owner = None;
+                    c.assigned_at = None;
+                });
+                self.requeued(id, AssignReason::OperatorUnavailable);
+            } else {
+                self.arm_accept_deadline(id, now);
+            }
+        }
+        self.to_assign.extend(self.queues.keys().copied());
+        self.settle(now);
+    }
+
+    pub fn stop_assigning(&mut self) {
+        self.assigner = false;
+    }
+
+    /// Cluster: the assigning node changed a chat; an older copy than ours is ignored.
+    pub fn apply_chat(&mut self, chat: Chat, now: Instant) {
+        let id = chat.id;
+        match self.chats.get(&id) {
+            Some(e) if e.chat.version >= chat.version => {}
+            Some(e) => {
+                let assigned = chat.assign_reason.filter(|_| {
+                    chat.owner.is_some()
+                        && (e.chat.owner != chat.owner || e.chat.assigned_at != chat.assigned_at)
+                });
+                let incoming = chat.clone();
+                self.transition(id, |c| *c = incoming);
+                if let (Some(reason), Some(owner)) = (assigned, chat.owner) {
+                    let frame = Event::ChatAssigned { chat: chat.view(), reason }.frame();
+                    self.send_to_operator(owner, &frame);
+                }
+                self.settle(now);
+            }
+            None => {
+                self.next_chat_id = self.next_chat_id.max(id.saturating_add(1));
+                self.next_seq = self.next_seq.max(chat.seq + 1);
+                self.count(&chat, 1);
+                self.chats.insert(
+                    id,
+                    ChatEntry {
+                        chat,
+                        history: VecDeque::new(),
+                        next_message: 1,
+                        watchers: HashMap::new(),
+                        visitors: HashMap::new(),
+                        round: 0,
+                        requeued: None,
+                    },
+                );
+                self.dirty_depts.insert(self.chats[&id].chat.department);
+                self.emit_chat(id);
+                self.settle(now);
+            }
+        }
+        self.writes.clear();
+        self.notes.clear();
+    }
+
+    /// Cluster: a message written on another node.
+    pub fn apply_message(&mut self, chat: u64, message: ChatMessage, origin: Option<Origin>) {
+        let known = self.chats.get(&chat).is_some_and(|e| e.history.back().is_none_or(|m| m.id < message.id));
+        if known {
+            self.keep_message(chat, message.clone());
+            self.deliver_message(chat, &message, origin.as_ref());
+        }
+        self.writes.clear();
+    }
+
+    /// Cluster resync: replaces a chat's history with what the store holds.
+    pub fn apply_history(&mut self, chat: u64, messages: Vec<ChatMessage>) {
+        if let Some(e) = self.chats.get_mut(&chat)
+            && messages.last().map(|m| m.id) > e.history.back().map(|m| m.id)
+        {
+            e.next_message = messages.last().map_or(1, |m| m.id + 1);
+            e.history = messages.into();
+        }
     }
 }

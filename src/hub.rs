@@ -13,8 +13,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Secrets, Tokens};
 use crate::config::Config;
-use crate::cluster::Note;
-use crate::core::{Core, Timer};
+use crate::cluster::{Cluster, Note};
+use crate::core::{ChatOp, Core, Origin, Timer};
 use tokio::sync::mpsc;
 use crate::error::Result;
 use crate::peer::{Kind, Out, Peer};
@@ -37,6 +37,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// Cluster mode: where notes for the other nodes go.
     notes: OnceLock<mpsc::UnboundedSender<Note>>,
+    /// Cluster mode: forwards chat changes to the assigning node.
+    cluster: OnceLock<Arc<Cluster>>,
     /// Tasks that leave the cluster cleanly after shutdown (lease release, last notes).
     leaving: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -57,7 +59,6 @@ impl Hub {
         let cfg = Arc::new(cfg);
         let snapshot = store.load()?;
         let mut core = Core::new(cfg.clone(), snapshot);
-        core.cluster = cfg.store.backend == crate::config::Backend::Redis;
         let (_, timers) = core.take_effects();
         let hub = Hub(Arc::new(Shared {
             cfg,
@@ -71,6 +72,7 @@ impl Hub {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             notes: OnceLock::new(),
+            cluster: OnceLock::new(),
             leaving: Mutex::new(Vec::new()),
         }));
         for t in timers {
@@ -227,8 +229,44 @@ impl Hub {
     }
 
     /// Joins the cluster: from now on changes are told to the other nodes.
-    pub fn attach_cluster(&self, tx: mpsc::UnboundedSender<Note>) {
+    pub fn attach_cluster(&self, cluster: Arc<Cluster>, tx: mpsc::UnboundedSender<Note>) {
+        let _ = self.cluster.set(cluster);
         let _ = self.notes.set(tx);
+    }
+
+    /// Runs a chat change: here when this node assigns (always when alone), else on the
+    /// assigning node of the cluster. `watch`: the socket that opened or wrote in the chat
+    /// watches it from now on.
+    pub async fn chat(&self, op: ChatOp, watch: Option<(u64, &Arc<Peer>)>) -> Result<serde_json::Value> {
+        let chat = match &op {
+            ChatOp::Open { chat, .. } | ChatOp::Message { chat, .. } => Some(*chat),
+            _ => None,
+        };
+        let remote = self.cluster.get().filter(|_| !self.read(|c| c.assigner));
+        match remote {
+            None => {
+                self.commit(|c, now| {
+                    let v = c.exec(op, now)?;
+                    if let (Some((me, peer)), Some(chat)) = (watch, chat) {
+                        c.watch(me, peer, chat);
+                    }
+                    Ok(v)
+                })
+                .await
+            }
+            Some(cluster) => {
+                let v = cluster.call(op).await?;
+                if let (Some((me, peer)), Some(chat)) = (watch, chat) {
+                    self.run(|c, _| c.watch(me, peer, chat));
+                }
+                Ok(v)
+            }
+        }
+    }
+
+    /// Where a message written through `conn` comes from.
+    pub fn origin(&self, conn: ConnId) -> Origin {
+        Origin { node: self.cfg.server.node_id.clone(), conn }
     }
 
     /// A task to wait for at shutdown, after the store is closed.

@@ -171,6 +171,12 @@ pub struct Chat {
     /// The owner an `accept_timeout` took the chat from: the next assignment avoids them.
     #[serde(default)]
     pub avoid: Option<u64>,
+    /// Why auto-assignment gave the chat to its owner; None when the owner took it.
+    #[serde(default)]
+    pub assign_reason: Option<crate::protocol::AssignReason>,
+    /// Grows with every change, like [`StoredOperator::version`].
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// The wire form of a chat for operators and the back end.

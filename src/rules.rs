@@ -86,6 +86,8 @@ mod tests {
             seq: 0,
             visitor_token: String::new(),
             avoid: None,
+            assign_reason: None,
+            version: 0,
         }
     }
 

@@ -54,7 +54,7 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Hub> {
     let hub = Hub::open(cfg, secrets, store)?;
     if let Some((url, keys, node, token, ttl)) = lease {
         let cluster = Cluster::new(&url, keys.clone(), node.clone(), ttl)?;
-        hub.attach_cluster(cluster.start(hub.clone()));
+        cluster.start(hub.clone()).await;
         hub.on_leave(tokio::spawn(hold_node(url, keys, node, token, ttl, hub.shutdown.clone())));
     }
     Ok(hub)

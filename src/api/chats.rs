@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{body, id, ok, query};
 use crate::config::parse_duration;
-use crate::core::{Actor, ChatFilter, NewChat};
+use crate::core::{ChatFilter, ChatOp, NewChat};
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::model::ChatStatus;
@@ -19,13 +19,10 @@ use crate::model::ChatStatus;
 pub async fn create(State(hub): State<Hub>, bytes: Bytes) -> Response {
     let run = async {
         let req: NewChat = body(&bytes)?;
-        hub.commit(|c, now| c.create_chat(req, now)).await
+        hub.chat(ChatOp::Create { req }, None).await
     };
     match run.await {
-        Ok((chat, token)) => ok(
-            StatusCode::CREATED,
-            json!({ "chat": chat, "visitor_token": token }),
-        ),
+        Ok(created) => ok(StatusCode::CREATED, created),
         Err(e) => e.into_response(),
     }
 }
@@ -63,7 +60,7 @@ pub async fn patch(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes
                 "only {\"status\":\"pending\"} (hand a bot chat to humans) is supported",
             ));
         }
-        hub.commit(|c, now| c.hand_over(cid, now)).await
+        hub.chat(ChatOp::HandOver { chat: cid }, None).await
     };
     match run.await {
         Ok(chat) => ok(StatusCode::OK, chat),
@@ -74,8 +71,7 @@ pub async fn patch(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes
 pub async fn close(State(hub): State<Hub>, Path(raw): Path<String>) -> Response {
     let run = async {
         let cid = id(&raw)?;
-        hub.commit(|c, now| c.close_chat(Actor::Backend, cid, now))
-            .await
+        hub.chat(ChatOp::Close { by: None, chat: cid }, None).await
     };
     match run.await {
         Ok(chat) => ok(StatusCode::OK, chat),

@@ -11,7 +11,7 @@ use http::header;
 use serde_json::{Value, json};
 
 use super::{Flow, Handler};
-use crate::core::{Actor, SettingsChange};
+use crate::core::{Actor, ChatOp, SettingsChange};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::peer::{Kind, Peer};
@@ -141,10 +141,9 @@ impl Operator {
                 self.logged_out = true;
                 Ok(None)
             }
-            OperatorRequest::OpenChat { chat } => hub
-                .commit(|c, now| c.open_chat(me, peer, chat, now))
-                .await
-                .map(Some),
+            OperatorRequest::OpenChat { chat } => {
+                hub.chat(ChatOp::Open { me, chat }, Some((me, peer))).await.map(Some)
+            }
             OperatorRequest::LeaveChat { chat } => hub
                 .commit(|c, _| c.leave_chat(me, peer.id, chat))
                 .await
@@ -153,14 +152,13 @@ impl Operator {
                 chat,
                 text,
                 whisper,
-            } => hub
-                .commit(|c, now| c.operator_message(me, peer, chat, text, whisper, now))
-                .await
-                .map(Some),
+            } => {
+                let origin = Some(hub.origin(peer.id));
+                let op = ChatOp::Message { me, chat, text, whisper, origin };
+                hub.chat(op, Some((me, peer))).await.map(Some)
+            }
             OperatorRequest::CloseChat { chat } => {
-                let chat = hub
-                    .commit(|c, now| c.close_chat(Actor::Operator(me), chat, now))
-                    .await?;
+                let chat = hub.chat(ChatOp::Close { by: Some(me), chat }, None).await?;
                 Ok(Some(json!({ "chat": chat })))
             }
         }

@@ -7,6 +7,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 
 use super::{Flow, Handler};
+use crate::core::ChatOp;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::peer::{Kind, Peer};
@@ -77,8 +78,8 @@ impl Handler for Visitor {
         let result = match req {
             Ok(VisitorRequest::SendMessage { text }) => {
                 let chat = self.chat;
-                hub.commit(|c, _| c.visitor_message(chat, peer.id, text))
-                    .await
+                let origin = Some(hub.origin(peer.id));
+                hub.chat(ChatOp::VisitorMessage { chat, text, origin }, None).await
             }
             Err(e) => Err(e),
         };
