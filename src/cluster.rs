@@ -181,12 +181,23 @@ impl Cluster {
         }
     }
 
-    /// Forwards a chat change to the assigning node and waits for its answer.
-    pub async fn call(&self, op: ChatOp) -> Result<Value, Error> {
+    /// Forwards a chat change to the assigning node and waits for its answer. While no node
+    /// assigns (a failover), waits for one; `Ok(None)`: this node was elected meanwhile.
+    pub async fn call(&self, op: ChatOp) -> Result<Option<Value>, Error> {
         let unavailable = |m: &str| Error::Unavailable(format!("cluster: {m}"));
         let mut c = self.client.get_multiplexed_async_connection().await.map_err(|e| unavailable(&e.to_string()))?;
-        let leader: Option<String> = c.get(self.leader_key()).await.map_err(|e| unavailable(&e.to_string()))?;
-        let leader = leader.ok_or_else(|| unavailable("no node assigns chats right now"))?;
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        let leader = loop {
+            let leader: Option<String> = c.get(self.leader_key()).await.map_err(|e| unavailable(&e.to_string()))?;
+            match leader {
+                Some(l) if l == self.node => return Ok(None),
+                Some(l) => break l,
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                None => return Err(unavailable("no node assigns chats right now")),
+            }
+        };
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
@@ -203,7 +214,7 @@ impl Cluster {
             return Err(unavailable(&e.to_string()));
         }
         match tokio::time::timeout(CALL_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => r.map(Some),
             _ => {
                 self.pending.lock().remove(&id);
                 Err(unavailable("the assigning node did not answer in time"))

@@ -242,26 +242,24 @@ impl Hub {
             ChatOp::Open { chat, .. } | ChatOp::Message { chat, .. } => Some(*chat),
             _ => None,
         };
-        let remote = self.cluster.get().filter(|_| !self.read(|c| c.assigner));
-        match remote {
-            None => {
-                self.commit(|c, now| {
-                    let v = c.exec(op, now)?;
-                    if let (Some((me, peer)), Some(chat)) = (watch, chat) {
-                        c.watch(me, peer, chat);
-                    }
-                    Ok(v)
-                })
-                .await
-            }
-            Some(cluster) => {
-                let v = cluster.call(op).await?;
+        if let Some(cluster) = self.cluster.get().filter(|_| !self.read(|c| c.assigner)) {
+            // Elected meanwhile: the election turns this node into the assigner within
+            // its round; run it here then.
+            if let Some(v) = cluster.call(op.clone()).await? {
                 if let (Some((me, peer)), Some(chat)) = (watch, chat) {
                     self.run(|c, _| c.watch(me, peer, chat));
                 }
-                Ok(v)
+                return Ok(v);
             }
         }
+        self.commit(|c, now| {
+            let v = c.exec(op, now)?;
+            if let (Some((me, peer)), Some(chat)) = (watch, chat) {
+                c.watch(me, peer, chat);
+            }
+            Ok(v)
+        })
+        .await
     }
 
     /// Where a message written through `conn` comes from.

@@ -229,3 +229,129 @@ async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
     assert!(ghost <= lease + grace + Duration::from_secs(1), "ghost online for {ghost:?}");
     assert!(ghost >= grace, "the grace still applies: {ghost:?}");
 }
+
+/// Waits until `hub` knows chat `id` with `pred` true of it.
+async fn chat_where(hub: &TestHub, id: u64, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    for _ in 0..300 {
+        let (status, v) = hub.get(&format!("/api/v1/chats/{id}")).await;
+        if status == 200 && pred(&v) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("chat {id} never became {what} on {}", hub.addr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_chat_created_on_one_node_is_assigned_to_an_operator_on_another() {
+    let redis = RedisServer::start().await;
+    let a = node(&redis, "a", |_| {}).await; // first: assigns
+    let b = node(&redis, "b", |_| {}).await;
+    a.operator(1, &[1]).await;
+    known(&b, 1).await;
+    let (mut op, _) = b.connect(1).await;
+    // A's view must count B's connection before it can assign to operator 1.
+    for _ in 0..200 {
+        if a.view(1).await["status"] == "online" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (chat, token) = b.create_chat(json!({"department": 1, "visitor": {"name": "Ann"}})).await;
+    let id = chat["id"].as_u64().unwrap();
+    let assigned = op.next_of("chat_assigned").await;
+    assert_eq!(assigned["chat"]["id"], id);
+    assert_eq!(assigned["chat"]["owner"], 1);
+    assert_eq!(assigned["reason"], "auto");
+    // Accept it from node B; the visitor on node A sees it and the messages flow both ways.
+    let (mut visitor, _) = a.visitor(id, &token).await;
+    let ack = op.request(json!({"type": "open_chat", "chat": id})).await;
+    assert_eq!(ack["chat"]["status"], "active", "{ack}");
+    let update = visitor.next_where("active", |v| v["type"] == "chat" && v["chat"]["status"] == "active").await;
+    assert_eq!(update["chat"]["owner_name"], "op1");
+    op.request(json!({"type": "send_message", "chat": id, "text": "hello from B"})).await;
+    let m = visitor.next_of("message").await;
+    assert_eq!(m["message"]["text"], "hello from B");
+    visitor.send(json!({"type": "send_message", "text": "hi from A"})).await;
+    let m = op.next_of("message").await;
+    assert_eq!(m["message"]["text"], "hi from A");
+    assert_eq!(chat_where(&a, id, "active", |c| c["status"] == "active").await["owner"], 1);
+}
+
+/// Chats created concurrently through three nodes: none gets two owners, nobody passes
+/// capacity, and every node ends with the same owners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_concurrent_creation_never_two_owners_nor_past_capacity() {
+    let redis = RedisServer::start().await;
+    let nodes = [node(&redis, "a", |_| {}).await, node(&redis, "b", |_| {}).await, node(&redis, "c", |_| {}).await];
+    nodes[0].put("/api/v1/departments/1", json!({"name": "Sales", "max_chats": 3, "accept_timeout": "0s"})).await;
+    let mut sockets = Vec::new();
+    for id in 1..=6u64 {
+        nodes[0].operator(id, &[1]).await;
+        known(&nodes[(id % 3) as usize], id).await;
+        sockets.push(nodes[(id % 3) as usize].connect(id).await.0);
+    }
+    for _ in 0..300 {
+        let (_, v) = nodes[0].get("/api/v1/operators?department=1&status=online").await;
+        if v["operators"].as_array().unwrap().len() == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // 30 chats for 18 places, 10 through each node at once.
+    let mut creations = Vec::new();
+    for i in 0..30usize {
+        let hub = &nodes[i % 3];
+        creations.push(async move { hub.post("/api/v1/chats", json!({"department": 1})).await });
+    }
+    let results = futures::future::join_all(creations).await;
+    let mut ids: Vec<u64> = results
+        .iter()
+        .map(|(s, v)| {
+            assert_eq!(*s, 201, "{v}");
+            v["chat"]["id"].as_u64().unwrap()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 30, "every chat has its own id");
+    // Wait until the assigning node has placed 18 chats and every node agrees.
+    let mut owners = Vec::new();
+    for hub in &nodes {
+        let mut seen = Vec::new();
+        for _ in 0..300 {
+            let (_, v) = hub.get("/api/v1/chats?department=1").await;
+            seen = v["chats"].as_array().unwrap().iter().map(|c| (c["id"].as_u64().unwrap(), c["owner"].as_u64())).collect();
+            if seen.iter().filter(|(_, o)| o.is_some()).count() == 18 && seen.len() == 30 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        owners.push(seen);
+    }
+    assert_eq!(owners[0].iter().filter(|(_, o)| o.is_some()).count(), 18, "capacity 6 × 3 filled");
+    assert_eq!(owners[0], owners[1], "nodes agree");
+    assert_eq!(owners[0], owners[2], "nodes agree");
+    for op in 1..=6u64 {
+        let n = owners[0].iter().filter(|(_, o)| *o == Some(op)).count();
+        assert!(n <= 3, "operator {op} has {n} chats, capacity 3");
+        for hub in &nodes {
+            assert_eq!(hub.view(op).await["pending_chats"], n as u64, "counts agree on {}", hub.addr);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_assigning_node_stops_and_another_takes_over() {
+    let redis = RedisServer::start().await;
+    let mut a = node(&redis, "a", |_| {}).await;
+    let b = node(&redis, "b", |_| {}).await;
+    a.operator_with(1, json!({"name": "Ann", "departments": [1], "always_online": true})).await;
+    known(&b, 1).await;
+    a.stop().await;
+    // B is elected within a third of the lease and assigns chats created through it.
+    let (chat, _) = b.create_chat(json!({"department": 1})).await;
+    let id = chat["id"].as_u64().unwrap();
+    let c = chat_where(&b, id, "assigned", |c| c["owner"] == 1).await;
+    assert_eq!(c["status"], "pending");
+}

@@ -60,6 +60,8 @@ fn chat(id: u64) -> Chat {
         seq: id,
         visitor_token: "t".into(),
         avoid: None,
+        assign_reason: None,
+        version: 1,
     }
 }
 
