@@ -24,8 +24,8 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::hub::Hub;
 use crate::core::Origin;
+use crate::hub::Hub;
 use crate::model::{Chat, ChatMessage, Department, StoredOperator};
 use crate::store::redis::Keys;
 
@@ -37,13 +37,20 @@ pub enum Note {
     Presence { operator: u64, all: u32, idle: u32 },
     /// The operator's record and settings as now (None: deleted). Carried in the note: the
     /// store write may land in Redis after the note arrives.
-    Operator { id: u64, record: Option<StoredOperator> },
+    Operator {
+        id: u64,
+        record: Option<StoredOperator>,
+    },
     /// The department as now.
     Department { department: Department },
     /// A chat as the assigning node left it.
     Chat { chat: Chat },
     /// A message written in a chat; `origin` does not get it back.
-    Message { chat: u64, message: ChatMessage, origin: Option<Origin> },
+    Message {
+        chat: u64,
+        message: ChatMessage,
+        origin: Option<Origin>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,7 +91,12 @@ struct Reply {
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Cluster {
-    pub fn new(url: &str, keys: Keys, node: String, lease: Duration) -> redis::RedisResult<Cluster> {
+    pub fn new(
+        url: &str,
+        keys: Keys,
+        node: String,
+        lease: Duration,
+    ) -> redis::RedisResult<Cluster> {
         Ok(Cluster {
             node,
             keys,
@@ -176,7 +188,11 @@ impl Cluster {
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
             );
             if let Ok(mut c) = self.client.get_multiplexed_async_connection().await {
-                let _ = release.key(self.leader_key()).arg(&self.node).invoke_async::<i64>(&mut c).await;
+                let _ = release
+                    .key(self.leader_key())
+                    .arg(&self.node)
+                    .invoke_async::<i64>(&mut c)
+                    .await;
             }
         }
     }
@@ -185,10 +201,17 @@ impl Cluster {
     /// assigns (a failover), waits for one; `Ok(None)`: this node was elected meanwhile.
     pub async fn call(&self, op: ChatOp) -> Result<Option<Value>, Error> {
         let unavailable = |m: &str| Error::Unavailable(format!("cluster: {m}"));
-        let mut c = self.client.get_multiplexed_async_connection().await.map_err(|e| unavailable(&e.to_string()))?;
+        let mut c = self
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| unavailable(&e.to_string()))?;
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
         let leader = loop {
-            let leader: Option<String> = c.get(self.leader_key()).await.map_err(|e| unavailable(&e.to_string()))?;
+            let leader: Option<String> = c
+                .get(self.leader_key())
+                .await
+                .map_err(|e| unavailable(&e.to_string()))?;
             match leader {
                 Some(l) if l == self.node => return Ok(None),
                 Some(l) => break l,
@@ -201,11 +224,19 @@ impl Cluster {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
-        let call = serde_json::to_string(&Call { id, from: self.node.clone(), op }).expect("calls serialize");
+        let call = serde_json::to_string(&Call {
+            id,
+            from: self.node.clone(),
+            op,
+        })
+        .expect("calls serialize");
         let pushed: redis::RedisResult<()> = redis::pipe()
             .rpush(self.calls_key(&leader), call)
             .ignore()
-            .pexpire(self.calls_key(&leader), (CALL_TIMEOUT * 2).as_millis() as i64)
+            .pexpire(
+                self.calls_key(&leader),
+                (CALL_TIMEOUT * 2).as_millis() as i64,
+            )
             .ignore()
             .query_async(&mut c)
             .await;
@@ -250,23 +281,40 @@ impl Cluster {
                     continue;
                 }
             };
-            let Ok(call) = serde_json::from_str::<Call>(&raw) else { continue };
+            let Ok(call) = serde_json::from_str::<Call>(&raw) else {
+                continue;
+            };
             let result = if hub.read(|c| c.assigner) {
                 hub.commit(|c, now| c.exec(call.op, now)).await
             } else {
-                Err(Error::Unavailable("cluster: this node no longer assigns chats".into()))
+                Err(Error::Unavailable(
+                    "cluster: this node no longer assigns chats".into(),
+                ))
             };
             let reply = match result {
-                Ok(v) => Reply { id: call.id, ok: Some(v), code: None, message: None },
-                Err(e) => Reply { id: call.id, ok: None, code: Some(e.code().into()), message: Some(e.to_string()) },
+                Ok(v) => Reply {
+                    id: call.id,
+                    ok: Some(v),
+                    code: None,
+                    message: None,
+                },
+                Err(e) => Reply {
+                    id: call.id,
+                    ok: None,
+                    code: Some(e.code().into()),
+                    message: Some(e.to_string()),
+                },
             };
             let payload = serde_json::to_string(&reply).expect("replies serialize");
-            let _: redis::RedisResult<()> = c.publish(self.reply_channel(&call.from), payload).await;
+            let _: redis::RedisResult<()> =
+                c.publish(self.reply_channel(&call.from), payload).await;
         }
     }
 
     fn answer(&self, reply: Reply) {
-        let Some(tx) = self.pending.lock().remove(&reply.id) else { return };
+        let Some(tx) = self.pending.lock().remove(&reply.id) else {
+            return;
+        };
         let result = match (reply.ok, reply.code) {
             (Some(v), _) => Ok(v),
             (None, code) => {
@@ -295,13 +343,23 @@ impl Cluster {
                 conn = self.client.get_multiplexed_async_connection().await.ok();
             }
             let Some(c) = conn.as_mut() else {
-                tracing::warn!("redis unreachable: a cluster note is dropped (the resync covers it)");
+                tracing::warn!(
+                    "redis unreachable: a cluster note is dropped (the resync covers it)"
+                );
                 continue;
             };
-            let payload = serde_json::to_string(&Envelope { node: self.node.clone(), note: note.clone() })
-                .expect("notes serialize");
+            let payload = serde_json::to_string(&Envelope {
+                node: self.node.clone(),
+                note: note.clone(),
+            })
+            .expect("notes serialize");
             let mut pipe = redis::pipe();
-            if let Note::Presence { operator, all, idle } = note {
+            if let Note::Presence {
+                operator,
+                all,
+                idle,
+            } = note
+            {
                 let key = self.conns_key(&self.node);
                 if all == 0 {
                     pipe.hdel(&key, operator).ignore();
@@ -323,7 +381,11 @@ impl Cluster {
             for operator in ops {
                 let payload = serde_json::to_string(&Envelope {
                     node: self.node.clone(),
-                    note: Note::Presence { operator, all: 0, idle: 0 },
+                    note: Note::Presence {
+                        operator,
+                        all: 0,
+                        idle: 0,
+                    },
                 })
                 .expect("notes serialize");
                 let _: redis::RedisResult<()> = c.publish(self.channel(), payload).await;
@@ -353,12 +415,16 @@ impl Cluster {
                             };
                             let Some(msg) = msg else { break };
                             if msg.get_channel_name() != self.channel() {
-                                if let Ok(reply) = serde_json::from_slice::<Reply>(msg.get_payload_bytes()) {
+                                if let Ok(reply) =
+                                    serde_json::from_slice::<Reply>(msg.get_payload_bytes())
+                                {
                                     self.answer(reply);
                                 }
                                 continue;
                             }
-                            let Ok(env) = serde_json::from_slice::<Envelope>(msg.get_payload_bytes()) else {
+                            let Ok(env) =
+                                serde_json::from_slice::<Envelope>(msg.get_payload_bytes())
+                            else {
                                 continue;
                             };
                             if env.node != self.node {
@@ -379,7 +445,11 @@ impl Cluster {
 
     async fn apply(&self, hub: &Hub, node: &str, note: Note) {
         match note {
-            Note::Presence { operator, all, idle } => {
+            Note::Presence {
+                operator,
+                all,
+                idle,
+            } => {
                 hub.run(|c, now| c.apply_presence(node, operator, all, idle, now));
             }
             Note::Operator { id, record } => {
@@ -391,7 +461,11 @@ impl Cluster {
             Note::Chat { chat } => {
                 hub.run(|c, now| c.apply_chat(chat, now));
             }
-            Note::Message { chat, message, origin } => {
+            Note::Message {
+                chat,
+                message,
+                origin,
+            } => {
                 hub.run(|c, _| c.apply_message(chat, message, origin));
             }
         }
@@ -414,7 +488,10 @@ impl Cluster {
         // Only newer copies are applied, and deletions only through notes: a snapshot may be
         // older than what this node already holds (its own writes may still be in flight).
         for id in &op_ids {
-            ops.push((*id, self.get::<StoredOperator>(&self.keys.operator(*id)).await?));
+            ops.push((
+                *id,
+                self.get::<StoredOperator>(&self.keys.operator(*id)).await?,
+            ));
         }
         let dept_ids: Vec<u64> = c.smembers(self.keys.departments()).await?;
         let mut depts = Vec::new();
@@ -473,7 +550,10 @@ impl Cluster {
             for id in chunk {
                 if let Some(chat) = self.get::<Chat>(&self.keys.chat(*id)).await? {
                     let raw: Vec<String> = c.zrange(self.keys.messages(*id), 0, -1).await?;
-                    let history: Vec<ChatMessage> = raw.iter().filter_map(|m| serde_json::from_str(m).ok()).collect();
+                    let history: Vec<ChatMessage> = raw
+                        .iter()
+                        .filter_map(|m| serde_json::from_str(m).ok())
+                        .collect();
                     chats.push((chat, history));
                 }
             }

@@ -348,9 +348,24 @@ const SECTIONS: [&str; 9] = [
 
 /// Keys whose value is a string even when it looks like a number (`node_id=1`, `"0"`).
 const STRING_KEYS: [&str; 18] = [
-    "listen", "node_id", "jwt_secret", "api_key", "backend", "data_dir", "redis_url", "key_prefix",
-    "disconnect_grace", "ping_interval", "pong_timeout", "inactivity_timeout", "accept_timeout",
-    "node_lease", "handshake_timeout", "strategy", "format", "level",
+    "listen",
+    "node_id",
+    "jwt_secret",
+    "api_key",
+    "backend",
+    "data_dir",
+    "redis_url",
+    "key_prefix",
+    "disconnect_grace",
+    "ping_interval",
+    "pong_timeout",
+    "inactivity_timeout",
+    "accept_timeout",
+    "node_lease",
+    "handshake_timeout",
+    "strategy",
+    "format",
+    "level",
 ];
 
 /// Keys whose value is a list: an environment value `a,b` becomes `["a","b"]`.

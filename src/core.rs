@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::assign::{self, Candidate, Queued};
@@ -18,7 +19,8 @@ use crate::config::{Config, Strategy};
 use crate::error::{Error, Result};
 use crate::model::{
     Chat, ChatMessage, ChatStatus, ChatView, Department, DeptReason, DeptState, OperatorRecord,
-    OperatorView, Permission, Sender, SenderKind, StoredOperator, VisitorChatView, next_version, now_rfc3339,
+    OperatorView, Permission, Sender, SenderKind, StoredOperator, VisitorChatView, next_version,
+    now_rfc3339,
 };
 use crate::peer::Peer;
 use crate::presence::{ConnId, Presence, Settings, Status};
@@ -100,7 +102,7 @@ pub struct Operator {
     /// Status as of the last settle, to see transitions.
     was_online: bool,
     /// The last `operator_status` sent, to send only changes.
-    last_frame: Option<Frame>,
+    view_json: Option<Box<RawValue>>,
     /// Local (connections, idle) last told to other nodes.
     noted: (u32, u32),
     /// Version of the record and settings (see [`StoredOperator::version`]).
@@ -240,16 +242,25 @@ impl Core {
         if self.cluster {
             for w in &self.writes {
                 match w {
-                    Write::Operator(o) => {
-                        self.notes.push(Note::Operator { id: o.record.id, record: Some(o.clone()) })
-                    }
-                    Write::DeleteOperator(id) => self.notes.push(Note::Operator { id: *id, record: None }),
-                    Write::Department(d) => self.notes.push(Note::Department { department: d.clone() }),
+                    Write::Operator(o) => self.notes.push(Note::Operator {
+                        id: o.record.id,
+                        record: Some(o.clone()),
+                    }),
+                    Write::DeleteOperator(id) => self.notes.push(Note::Operator {
+                        id: *id,
+                        record: None,
+                    }),
+                    Write::Department(d) => self.notes.push(Note::Department {
+                        department: d.clone(),
+                    }),
                     _ => {}
                 }
             }
         }
-        (std::mem::take(&mut self.writes), std::mem::take(&mut self.timers))
+        (
+            std::mem::take(&mut self.writes),
+            std::mem::take(&mut self.timers),
+        )
     }
 
     /// Takes the notes for other nodes (cluster mode).
@@ -316,6 +327,13 @@ impl Core {
             .get(&id)
             .ok_or_else(|| unknown_operator(id))?;
         Ok(self.view_of(op))
+    }
+
+    /// The view as last published (serialized once per change), or computed now.
+    fn view_raw(&self, op: &Operator) -> Box<RawValue> {
+        op.view_json
+            .clone()
+            .unwrap_or_else(|| raw(&self.view_of(op)))
     }
 
     fn view_of(&self, op: &Operator) -> OperatorView {
@@ -470,7 +488,7 @@ impl Core {
             active: BTreeSet::new(),
             last_assigned: 0,
             was_online: false,
-            last_frame: None,
+            view_json: None,
             noted: (0, 0),
             version,
         };
@@ -725,7 +743,7 @@ impl Core {
 
     fn hello(&self, id: u64) -> Frame {
         let op = &self.operators[&id];
-        let me = self.view_of(op);
+        let me = self.view_raw(op);
         let depts: Vec<u64> = op.record.all_departments().collect();
         let mut colleagues = BTreeSet::new();
         for d in &depts {
@@ -733,10 +751,10 @@ impl Core {
             colleagues.extend(self.watchers.get(d).into_iter().flatten());
         }
         colleagues.remove(&id);
-        let operators: Vec<OperatorView> = colleagues
+        let operators: Vec<Box<RawValue>> = colleagues
             .iter()
             .filter_map(|o| self.operators.get(o))
-            .map(|o| self.view_of(o))
+            .map(|o| self.view_raw(o))
             .collect();
         let departments: Vec<DeptState> = depts.iter().map(|d| self.dept_state(*d)).collect();
         let chats: Vec<ChatView> = depts
@@ -1034,7 +1052,12 @@ impl Core {
         Ok(json!({ "message": message }))
     }
 
-    pub fn visitor_message(&mut self, id: u64, text: String, origin: Option<Origin>) -> Result<Value> {
+    pub fn visitor_message(
+        &mut self,
+        id: u64,
+        text: String,
+        origin: Option<Origin>,
+    ) -> Result<Value> {
         check_text(&text)?;
         let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
         if e.chat.status == ChatStatus::Closed {
@@ -1074,7 +1097,11 @@ impl Core {
         self.writes.push(Write::Message(id, message.clone()));
         self.keep_message(id, message.clone());
         if self.cluster {
-            self.notes.push(Note::Message { chat: id, message: message.clone(), origin: origin.clone() });
+            self.notes.push(Note::Message {
+                chat: id,
+                message: message.clone(),
+                origin: origin.clone(),
+            });
         }
         self.deliver_message(id, &message, origin.as_ref());
         message
@@ -1083,13 +1110,18 @@ impl Core {
     /// Adds a message to the chat's history, dropping the oldest past `chats.history`.
     fn keep_message(&mut self, id: u64, message: ChatMessage) {
         let limit = self.cfg.chats.history.max(1);
-        let Some(e) = self.chats.get_mut(&id) else { return };
+        let Some(e) = self.chats.get_mut(&id) else {
+            return;
+        };
         e.next_message = e.next_message.max(message.id + 1);
         e.history.push_back(message);
         if e.history.len() > limit {
             e.history.pop_front();
             if let Some(first) = e.history.front() {
-                self.writes.push(Write::TrimMessages { chat: id, below: first.id });
+                self.writes.push(Write::TrimMessages {
+                    chat: id,
+                    below: first.id,
+                });
             }
         }
     }
@@ -1098,7 +1130,9 @@ impl Core {
     /// visitors unless it is a whisper; never back to the socket it came from.
     fn deliver_message(&mut self, id: u64, message: &ChatMessage, origin: Option<&Origin>) {
         let Some(e) = self.chats.get(&id) else { return };
-        let skip = origin.filter(|o| o.node == self.cfg.server.node_id).map(|o| o.conn);
+        let skip = origin
+            .filter(|o| o.node == self.cfg.server.node_id)
+            .map(|o| o.conn);
         let frame = Event::Message { chat: id, message }.frame();
         let mut peers: HashMap<ConnId, Arc<Peer>> = e.watchers.clone();
         if !message.whisper {
@@ -1140,7 +1174,9 @@ impl Core {
 
     /// An accept deadline passed: the chat goes to another candidate.
     pub fn accept_deadline(&mut self, id: u64, round: u64, now: Instant) {
-        let Some(e) = self.chats.get(&id).filter(|_| self.assigner) else { return };
+        let Some(e) = self.chats.get(&id).filter(|_| self.assigner) else {
+            return;
+        };
         if e.round != round || e.chat.status != ChatStatus::Pending {
             return;
         }
@@ -1185,13 +1221,16 @@ impl Core {
         self.to_assign.insert(after.department);
         // The previous owner's capacity counts in every department they work in.
         if let Some(prev) = before.owner.and_then(|o| self.operators.get(&o)) {
-            self.to_assign.extend(prev.record.departments.iter().copied());
+            self.to_assign
+                .extend(prev.record.departments.iter().copied());
         }
         self.dirty_ops
             .extend([before.owner, after.owner].into_iter().flatten());
         self.dirty_depts.insert(after.department);
         if self.cluster {
-            self.notes.push(Note::Chat { chat: after.clone() });
+            self.notes.push(Note::Chat {
+                chat: after.clone(),
+            });
         }
         self.writes.push(Write::Chat(after));
         self.emit_chat(id);
@@ -1398,13 +1437,11 @@ impl Core {
         let Some(op) = self.operators.get(&id) else {
             return;
         };
-        let frame = Event::OperatorStatus {
-            operator: &self.view_of(op),
-        }
-        .frame();
-        if op.last_frame.as_ref() == Some(&frame) {
+        let json = raw(&self.view_of(op));
+        if op.view_json.as_ref().is_some_and(|v| v.get() == json.get()) {
             return;
         }
+        let frame = Event::OperatorStatus { operator: &json }.frame();
         let mut audience: BTreeSet<u64> = BTreeSet::from([id]);
         for d in op.record.all_departments() {
             audience.extend(self.members.get(&d).into_iter().flatten());
@@ -1414,7 +1451,7 @@ impl Core {
             self.send_to_operator(o, &frame);
         }
         if let Some(op) = self.operators.get_mut(&id) {
-            op.last_frame = Some(frame);
+            op.view_json = Some(json);
         }
     }
 
@@ -1569,11 +1606,17 @@ impl Core {
         if !self.cluster {
             return;
         }
-        let Some(op) = self.operators.get_mut(&id) else { return };
+        let Some(op) = self.operators.get_mut(&id) else {
+            return;
+        };
         let counts = (op.presence.local_connections(), op.presence.local_idle());
         if counts != op.noted {
             op.noted = counts;
-            self.notes.push(Note::Presence { operator: id, all: counts.0, idle: counts.1 });
+            self.notes.push(Note::Presence {
+                operator: id,
+                all: counts.0,
+                idle: counts.1,
+            });
         }
     }
 
@@ -1596,7 +1639,10 @@ impl Core {
         for (node, counts) in nodes {
             for (op, all, idle) in counts {
                 if all > 0 {
-                    self.remote.entry(op).or_default().insert(node.clone(), (all, idle));
+                    self.remote
+                        .entry(op)
+                        .or_default()
+                        .insert(node.clone(), (all, idle));
                     touched.insert(op);
                 }
             }
@@ -1609,7 +1655,12 @@ impl Core {
 
     /// A node's lease expired: its connections stop counting (the grace then applies).
     pub fn drop_node(&mut self, node: &str, now: Instant) {
-        let ops: Vec<u64> = self.remote.iter().filter(|(_, m)| m.contains_key(node)).map(|(op, _)| *op).collect();
+        let ops: Vec<u64> = self
+            .remote
+            .iter()
+            .filter(|(_, m)| m.contains_key(node))
+            .map(|(op, _)| *op)
+            .collect();
         for op in ops {
             if let Some(m) = self.remote.get_mut(&op) {
                 m.remove(node);
@@ -1640,7 +1691,12 @@ impl Core {
     /// Another node changed (or deleted) an operator; an older copy than ours is ignored.
     pub fn apply_operator(&mut self, id: u64, record: Option<StoredOperator>, now: Instant) {
         match record {
-            Some(o) if self.operators.get(&id).is_none_or(|x| x.version < o.version) => {
+            Some(o)
+                if self
+                    .operators
+                    .get(&id)
+                    .is_none_or(|x| x.version < o.version) =>
+            {
                 let change = SettingsChange {
                     online: Some(o.settings.online),
                     invisible: Some(o.settings.invisible),
@@ -1661,7 +1717,11 @@ impl Core {
     }
 
     pub fn apply_department(&mut self, dept: Department, now: Instant) {
-        if self.departments.get(&dept.id).is_none_or(|d| d.version < dept.version) {
+        if self
+            .departments
+            .get(&dept.id)
+            .is_none_or(|d| d.version < dept.version)
+        {
             self.put_department(dept, now);
         }
         self.writes.clear();
@@ -1675,7 +1735,11 @@ impl Core {
 
     /// Operators with a connection on this node.
     pub fn local_operators(&self) -> Vec<u64> {
-        self.operators.iter().filter(|(_, o)| o.presence.local_connections() > 0).map(|(id, _)| *id).collect()
+        self.operators
+            .iter()
+            .filter(|(_, o)| o.presence.local_connections() > 0)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     pub fn operator_ids(&self) -> Vec<u64> {
@@ -1695,13 +1759,33 @@ pub struct Origin {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ChatOp {
-    Create { req: NewChat },
-    HandOver { chat: u64 },
+    Create {
+        req: NewChat,
+    },
+    HandOver {
+        chat: u64,
+    },
     /// `by`: the operator closing it; None for the back end.
-    Close { by: Option<u64>, chat: u64 },
-    Open { me: u64, chat: u64 },
-    Message { me: u64, chat: u64, text: String, whisper: bool, origin: Option<Origin> },
-    VisitorMessage { chat: u64, text: String, origin: Option<Origin> },
+    Close {
+        by: Option<u64>,
+        chat: u64,
+    },
+    Open {
+        me: u64,
+        chat: u64,
+    },
+    Message {
+        me: u64,
+        chat: u64,
+        text: String,
+        whisper: bool,
+        origin: Option<Origin>,
+    },
+    VisitorMessage {
+        chat: u64,
+        text: String,
+        origin: Option<Origin>,
+    },
 }
 
 impl Core {
@@ -1718,10 +1802,16 @@ impl Core {
                 self.close_chat(actor, chat, now)
             }
             ChatOp::Open { me, chat } => self.open_chat(me, chat, now),
-            ChatOp::Message { me, chat, text, whisper, origin } => {
-                self.operator_message(me, chat, text, whisper, origin, now)
+            ChatOp::Message {
+                me,
+                chat,
+                text,
+                whisper,
+                origin,
+            } => self.operator_message(me, chat, text, whisper, origin, now),
+            ChatOp::VisitorMessage { chat, text, origin } => {
+                self.visitor_message(chat, text, origin)
             }
-            ChatOp::VisitorMessage { chat, text, origin } => self.visitor_message(chat, text, origin),
         }
     }
 
@@ -1768,7 +1858,11 @@ impl Core {
                 let incoming = chat.clone();
                 self.transition(id, |c| *c = incoming);
                 if let (Some(reason), Some(owner)) = (assigned, chat.owner) {
-                    let frame = Event::ChatAssigned { chat: chat.view(), reason }.frame();
+                    let frame = Event::ChatAssigned {
+                        chat: chat.view(),
+                        reason,
+                    }
+                    .frame();
                     self.send_to_operator(owner, &frame);
                 }
                 self.settle(now);
@@ -1800,7 +1894,10 @@ impl Core {
 
     /// Cluster: a message written on another node.
     pub fn apply_message(&mut self, chat: u64, message: ChatMessage, origin: Option<Origin>) {
-        let known = self.chats.get(&chat).is_some_and(|e| e.history.back().is_none_or(|m| m.id < message.id));
+        let known = self
+            .chats
+            .get(&chat)
+            .is_some_and(|e| e.history.back().is_none_or(|m| m.id < message.id));
         if known {
             self.keep_message(chat, message.clone());
             self.deliver_message(chat, &message, origin.as_ref());
@@ -1817,4 +1914,8 @@ impl Core {
             e.history = messages.into();
         }
     }
+}
+
+fn raw(view: &OperatorView) -> Box<RawValue> {
+    serde_json::value::to_raw_value(view).expect("views serialize")
 }

@@ -2,8 +2,8 @@
 //! lock around [`Core`], the concurrent map of live connections, the store, the timers and
 //! the sweeper that pings connections and closes dead ones.
 
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -12,14 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Secrets, Tokens};
-use crate::config::Config;
 use crate::cluster::{Cluster, Note};
+use crate::config::Config;
 use crate::core::{ChatOp, Core, Origin, Timer};
-use tokio::sync::mpsc;
 use crate::error::Result;
 use crate::peer::{Kind, Out, Peer};
 use crate::presence::ConnId;
 use crate::store::{self, Store, Ticket};
+use tokio::sync::mpsc;
 
 pub struct Shared {
     pub cfg: Arc<Config>,
@@ -207,6 +207,9 @@ impl Hub {
                 if ping && peer.push(Out::Ping).is_err() {
                     dropped += 1;
                 }
+                if peer.check_backlog().is_err() {
+                    dropped += 1;
+                }
                 if let Kind::Operator(op) = peer.kind
                     && idle_after > 0
                 {
@@ -237,7 +240,11 @@ impl Hub {
     /// Runs a chat change: here when this node assigns (always when alone), else on the
     /// assigning node of the cluster. `watch`: the socket that opened or wrote in the chat
     /// watches it from now on.
-    pub async fn chat(&self, op: ChatOp, watch: Option<(u64, &Arc<Peer>)>) -> Result<serde_json::Value> {
+    pub async fn chat(
+        &self,
+        op: ChatOp,
+        watch: Option<(u64, &Arc<Peer>)>,
+    ) -> Result<serde_json::Value> {
         let chat = match &op {
             ChatOp::Open { chat, .. } | ChatOp::Message { chat, .. } => Some(*chat),
             _ => None,
@@ -264,7 +271,10 @@ impl Hub {
 
     /// Where a message written through `conn` comes from.
     pub fn origin(&self, conn: ConnId) -> Origin {
-        Origin { node: self.cfg.server.node_id.clone(), conn }
+        Origin {
+            node: self.cfg.server.node_id.clone(),
+            conn,
+        }
     }
 
     /// A task to wait for at shutdown, after the store is closed.

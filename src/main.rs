@@ -68,8 +68,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-            .await
+        let listener = presence_hub::server::bind(cfg.server.listen)
             .with_context(|| format!("binding {}", cfg.server.listen))?;
         let generated = cfg.auth.api_key.is_empty() || cfg.auth.jwt_secret.is_empty();
         let data_dir = cfg.store.data_dir.clone();

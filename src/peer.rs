@@ -3,7 +3,7 @@
 //! connection, and an idle connection must cost a few KiB at most.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -36,6 +36,11 @@ pub enum Out {
     Ping,
 }
 
+/// A burst (one change reaching many chats or departments) may queue this many times
+/// `outbound_queue` at once; past that the reader is closed at once. Memory stays bounded
+/// either way, and a healthy reader gets the time of one sweep to catch up.
+pub const BURST: usize = 8;
+
 /// Returned by [`Peer::push`] when the queue is full: the peer is being closed with 1008.
 #[derive(Debug, PartialEq, Eq)]
 pub struct SlowConsumer;
@@ -49,6 +54,8 @@ pub struct Peer {
     wake: Notify,
     /// Close code requested by the hub; 0 = none.
     close: AtomicU16,
+    /// The queue was above `outbound_queue` at the last sweep.
+    over: AtomicBool,
     /// Milliseconds (hub clock) of the last frame received: dead-connection detection.
     pub last_seen: AtomicU64,
     /// Milliseconds (hub clock) of the last `activity` message: server-side inactivity.
@@ -64,6 +71,7 @@ impl Peer {
             capacity,
             wake: Notify::new(),
             close: AtomicU16::new(0),
+            over: AtomicBool::new(false),
             last_seen: AtomicU64::new(now_ms),
             last_activity: AtomicU64::new(now_ms),
         }
@@ -78,7 +86,7 @@ impl Peer {
             return Ok(());
         }
         let mut q = self.queue.lock();
-        if q.len() >= self.capacity {
+        if q.len() >= self.capacity * BURST {
             drop(q);
             self.request_close(1008);
             return Err(SlowConsumer);
@@ -86,6 +94,25 @@ impl Peer {
         q.push_back(out);
         drop(q);
         self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Frames waiting to be written.
+    pub fn queued(&self) -> usize {
+        self.queue.lock().len()
+    }
+
+    /// Called by the sweeper on each tick: a queue still above `outbound_queue` on two
+    /// ticks in a row belongs to a reader that cannot keep up; it is closed with 1008.
+    pub fn check_backlog(&self) -> Result<(), SlowConsumer> {
+        let over = self.queued() > self.capacity;
+        if over && self.over.swap(true, Ordering::AcqRel) && self.closing().is_none() {
+            self.request_close(1008);
+            return Err(SlowConsumer);
+        }
+        if !over {
+            self.over.store(false, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -132,16 +159,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slow_consumer_is_closed_with_1008_when_queue_is_full() {
+    fn slow_consumer_is_closed_with_1008_past_the_burst_bound() {
         let p = Peer::new(1, Kind::Widget, 2, 0);
-        assert!(p.send(&"a".into()).is_ok());
-        assert!(p.send(&"b".into()).is_ok());
-        assert_eq!(p.send(&"c".into()), Err(SlowConsumer));
+        for i in 0..2 * BURST {
+            assert!(p.send(&format!("{i}").into()).is_ok(), "a burst fits");
+        }
+        assert_eq!(p.send(&"x".into()), Err(SlowConsumer));
         assert_eq!(p.closing(), Some(1008));
-        assert!(p.send(&"d".into()).is_ok(), "a slow consumer is reported once");
+        assert!(
+            p.send(&"d".into()).is_ok(),
+            "a slow consumer is reported once"
+        );
         let mut out = Vec::new();
         p.drain(&mut out);
-        assert_eq!(out.len(), 2, "nothing past the bound was buffered");
+        assert_eq!(out.len(), 2 * BURST, "nothing past the bound was buffered");
+    }
+
+    #[test]
+    fn slow_consumer_is_closed_when_backlog_stays_over_two_sweeps() {
+        let p = Peer::new(1, Kind::Widget, 2, 0);
+        for _ in 0..3 {
+            p.send(&"a".into()).unwrap();
+        }
+        assert!(
+            p.check_backlog().is_ok(),
+            "first sweep: a burst may still drain"
+        );
+        assert_eq!(
+            p.check_backlog(),
+            Err(SlowConsumer),
+            "second sweep: still behind"
+        );
+        assert_eq!(p.closing(), Some(1008));
+    }
+
+    #[test]
+    fn backlog_that_drains_between_sweeps_is_fine() {
+        let p = Peer::new(1, Kind::Widget, 2, 0);
+        for _ in 0..3 {
+            p.send(&"a".into()).unwrap();
+        }
+        assert!(p.check_backlog().is_ok());
+        p.drain(&mut Vec::new());
+        assert!(p.check_backlog().is_ok());
+        for _ in 0..3 {
+            p.send(&"a".into()).unwrap();
+        }
+        assert!(
+            p.check_backlog().is_ok(),
+            "over again, but not on two sweeps in a row"
+        );
+        assert_eq!(p.closing(), None);
     }
 
     #[test]

@@ -3,10 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::error::Error;
-use crate::model::{ChatMessage, ChatView, DeptState, OperatorView, VisitorChatView};
+use crate::model::{ChatMessage, ChatView, DeptState, VisitorChatView};
 
 /// A serialized text frame; cloning shares the bytes.
 pub type Frame = Utf8Bytes;
@@ -85,14 +86,16 @@ struct RefOnly {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event<'a> {
+    /// Views come pre-serialized: each operator's view is serialized once per change and
+    /// reused by every `hello` (a connect storm would otherwise serialize them again and again).
     Hello {
-        operator: &'a OperatorView,
-        operators: &'a [OperatorView],
+        operator: &'a RawValue,
+        operators: &'a [Box<RawValue>],
         departments: &'a [DeptState],
         chats: &'a [ChatView<'a>],
     },
     OperatorStatus {
-        operator: &'a OperatorView,
+        operator: &'a RawValue,
     },
     DepartmentStatus(&'a DeptState),
     WidgetStatus(&'a DeptState),

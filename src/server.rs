@@ -24,7 +24,9 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
         Backend::Embedded => Ok(Arc::new(Embedded::open(&cfg.store.data_dir)?)),
         Backend::Redis => {
             let url = cfg.store.redis_url.as_str();
-            Ok(Arc::new(RedisStore::open(url, &cfg.store.key_prefix).await?))
+            Ok(Arc::new(
+                RedisStore::open(url, &cfg.store.key_prefix).await?,
+            ))
         }
     }
 }
@@ -55,7 +57,14 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Hub> {
     if let Some((url, keys, node, token, ttl)) = lease {
         let cluster = Cluster::new(&url, keys.clone(), node.clone(), ttl)?;
         cluster.start(hub.clone()).await;
-        hub.on_leave(tokio::spawn(hold_node(url, keys, node, token, ttl, hub.shutdown.clone())));
+        hub.on_leave(tokio::spawn(hold_node(
+            url,
+            keys,
+            node,
+            token,
+            ttl,
+            hub.shutdown.clone(),
+        )));
     }
     Ok(hub)
 }
@@ -118,4 +127,18 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
     let _ = tokio::task::spawn_blocking(move || store_hub.close_store()).await;
     hub.leave().await;
     tracing::info!("stopped");
+}
+
+/// Binds the listener with a deep accept backlog: connection bursts (a deploy, a network
+/// blip reconnecting thousands of widgets) must not be dropped by the kernel and retried a
+/// second later. tokio's `TcpListener::bind` uses 128.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }

@@ -47,7 +47,9 @@ async fn expect_assigned(c: &mut Client, op: u64, id: u64, reason: &str) -> Valu
 }
 
 async fn close(hub: &TestHub, id: u64) {
-    let (status, v) = hub.post(&format!("/api/v1/chats/{id}/close"), json!({})).await;
+    let (status, v) = hub
+        .post(&format!("/api/v1/chats/{id}/close"), json!({}))
+        .await;
     assert_eq!(status, 200, "{v}");
 }
 
@@ -59,13 +61,23 @@ async fn assignment_runs_when_a_chat_becomes_pending() {
     hub.operator(1, &[1]).await;
     let (mut op, _) = hub.connect(1).await;
     let created = new_chat(&hub, json!({"department": 1})).await;
-    assert_eq!(created["owner"], 1, "a new pending chat is assigned at once: {created}");
+    assert_eq!(
+        created["owner"], 1,
+        "a new pending chat is assigned at once: {created}"
+    );
     expect_assigned(&mut op, 1, id_of(&created), "auto").await;
     let bot = new_chat(&hub, json!({"department": 1, "bot": true})).await;
     let id = id_of(&bot);
-    assert_eq!(bot["owner"], Value::Null, "a bot chat waits for no one: {bot}");
-    op.silent_for(SHORT, "a bot chat assigned", |m| assigned(m, id)).await;
-    let (status, v) = hub.patch(&format!("/api/v1/chats/{id}"), json!({"status": "pending"})).await;
+    assert_eq!(
+        bot["owner"],
+        Value::Null,
+        "a bot chat waits for no one: {bot}"
+    );
+    op.silent_for(SHORT, "a bot chat assigned", |m| assigned(m, id))
+        .await;
+    let (status, v) = hub
+        .patch(&format!("/api/v1/chats/{id}"), json!({"status": "pending"}))
+        .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["owner"], 1, "handed over, then assigned: {v}");
     expect_assigned(&mut op, 1, id, "auto").await;
@@ -74,8 +86,12 @@ async fn assignment_runs_when_a_chat_becomes_pending() {
 #[tokio::test]
 async fn assignment_runs_when_an_operator_becomes_online() {
     let hub = TestHub::start().await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1], "permissions": ["change_online_status"],
-        "online": false})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1], "permissions": ["change_online_status"],
+        "online": false}),
+    )
+    .await;
     let (mut op, _) = hub.connect(1).await;
     let chat = new_chat(&hub, json!({"department": 1})).await;
     let id = id_of(&chat);
@@ -103,14 +119,26 @@ async fn assignment_runs_when_an_operator_connects_and_tells_them() {
 #[tokio::test]
 async fn assignment_runs_when_capacity_frees_up_on_close() {
     let hub = TestHub::start().await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1], "max_chats": 1})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1], "max_chats": 1}),
+    )
+    .await;
     let (mut op, _) = hub.connect(1).await;
     let a = id_of(&new_chat(&hub, json!({"department": 1})).await);
     let b = id_of(&new_chat(&hub, json!({"department": 1})).await);
     expect_assigned(&mut op, 1, a, "auto").await;
-    assert_eq!(owner_of(&hub, b).await, Value::Null, "no room for a second chat");
+    assert_eq!(
+        owner_of(&hub, b).await,
+        Value::Null,
+        "no room for a second chat"
+    );
     assert_ack(&op.request(json!({"type": "open_chat", "chat": a})).await);
-    assert_eq!(owner_of(&hub, b).await, Value::Null, "accepting frees nothing");
+    assert_eq!(
+        owner_of(&hub, b).await,
+        Value::Null,
+        "accepting frees nothing"
+    );
     op.send(json!({"type": "close_chat", "chat": a})).await;
     expect_assigned(&mut op, 1, b, "auto").await;
 }
@@ -118,7 +146,11 @@ async fn assignment_runs_when_capacity_frees_up_on_close() {
 #[tokio::test]
 async fn assignment_runs_when_capacity_frees_up_in_another_department() {
     let hub = TestHub::start().await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1, 2], "max_chats": 1})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1, 2], "max_chats": 1}),
+    )
+    .await;
     let (mut op, _) = hub.connect(1).await;
     let a = id_of(&new_chat(&hub, json!({"department": 2})).await);
     expect_assigned(&mut op, 1, a, "auto").await;
@@ -133,17 +165,29 @@ async fn assignment_runs_when_capacity_frees_up_in_another_department() {
 #[tokio::test]
 async fn queue_order_priority_then_oldest_first() {
     let hub = TestHub::start().await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1], "max_chats": 1})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1], "max_chats": 1}),
+    )
+    .await;
     let mut ids = BTreeMap::new();
     for (name, priority) in [("a", 0), ("b", 5), ("c", 5), ("d", 0), ("e", 9)] {
-        ids.insert(name, id_of(&new_chat(&hub, json!({"department": 1, "priority": priority})).await));
+        ids.insert(
+            name,
+            id_of(&new_chat(&hub, json!({"department": 1, "priority": priority})).await),
+        );
     }
     let (mut op, _) = hub.connect(1).await;
     let mut order = String::new();
     for _ in 0..5 {
         let m = op.next_of("chat_assigned").await;
         let id = id_of(&m["chat"]);
-        order.push_str(ids.iter().find(|(_, v)| **v == id).map(|(k, _)| *k).unwrap());
+        order.push_str(
+            ids.iter()
+                .find(|(_, v)| **v == id)
+                .map(|(k, _)| *k)
+                .unwrap(),
+        );
         close(&hub, id).await;
     }
     assert_eq!(order, "ebcad");
@@ -154,15 +198,33 @@ async fn queue_order_priority_then_oldest_first() {
 #[tokio::test]
 async fn candidate_disconnected_always_online_operator_gets_chats() {
     let hub = TestHub::start().await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1], "always_online": true})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1], "always_online": true}),
+    )
+    .await;
     let v = hub.view(1).await;
-    assert_eq!((v["status"].clone(), v["connections"].clone()), (json!("online"), json!(0)), "{v}");
+    assert_eq!(
+        (v["status"].clone(), v["connections"].clone()),
+        (json!("online"), json!(0)),
+        "{v}"
+    );
     let chat = new_chat(&hub, json!({"department": 1})).await;
     assert_eq!(chat["owner"], 1, "{chat}");
     assert_eq!(hub.view(1).await["pending_chats"], 1);
     let (mut op, hello) = hub.connect(1).await;
-    assert!(hello["chats"].as_array().unwrap().iter().any(|c| c["id"] == chat["id"] && c["owner"] == 1), "{hello}");
-    op.silent_for(SHORT, "a second assignment", |m| m["type"] == "chat_assigned").await;
+    assert!(
+        hello["chats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == chat["id"] && c["owner"] == 1),
+        "{hello}"
+    );
+    op.silent_for(SHORT, "a second assignment", |m| {
+        m["type"] == "chat_assigned"
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -170,17 +232,27 @@ async fn candidate_never_a_connected_offline_operator() {
     let hub = TestHub::start().await;
     hub.operator(1, &[1]).await;
     let (mut op, _) = hub.connect(1).await;
-    assert_ack(&op.request(json!({"type": "set_status", "online": false})).await);
+    assert_ack(
+        &op.request(json!({"type": "set_status", "online": false}))
+            .await,
+    );
     let chat = new_chat(&hub, json!({"department": 1})).await;
     assert_eq!(chat["owner"], Value::Null, "{chat}");
-    op.silent_for(SHORT, "an assignment while offline", |m| m["type"] == "chat_assigned").await;
+    op.silent_for(SHORT, "an assignment while offline", |m| {
+        m["type"] == "chat_assigned"
+    })
+    .await;
     assert_eq!(hub.view(1).await["pending_chats"], 0);
 }
 
 #[tokio::test]
 async fn candidate_never_exclude_autoassign() {
     let hub = TestHub::start().await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1], "exclude_autoassign": true})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1], "exclude_autoassign": true}),
+    )
+    .await;
     hub.operator(2, &[1]).await;
     let (mut excluded, hello) = hub.connect(1).await;
     assert_eq!(hello["operator"]["status"], "online");
@@ -188,7 +260,9 @@ async fn candidate_never_exclude_autoassign() {
     assert_eq!(owner_of(&hub, id).await, Value::Null);
     let (mut other, _) = hub.connect(2).await;
     expect_assigned(&mut other, 2, id, "auto").await;
-    excluded.silent_for(SHORT, "an assignment", |m| m["type"] == "chat_assigned").await;
+    excluded
+        .silent_for(SHORT, "an assignment", |m| m["type"] == "chat_assigned")
+        .await;
 }
 
 // ----- capacity -----
@@ -208,7 +282,11 @@ async fn assigned_of(hub: &TestHub, n: usize) -> usize {
 async fn capacity_operator_max_chats_first() {
     let hub = TestHub::start().await;
     hub.put_department(1, json!({"max_chats": 3})).await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1], "max_chats": 2, "always_online": true})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1], "max_chats": 2, "always_online": true}),
+    )
+    .await;
     assert_eq!(assigned_of(&hub, 5).await, 2);
 }
 
@@ -216,14 +294,22 @@ async fn capacity_operator_max_chats_first() {
 async fn capacity_department_max_chats_when_operator_has_none() {
     let hub = TestHub::start().await;
     hub.put_department(1, json!({"max_chats": 3})).await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1], "always_online": true})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1], "always_online": true}),
+    )
+    .await;
     assert_eq!(assigned_of(&hub, 5).await, 3);
 }
 
 #[tokio::test]
 async fn capacity_config_default_when_department_not_set() {
     let hub = TestHub::start_with(|cfg| cfg.assignment.default_max_chats = 2).await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1], "always_online": true})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1], "always_online": true}),
+    )
+    .await;
     assert_eq!(assigned_of(&hub, 5).await, 2);
     let (_, d) = hub.get("/api/v1/departments/1").await;
     assert_eq!(d["max_chats"], 2, "{d}");
@@ -234,17 +320,26 @@ async fn capacity_config_default_when_department_not_set() {
 /// Operator 1 gets two chats alone, operator 2 connects, three more chats come: their owners.
 async fn strategy_owners(strategy: &str) -> Vec<u64> {
     let hub = TestHub::start().await;
-    hub.put_department(1, json!({"assignment": strategy, "max_chats": 9})).await;
+    hub.put_department(1, json!({"assignment": strategy, "max_chats": 9}))
+        .await;
     hub.operator(1, &[1]).await;
     hub.operator(2, &[1]).await;
     let mut owners = Vec::new();
     let (_a, _) = hub.connect(1).await;
     for _ in 0..2 {
-        owners.push(new_chat(&hub, json!({"department": 1})).await["owner"].as_u64().unwrap());
+        owners.push(
+            new_chat(&hub, json!({"department": 1})).await["owner"]
+                .as_u64()
+                .unwrap(),
+        );
     }
     let (_b, _) = hub.connect(2).await;
     for _ in 0..3 {
-        owners.push(new_chat(&hub, json!({"department": 1})).await["owner"].as_u64().unwrap());
+        owners.push(
+            new_chat(&hub, json!({"department": 1})).await["owner"]
+                .as_u64()
+                .unwrap(),
+        );
     }
     owners
 }
@@ -270,9 +365,13 @@ async fn assignment_off_per_department() {
     assert_eq!(off["owner"], Value::Null, "{off}");
     assert_eq!(on["owner"], 1, "{on}");
     expect_assigned(&mut op, 1, id_of(&on), "auto").await;
-    op.silent_for(SHORT, "an assignment in an `off` department", |m| assigned(m, id_of(&off))).await;
+    op.silent_for(SHORT, "an assignment in an `off` department", |m| {
+        assigned(m, id_of(&off))
+    })
+    .await;
     // Switching the department on assigns what waits.
-    hub.put_department(1, json!({"assignment": "round_robin"})).await;
+    hub.put_department(1, json!({"assignment": "round_robin"}))
+        .await;
     expect_assigned(&mut op, 1, id_of(&off), "auto").await;
 }
 
@@ -280,9 +379,12 @@ async fn assignment_off_per_department() {
 
 /// Department 1 with `accept_timeout`, operators 1 and 2 connected; a chat assigned to one
 /// of them. Returns (hub, clients by id, chat, owner, other, when the chat was created).
-async fn two_candidates(accept_timeout: &str) -> (TestHub, HashMap<u64, Client>, u64, u64, u64, Instant) {
+async fn two_candidates(
+    accept_timeout: &str,
+) -> (TestHub, HashMap<u64, Client>, u64, u64, u64, Instant) {
     let hub = TestHub::start().await;
-    hub.put_department(1, json!({"accept_timeout": accept_timeout})).await;
+    hub.put_department(1, json!({"accept_timeout": accept_timeout}))
+        .await;
     hub.operator(1, &[1]).await;
     hub.operator(2, &[1]).await;
     let mut clients = HashMap::new();
@@ -301,10 +403,25 @@ async fn two_candidates(accept_timeout: &str) -> (TestHub, HashMap<u64, Client>,
 #[tokio::test]
 async fn accept_timeout_reassigns_to_another_candidate() {
     let (hub, mut clients, id, first, other, created) = two_candidates("300ms").await;
-    let m = expect_assigned(clients.get_mut(&other).unwrap(), other, id, "accept_timeout").await;
-    assert!(created.elapsed() >= Duration::from_millis(290), "not before the deadline");
+    let m = expect_assigned(
+        clients.get_mut(&other).unwrap(),
+        other,
+        id,
+        "accept_timeout",
+    )
+    .await;
+    assert!(
+        created.elapsed() >= Duration::from_millis(290),
+        "not before the deadline"
+    );
     assert_eq!(m["chat"]["status"], "pending", "{m}");
-    let ev = clients.get_mut(&first).unwrap().next_where("the chat moved", |m| is_chat(m, id) && m["chat"]["owner"] == other).await;
+    let ev = clients
+        .get_mut(&first)
+        .unwrap()
+        .next_where("the chat moved", |m| {
+            is_chat(m, id) && m["chat"]["owner"] == other
+        })
+        .await;
     assert_eq!(ev["chat"]["status"], "pending");
     assert_eq!(hub.view(first).await["pending_chats"], 0);
     assert_eq!(hub.view(other).await["pending_chats"], 1);
@@ -313,26 +430,60 @@ async fn accept_timeout_reassigns_to_another_candidate() {
 #[tokio::test]
 async fn accept_timeout_does_nothing_once_accepted() {
     let (hub, mut clients, id, first, other, _) = two_candidates("300ms").await;
-    assert_ack(&clients.get_mut(&first).unwrap().request(json!({"type": "open_chat", "chat": id})).await);
-    clients.get_mut(&other).unwrap().silent_for(Duration::from_millis(600), "a re-assignment", |m| assigned(m, id)).await;
+    assert_ack(
+        &clients
+            .get_mut(&first)
+            .unwrap()
+            .request(json!({"type": "open_chat", "chat": id}))
+            .await,
+    );
+    clients
+        .get_mut(&other)
+        .unwrap()
+        .silent_for(Duration::from_millis(600), "a re-assignment", |m| {
+            assigned(m, id)
+        })
+        .await;
     let c = hub.chat_view(id).await;
-    assert_eq!((c["owner"].clone(), c["status"].clone()), (json!(first), json!("active")), "{c}");
+    assert_eq!(
+        (c["owner"].clone(), c["status"].clone()),
+        (json!(first), json!("active")),
+        "{c}"
+    );
 }
 
 #[tokio::test]
 async fn owner_turning_offline_before_accepting_requeues_at_once() {
     let (hub, mut clients, id, first, other, _) = two_candidates("60s").await;
     let c = clients.get_mut(&first).unwrap();
-    assert_ack(&c.request(json!({"type": "set_status", "online": false})).await);
+    assert_ack(
+        &c.request(json!({"type": "set_status", "online": false}))
+            .await,
+    );
     let started = Instant::now();
-    expect_assigned(clients.get_mut(&other).unwrap(), other, id, "operator_unavailable").await;
-    assert!(started.elapsed() < Duration::from_secs(2), "at once, not at the accept deadline");
+    expect_assigned(
+        clients.get_mut(&other).unwrap(),
+        other,
+        id,
+        "operator_unavailable",
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "at once, not at the accept deadline"
+    );
     assert_eq!(hub.view(first).await["pending_chats"], 0);
     // The new owner logs out before accepting: nobody is left, the chat waits unowned.
     let c = clients.get_mut(&other).unwrap();
     c.send(json!({"type": "logout"})).await;
     c.closed().await;
-    let chat = hub.poll_until(&format!("/api/v1/chats/{id}"), "the chat back in the queue", |v| v["owner"].is_null()).await;
+    let chat = hub
+        .poll_until(
+            &format!("/api/v1/chats/{id}"),
+            "the chat back in the queue",
+            |v| v["owner"].is_null(),
+        )
+        .await;
     assert_eq!(chat["status"], "pending");
     assert_eq!(chat["assigned_at"], Value::Null, "{chat}");
     assert_eq!(hub.view(other).await["pending_chats"], 0);
@@ -343,8 +494,17 @@ async fn owner_disconnecting_before_accepting_requeues_after_the_grace() {
     let (hub, mut clients, id, first, other, _) = two_candidates("60s").await;
     let started = Instant::now();
     clients.remove(&first).unwrap().close().await;
-    expect_assigned(clients.get_mut(&other).unwrap(), other, id, "operator_unavailable").await;
-    assert!(started.elapsed() >= Duration::from_millis(290), "not inside the 300 ms grace");
+    expect_assigned(
+        clients.get_mut(&other).unwrap(),
+        other,
+        id,
+        "operator_unavailable",
+    )
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(290),
+        "not inside the 300 ms grace"
+    );
     assert_eq!(hub.view(first).await["status"], "offline");
 }
 
@@ -353,24 +513,44 @@ async fn owner_disconnecting_before_accepting_requeues_after_the_grace() {
 #[tokio::test]
 async fn auto_accept_makes_an_assigned_chat_active_at_once() {
     let hub = TestHub::start().await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1], "auto_accept": true})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1], "auto_accept": true}),
+    )
+    .await;
     let (mut op, _) = hub.connect(1).await;
     let chat = new_chat(&hub, json!({"department": 1})).await;
-    assert_eq!((chat["owner"].clone(), chat["status"].clone()), (json!(1), json!("active")), "{chat}");
+    assert_eq!(
+        (chat["owner"].clone(), chat["status"].clone()),
+        (json!(1), json!("active")),
+        "{chat}"
+    );
     assert!(chat["accepted_at"].is_string(), "{chat}");
     let m = expect_assigned(&mut op, 1, id_of(&chat), "auto").await;
     assert_eq!(m["chat"]["status"], "active", "{m}");
     let v = hub.view(1).await;
-    assert_eq!((v["active_chats"].clone(), v["pending_chats"].clone()), (json!(1), json!(0)), "{v}");
+    assert_eq!(
+        (v["active_chats"].clone(), v["pending_chats"].clone()),
+        (json!(1), json!(0)),
+        "{v}"
+    );
 }
 
 #[tokio::test]
 async fn auto_accept_not_when_invisible() {
     let hub = TestHub::start().await;
-    hub.operator_with(1, json!({"name": "op1", "departments": [1], "auto_accept": true, "invisible": true})).await;
+    hub.operator_with(
+        1,
+        json!({"name": "op1", "departments": [1], "auto_accept": true, "invisible": true}),
+    )
+    .await;
     let (mut op, _) = hub.connect(1).await;
     let chat = new_chat(&hub, json!({"department": 1})).await;
-    assert_eq!((chat["owner"].clone(), chat["status"].clone()), (json!(1), json!("pending")), "{chat}");
+    assert_eq!(
+        (chat["owner"].clone(), chat["status"].clone()),
+        (json!(1), json!("pending")),
+        "{chat}"
+    );
     let m = expect_assigned(&mut op, 1, id_of(&chat), "auto").await;
     assert_eq!(m["chat"]["status"], "pending", "{m}");
     assert_eq!(hub.view(1).await["pending_chats"], 1);
@@ -382,8 +562,13 @@ async fn auto_accept_not_when_invisible() {
 async fn every_decision_goes_to_the_assignee_and_the_department() {
     let hub = TestHub::start().await;
     hub.operator(1, &[1]).await;
-    hub.operator_with(2, json!({"name": "op2", "departments": [1], "exclude_autoassign": true})).await;
-    hub.operator_with(3, json!({"name": "sup", "watch_departments": [1]})).await;
+    hub.operator_with(
+        2,
+        json!({"name": "op2", "departments": [1], "exclude_autoassign": true}),
+    )
+    .await;
+    hub.operator_with(3, json!({"name": "sup", "watch_departments": [1]}))
+        .await;
     hub.operator(4, &[2]).await;
     let (mut assignee, _) = hub.connect(1).await;
     let (mut colleague, _) = hub.connect(2).await;
@@ -392,13 +577,23 @@ async fn every_decision_goes_to_the_assignee_and_the_department() {
     let id = id_of(&new_chat(&hub, json!({"department": 1})).await);
     let m = expect_assigned(&mut assignee, 1, id, "auto").await;
     for c in [&mut colleague, &mut sup] {
-        let ev = c.next_where("the decision", |m| is_chat(m, id) && m["chat"]["owner"] == 1).await;
-        assert_eq!(ev["chat"], m["chat"], "the department sees the chat as assigned");
+        let ev = c
+            .next_where("the decision", |m| {
+                is_chat(m, id) && m["chat"]["owner"] == 1
+            })
+            .await;
+        assert_eq!(
+            ev["chat"], m["chat"],
+            "the department sees the chat as assigned"
+        );
     }
     tokio::join!(
-        colleague.silent_for(SHORT, "chat_assigned to someone else", |m| m["type"] == "chat_assigned"),
-        sup.silent_for(SHORT, "chat_assigned to someone else", |m| m["type"] == "chat_assigned"),
-        outsider.silent_for(SHORT, "another department's chat", |m| m["type"] == "chat" || m["type"] == "chat_assigned"),
+        colleague.silent_for(SHORT, "chat_assigned to someone else", |m| m["type"]
+            == "chat_assigned"),
+        sup.silent_for(SHORT, "chat_assigned to someone else", |m| m["type"]
+            == "chat_assigned"),
+        outsider.silent_for(SHORT, "another department's chat", |m| m["type"] == "chat"
+            || m["type"] == "chat_assigned"),
     );
 }
 
@@ -420,7 +615,11 @@ impl Rng {
     }
 
     fn pick<T: Copy>(&mut self, xs: &[T]) -> Option<T> {
-        if xs.is_empty() { None } else { Some(xs[self.below(xs.len())]) }
+        if xs.is_empty() {
+            None
+        } else {
+            Some(xs[self.below(xs.len())])
+        }
     }
 }
 
@@ -440,7 +639,14 @@ async fn chat_table(hub: &TestHub) -> BTreeMap<u64, (Option<u64>, String, u64)> 
         .unwrap()
         .iter()
         .map(|c| {
-            (id_of(c), (c["owner"].as_u64(), c["status"].as_str().unwrap().to_string(), c["department"].as_u64().unwrap()))
+            (
+                id_of(c),
+                (
+                    c["owner"].as_u64(),
+                    c["status"].as_str().unwrap().to_string(),
+                    c["department"].as_u64().unwrap(),
+                ),
+            )
         })
         .collect()
 }
@@ -449,27 +655,84 @@ async fn chat_table(hub: &TestHub) -> BTreeMap<u64, (Option<u64>, String, u64)> 
 async fn counts_never_drift_under_random_operations() {
     let hub = TestHub::start_with(|cfg| cfg.presence.disconnect_grace = Duration::ZERO).await;
     let dept_max: HashMap<u64, u32> = HashMap::from([(1, 2), (2, 3)]);
-    hub.put_department(1, json!({"assignment": "least_loaded", "max_chats": 2, "accept_timeout": "0s"})).await;
-    hub.put_department(2, json!({"assignment": "round_robin", "max_chats": 3, "accept_timeout": "0s"})).await;
-    let all = ["change_online_status", "change_visibility", "change_always_online", "open_all"];
+    hub.put_department(
+        1,
+        json!({"assignment": "least_loaded", "max_chats": 2, "accept_timeout": "0s"}),
+    )
+    .await;
+    hub.put_department(
+        2,
+        json!({"assignment": "round_robin", "max_chats": 3, "accept_timeout": "0s"}),
+    )
+    .await;
+    let all = [
+        "change_online_status",
+        "change_visibility",
+        "change_always_online",
+        "open_all",
+    ];
     let specs = [
-        Spec { id: 1, departments: vec![1], watch: vec![], max_chats: 0, exclude: false },
-        Spec { id: 2, departments: vec![1], watch: vec![], max_chats: 1, exclude: false },
-        Spec { id: 3, departments: vec![2], watch: vec![], max_chats: 0, exclude: false },
-        Spec { id: 4, departments: vec![1, 2], watch: vec![], max_chats: 2, exclude: false },
-        Spec { id: 5, departments: vec![], watch: vec![1, 2], max_chats: 0, exclude: false },
-        Spec { id: 6, departments: vec![1], watch: vec![], max_chats: 0, exclude: true },
+        Spec {
+            id: 1,
+            departments: vec![1],
+            watch: vec![],
+            max_chats: 0,
+            exclude: false,
+        },
+        Spec {
+            id: 2,
+            departments: vec![1],
+            watch: vec![],
+            max_chats: 1,
+            exclude: false,
+        },
+        Spec {
+            id: 3,
+            departments: vec![2],
+            watch: vec![],
+            max_chats: 0,
+            exclude: false,
+        },
+        Spec {
+            id: 4,
+            departments: vec![1, 2],
+            watch: vec![],
+            max_chats: 2,
+            exclude: false,
+        },
+        Spec {
+            id: 5,
+            departments: vec![],
+            watch: vec![1, 2],
+            max_chats: 0,
+            exclude: false,
+        },
+        Spec {
+            id: 6,
+            departments: vec![1],
+            watch: vec![],
+            max_chats: 0,
+            exclude: true,
+        },
     ];
     for s in &specs {
         let perms: &[&str] = if s.id % 2 == 1 { &all } else { &all[..3] };
-        hub.operator_with(s.id, json!({"name": format!("op{}", s.id), "departments": s.departments,
+        hub.operator_with(
+            s.id,
+            json!({"name": format!("op{}", s.id), "departments": s.departments,
             "watch_departments": s.watch, "permissions": perms, "max_chats": s.max_chats,
-            "exclude_autoassign": s.exclude, "auto_accept": s.id == 4})).await;
+            "exclude_autoassign": s.exclude, "auto_accept": s.id == 4}),
+        )
+        .await;
     }
     let spec = |id: u64| specs.iter().find(|s| s.id == id).unwrap();
     let capacity = |op: u64, dept: u64| {
         let s = spec(op);
-        if s.max_chats > 0 { s.max_chats } else { dept_max[&dept] }
+        if s.max_chats > 0 {
+            s.max_chats
+        } else {
+            dept_max[&dept]
+        }
     };
     let mut clients: BTreeMap<u64, Client> = BTreeMap::new();
     for id in [1, 3, 5] {
@@ -481,9 +744,17 @@ async fn counts_never_drift_under_random_operations() {
 
     for step in 0..100 {
         let before = chat_table(&hub).await;
-        let open: Vec<u64> = before.iter().filter(|(_, c)| c.1 != "closed").map(|(id, _)| *id).collect();
+        let open: Vec<u64> = before
+            .iter()
+            .filter(|(_, c)| c.1 != "closed")
+            .map(|(id, _)| *id)
+            .collect();
         let connected: Vec<u64> = clients.keys().copied().collect();
-        let away: Vec<u64> = specs.iter().map(|s| s.id).filter(|id| !clients.contains_key(id)).collect();
+        let away: Vec<u64> = specs
+            .iter()
+            .map(|s| s.id)
+            .filter(|id| !clients.contains_key(id))
+            .collect();
         // The operator and chat of a manual take, which is not an auto-assignment.
         let mut took: Option<(u64, u64)> = None;
         let op = match rng.below(15) {
@@ -491,14 +762,25 @@ async fn counts_never_drift_under_random_operations() {
                 let dept = 1 + rng.below(2) as u64;
                 let bot = rng.below(4) == 0;
                 let priority = rng.below(3);
-                let (chat, _) = hub.create_chat(json!({"department": dept, "bot": bot, "priority": priority})).await;
-                format!("create {} dept {dept} bot {bot} prio {priority}", chat["id"])
+                let (chat, _) = hub
+                    .create_chat(json!({"department": dept, "bot": bot, "priority": priority}))
+                    .await;
+                format!(
+                    "create {} dept {dept} bot {bot} prio {priority}",
+                    chat["id"]
+                )
             }
             3 => {
-                let bots: Vec<u64> = before.iter().filter(|(_, c)| c.1 == "bot").map(|(id, _)| *id).collect();
+                let bots: Vec<u64> = before
+                    .iter()
+                    .filter(|(_, c)| c.1 == "bot")
+                    .map(|(id, _)| *id)
+                    .collect();
                 match rng.pick(&bots) {
                     Some(id) => {
-                        let (status, _) = hub.patch(&format!("/api/v1/chats/{id}"), json!({"status": "pending"})).await;
+                        let (status, _) = hub
+                            .patch(&format!("/api/v1/chats/{id}"), json!({"status": "pending"}))
+                            .await;
                         assert_eq!(status, 200);
                         format!("hand over {id}")
                     }
@@ -522,10 +804,18 @@ async fn counts_never_drift_under_random_operations() {
             },
             8 => match rng.pick(&connected) {
                 Some(me) => {
-                    let mine: Vec<u64> = open.iter().copied().filter(|id| before[id].0 == Some(me)).collect();
+                    let mine: Vec<u64> = open
+                        .iter()
+                        .copied()
+                        .filter(|id| before[id].0 == Some(me))
+                        .collect();
                     match rng.pick(&mine).or(rng.pick(&open)) {
                         Some(chat) => {
-                            let a = clients.get_mut(&me).unwrap().request(json!({"type": "close_chat", "chat": chat})).await;
+                            let a = clients
+                                .get_mut(&me)
+                                .unwrap()
+                                .request(json!({"type": "close_chat", "chat": chat}))
+                                .await;
                             format!("op{me} closes {chat} -> {}", a["type"])
                         }
                         None => "nothing to close".into(),
@@ -544,14 +834,23 @@ async fn counts_never_drift_under_random_operations() {
                 let id = specs[rng.below(specs.len())].id;
                 let field = ["online", "invisible", "always_online"][rng.below(3)];
                 // Mostly visible: invisible operators take nothing, which would make a dull run.
-                let value = if field == "invisible" { rng.below(3) == 0 } else { rng.below(3) != 0 };
+                let value = if field == "invisible" {
+                    rng.below(3) == 0
+                } else {
+                    rng.below(3) != 0
+                };
                 match clients.get_mut(&id) {
                     Some(c) if rng.below(2) == 0 => {
                         let a = c.request(json!({"type": "set_status", field: value})).await;
                         assert_ack(&a);
                     }
                     _ => {
-                        let (status, v) = hub.patch(&format!("/api/v1/operators/{id}/status"), json!({field: value})).await;
+                        let (status, v) = hub
+                            .patch(
+                                &format!("/api/v1/operators/{id}/status"),
+                                json!({field: value}),
+                            )
+                            .await;
                         assert_eq!(status, 200, "{v}");
                     }
                 }
@@ -567,7 +866,10 @@ async fn counts_never_drift_under_random_operations() {
             _ => match rng.pick(&connected) {
                 Some(id) => {
                     clients.remove(&id).unwrap().close().await;
-                    hub.poll_until(&format!("/api/v1/operators/{id}"), "the disconnect", |v| v["connections"] == 0).await;
+                    hub.poll_until(&format!("/api/v1/operators/{id}"), "the disconnect", |v| {
+                        v["connections"] == 0
+                    })
+                    .await;
                     format!("op{id} disconnects")
                 }
                 None => "nobody connected".into(),
@@ -580,20 +882,46 @@ async fn counts_never_drift_under_random_operations() {
         for (id, c) in clients.iter_mut() {
             for m in c.drain().await {
                 if m["type"] == "chat_assigned" {
-                    assert_eq!(m["chat"]["owner"], *id, "chat_assigned to the wrong socket: {m}\n{}", ctx());
+                    assert_eq!(
+                        m["chat"]["owner"],
+                        *id,
+                        "chat_assigned to the wrong socket: {m}\n{}",
+                        ctx()
+                    );
                 }
             }
         }
 
         let after = chat_table(&hub).await;
         let (_, ops) = hub.get("/api/v1/operators").await;
-        let views: HashMap<u64, Value> =
-            ops["operators"].as_array().unwrap().iter().map(|v| (v["id"].as_u64().unwrap(), v.clone())).collect();
+        let views: HashMap<u64, Value> = ops["operators"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["id"].as_u64().unwrap(), v.clone()))
+            .collect();
         for s in &specs {
             let v = &views[&s.id];
-            let owned = |status: &str| after.values().filter(|c| c.0 == Some(s.id) && c.1 == status).count();
-            assert_eq!(v["active_chats"], owned("active"), "op{} active_chats drifted\n{}", s.id, ctx());
-            assert_eq!(v["pending_chats"], owned("pending"), "op{} pending_chats drifted\n{}", s.id, ctx());
+            let owned = |status: &str| {
+                after
+                    .values()
+                    .filter(|c| c.0 == Some(s.id) && c.1 == status)
+                    .count()
+            };
+            assert_eq!(
+                v["active_chats"],
+                owned("active"),
+                "op{} active_chats drifted\n{}",
+                s.id,
+                ctx()
+            );
+            assert_eq!(
+                v["pending_chats"],
+                owned("pending"),
+                "op{} pending_chats drifted\n{}",
+                s.id,
+                ctx()
+            );
         }
         for (chat, (owner, status, dept)) in &after {
             let Some(owner) = *owner else { continue };
@@ -604,8 +932,17 @@ async fn counts_never_drift_under_random_operations() {
             auto_assignments += 1;
             let s = spec(owner);
             let v = &views[&owner];
-            assert!(s.departments.contains(dept) && !s.exclude, "chat {chat} auto-assigned to op{owner}\n{}", ctx());
-            assert_eq!(v["status"], "online", "chat {chat} auto-assigned to an offline op{owner}\n{}", ctx());
+            assert!(
+                s.departments.contains(dept) && !s.exclude,
+                "chat {chat} auto-assigned to op{owner}\n{}",
+                ctx()
+            );
+            assert_eq!(
+                v["status"],
+                "online",
+                "chat {chat} auto-assigned to an offline op{owner}\n{}",
+                ctx()
+            );
             let load = v["active_chats"].as_u64().unwrap() + v["pending_chats"].as_u64().unwrap();
             assert!(
                 load <= capacity(owner, *dept) as u64,
@@ -616,9 +953,22 @@ async fn counts_never_drift_under_random_operations() {
         for d in [1u64, 2] {
             let (_, dv) = hub.get(&format!("/api/v1/departments/{d}")).await;
             let of = |status: &str| after.values().filter(|c| c.2 == d && c.1 == status).count();
-            let queued = after.values().filter(|c| c.2 == d && c.1 == "pending" && c.0.is_none()).count();
-            assert_eq!(dv["pending_chats"], of("pending"), "department {d}\n{}", ctx());
-            assert_eq!(dv["active_chats"], of("active"), "department {d}\n{}", ctx());
+            let queued = after
+                .values()
+                .filter(|c| c.2 == d && c.1 == "pending" && c.0.is_none())
+                .count();
+            assert_eq!(
+                dv["pending_chats"],
+                of("pending"),
+                "department {d}\n{}",
+                ctx()
+            );
+            assert_eq!(
+                dv["active_chats"],
+                of("active"),
+                "department {d}\n{}",
+                ctx()
+            );
             assert_eq!(dv["bot_chats"], of("bot"), "department {d}\n{}", ctx());
             assert_eq!(dv["queued_chats"], queued, "department {d}\n{}", ctx());
         }
@@ -626,7 +976,13 @@ async fn counts_never_drift_under_random_operations() {
     let final_table = chat_table(&hub).await;
     let statuses: Vec<&str> = final_table.values().map(|c| c.1.as_str()).collect();
     for s in ["active", "closed"] {
-        assert!(statuses.contains(&s), "the run never produced a {s} chat: {statuses:?}");
+        assert!(
+            statuses.contains(&s),
+            "the run never produced a {s} chat: {statuses:?}"
+        );
     }
-    assert!(auto_assignments >= 5, "the run exercised assignment only {auto_assignments} times");
+    assert!(
+        auto_assignments >= 5,
+        "the run exercised assignment only {auto_assignments} times"
+    );
 }

@@ -9,7 +9,11 @@ use common::{API_KEY, Client, JWT_SECRET, TestHub};
 use presence_hub::config::Backend;
 use serde_json::json;
 
-async fn node(redis: &RedisServer, id: &str, tweak: impl FnOnce(&mut presence_hub::config::Config)) -> TestHub {
+async fn node(
+    redis: &RedisServer,
+    id: &str,
+    tweak: impl FnOnce(&mut presence_hub::config::Config),
+) -> TestHub {
     let url = redis.url();
     let id = id.to_string();
     TestHub::start_with(move |cfg| {
@@ -45,12 +49,22 @@ async fn cluster_operator_on_node_a_is_online_for_widget_on_node_b() {
     let (op, _) = a.connect(1).await;
     let flip = widget.next_of("widget_status").await;
     assert_eq!(flip["online"], true, "{flip}");
-    assert_eq!(b.view(1).await["connections"], 1, "node B counts node A's connection");
+    assert_eq!(
+        b.view(1).await["connections"],
+        1,
+        "node B counts node A's connection"
+    );
     // A colleague on node B sees the operator on node A.
     b.operator(2, &[1]).await;
     known(&a, 2).await;
     let (_, hello) = b.connect(2).await;
-    let colleague = hello["operators"].as_array().unwrap().iter().find(|o| o["id"] == 1).cloned().unwrap();
+    let colleague = hello["operators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["id"] == 1)
+        .cloned()
+        .unwrap();
     assert_eq!(colleague["status"], "online");
     op.close().await;
     let off = widget.next_of("widget_status").await;
@@ -69,17 +83,28 @@ async fn cluster_settings_changed_on_one_node_reach_the_other() {
     if widget.next().await["online"] == false {
         assert_eq!(widget.next_of("widget_status").await["online"], true);
     }
-    let (status, _) = b.patch("/api/v1/operators/1/status", json!({"online": false})).await;
+    let (status, _) = b
+        .patch("/api/v1/operators/1/status", json!({"online": false}))
+        .await;
     assert_eq!(status, 200);
     let w = widget.next_of("widget_status").await;
-    assert_eq!(w["online"], false, "a change on node B reaches widgets on node A once");
-    widget.silent_for(Duration::from_millis(300), "a duplicate event", |v| v["type"] == "widget_status").await;
+    assert_eq!(
+        w["online"], false,
+        "a change on node B reaches widgets on node A once"
+    );
+    widget
+        .silent_for(Duration::from_millis(300), "a duplicate event", |v| {
+            v["type"] == "widget_status"
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_grace_reconnect_to_other_node_does_not_flap() {
     let redis = RedisServer::start().await;
-    let grace = |cfg: &mut presence_hub::config::Config| cfg.presence.disconnect_grace = Duration::from_secs(2);
+    let grace = |cfg: &mut presence_hub::config::Config| {
+        cfg.presence.disconnect_grace = Duration::from_secs(2)
+    };
     let a = node(&redis, "a", grace).await;
     let b = node(&redis, "b", grace).await;
     a.operator(1, &[1]).await;
@@ -95,8 +120,10 @@ async fn cluster_grace_reconnect_to_other_node_does_not_flap() {
     op.close().await;
     let (_op2, _) = b.connect(1).await;
     let offline = |v: &serde_json::Value| v["type"] == "widget_status" && v["online"] == false;
-    wa.silent_for(Duration::from_millis(2500), "a flap on node A", offline).await;
-    wb.silent_for(Duration::from_millis(200), "a flap on node B", offline).await;
+    wa.silent_for(Duration::from_millis(2500), "a flap on node A", offline)
+        .await;
+    wb.silent_for(Duration::from_millis(200), "a flap on node B", offline)
+        .await;
     assert_eq!(a.view(1).await["status"], "online");
 }
 
@@ -108,7 +135,10 @@ async fn cluster_refuses_a_node_id_already_alive() {
     cfg.store.backend = Backend::Redis;
     cfg.store.redis_url.0 = redis.url();
     cfg.server.node_id = "same".into();
-    let err = presence_hub::server::build(cfg).await.err().expect("refused");
+    let err = presence_hub::server::build(cfg)
+        .await
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("already alive"), "{err}");
 }
 
@@ -116,13 +146,24 @@ async fn cluster_refuses_a_node_id_already_alive() {
 async fn cluster_restart_loses_nothing_and_always_online_is_online_at_once() {
     let redis = RedisServer::start().await;
     let a = node(&redis, "a", |_| {}).await;
-    a.operator_with(1, json!({"name": "Ann", "departments": [1], "always_online": true})).await;
-    a.put("/api/v1/departments/1", json!({"name": "Sales", "max_chats": 2})).await;
+    a.operator_with(
+        1,
+        json!({"name": "Ann", "departments": [1], "always_online": true}),
+    )
+    .await;
+    a.put(
+        "/api/v1/departments/1",
+        json!({"name": "Sales", "max_chats": 2}),
+    )
+    .await;
     let _ = a.stop_keep_dir().await;
     let a2 = node(&redis, "a", |_| {}).await;
     let v = a2.view(1).await;
     assert_eq!(v["name"], "Ann");
-    assert_eq!(v["status"], "online", "always online before anyone connects: {v}");
+    assert_eq!(
+        v["status"], "online",
+        "always online before anyone connects: {v}"
+    );
     let (_, d) = a2.get("/api/v1/departments/1").await;
     assert_eq!(d["max_chats"], 2);
     assert_eq!(d["online"], true);
@@ -138,34 +179,65 @@ async fn cluster_redis_outage_is_not_ready_refuses_writes_and_recovers() {
     // Not ready once the store notices; writes are refused, not pretended.
     let mut ready = 200;
     for _ in 0..100 {
-        ready = a.http.get(a.url("/readyz")).send().await.unwrap().status().as_u16();
+        ready = a
+            .http
+            .get(a.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
         if ready == 503 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(ready, 503);
-    let (status, body) = a.put("/api/v1/operators/2", json!({"name": "Bob", "departments": [1]})).await;
+    let (status, body) = a
+        .put(
+            "/api/v1/operators/2",
+            json!({"name": "Bob", "departments": [1]}),
+        )
+        .await;
     assert_eq!(status, 503, "{body}");
-    let err = op.request(json!({"type": "set_status", "invisible": true})).await;
+    let err = op
+        .request(json!({"type": "set_status", "invisible": true}))
+        .await;
     assert_eq!(err["type"], "error");
     assert_eq!(err["code"], "internal");
     assert_eq!(a.view(1).await["connections"], 1, "sockets are kept");
     redis.spawn().await;
     let mut ready = 503;
     for _ in 0..100 {
-        ready = a.http.get(a.url("/readyz")).send().await.unwrap().status().as_u16();
+        ready = a
+            .http
+            .get(a.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
         if ready == 200 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(ready, 200, "reconnects by itself");
-    let (status, _) = a.put("/api/v1/operators/3", json!({"name": "Cy", "departments": [1]})).await;
+    let (status, _) = a
+        .put(
+            "/api/v1/operators/3",
+            json!({"name": "Cy", "departments": [1]}),
+        )
+        .await;
     assert_eq!(status, 201);
     // Acknowledged writes from before the outage and after it are in Redis.
-    let store = presence_hub::store::redis::RedisStore::open(&redis.url(), "hub:").await.unwrap();
-    let snap = tokio::task::spawn_blocking(move || presence_hub::store::Store::load(&store)).await.unwrap().unwrap();
+    let store = presence_hub::store::redis::RedisStore::open(&redis.url(), "hub:")
+        .await
+        .unwrap();
+    let snap = tokio::task::spawn_blocking(move || presence_hub::store::Store::load(&store))
+        .await
+        .unwrap()
+        .unwrap();
     let ids: Vec<u64> = snap.operators.iter().map(|o| o.record.id).collect();
     assert!(ids.contains(&1) && ids.contains(&3), "{ids:?}");
 }
@@ -185,7 +257,11 @@ async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
     a.operator(1, &[1]).await;
     // Node B: the real binary, in its own process, so that it can be killed.
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config = dir.path().join("b.toml");
     std::fs::write(
         &config,
@@ -207,7 +283,12 @@ async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
     let http = reqwest::Client::new();
     let mut up = false;
     for _ in 0..200 {
-        if http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+        if http
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             up = true;
             break;
         }
@@ -218,20 +299,34 @@ async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
     let mut op = Client::connect(&format!("ws://127.0.0.1:{port}/ws/operator?token={token}")).await;
     assert_eq!(op.next().await["type"], "hello");
     let mut widget = a.widget(&[1]).await;
-    widget.next_where("online on node A", |v| v["type"] == "widget_status" && v["online"] == true).await;
+    widget
+        .next_where("online on node A", |v| {
+            v["type"] == "widget_status" && v["online"] == true
+        })
+        .await;
     let killed = Instant::now();
     let _ = child.kill(); // SIGKILL
     let _ = child.wait();
-    let off = widget.next_where("offline after the kill", |v| v["type"] == "widget_status").await;
+    let off = widget
+        .next_where("offline after the kill", |v| v["type"] == "widget_status")
+        .await;
     let ghost = killed.elapsed();
     assert_eq!(off["online"], false);
     println!("ghost-online after kill -9: {ghost:?} (lease {lease:?} + grace {grace:?})");
-    assert!(ghost <= lease + grace + Duration::from_secs(1), "ghost online for {ghost:?}");
+    assert!(
+        ghost <= lease + grace + Duration::from_secs(1),
+        "ghost online for {ghost:?}"
+    );
     assert!(ghost >= grace, "the grace still applies: {ghost:?}");
 }
 
 /// Waits until `hub` knows chat `id` with `pred` true of it.
-async fn chat_where(hub: &TestHub, id: u64, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+async fn chat_where(
+    hub: &TestHub,
+    id: u64,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     for _ in 0..300 {
         let (status, v) = hub.get(&format!("/api/v1/chats/{id}")).await;
         if status == 200 && pred(&v) {
@@ -257,7 +352,9 @@ async fn cluster_chat_created_on_one_node_is_assigned_to_an_operator_on_another(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (chat, token) = b.create_chat(json!({"department": 1, "visitor": {"name": "Ann"}})).await;
+    let (chat, token) = b
+        .create_chat(json!({"department": 1, "visitor": {"name": "Ann"}}))
+        .await;
     let id = chat["id"].as_u64().unwrap();
     let assigned = op.next_of("chat_assigned").await;
     assert_eq!(assigned["chat"]["id"], id);
@@ -267,15 +364,25 @@ async fn cluster_chat_created_on_one_node_is_assigned_to_an_operator_on_another(
     let (mut visitor, _) = a.visitor(id, &token).await;
     let ack = op.request(json!({"type": "open_chat", "chat": id})).await;
     assert_eq!(ack["chat"]["status"], "active", "{ack}");
-    let update = visitor.next_where("active", |v| v["type"] == "chat" && v["chat"]["status"] == "active").await;
+    let update = visitor
+        .next_where("active", |v| {
+            v["type"] == "chat" && v["chat"]["status"] == "active"
+        })
+        .await;
     assert_eq!(update["chat"]["owner_name"], "op1");
-    op.request(json!({"type": "send_message", "chat": id, "text": "hello from B"})).await;
+    op.request(json!({"type": "send_message", "chat": id, "text": "hello from B"}))
+        .await;
     let m = visitor.next_of("message").await;
     assert_eq!(m["message"]["text"], "hello from B");
-    visitor.send(json!({"type": "send_message", "text": "hi from A"})).await;
+    visitor
+        .send(json!({"type": "send_message", "text": "hi from A"}))
+        .await;
     let m = op.next_of("message").await;
     assert_eq!(m["message"]["text"], "hi from A");
-    assert_eq!(chat_where(&a, id, "active", |c| c["status"] == "active").await["owner"], 1);
+    assert_eq!(
+        chat_where(&a, id, "active", |c| c["status"] == "active").await["owner"],
+        1
+    );
 }
 
 /// Chats created concurrently through three nodes: none gets two owners, nobody passes
@@ -283,8 +390,17 @@ async fn cluster_chat_created_on_one_node_is_assigned_to_an_operator_on_another(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_concurrent_creation_never_two_owners_nor_past_capacity() {
     let redis = RedisServer::start().await;
-    let nodes = [node(&redis, "a", |_| {}).await, node(&redis, "b", |_| {}).await, node(&redis, "c", |_| {}).await];
-    nodes[0].put("/api/v1/departments/1", json!({"name": "Sales", "max_chats": 3, "accept_timeout": "0s"})).await;
+    let nodes = [
+        node(&redis, "a", |_| {}).await,
+        node(&redis, "b", |_| {}).await,
+        node(&redis, "c", |_| {}).await,
+    ];
+    nodes[0]
+        .put(
+            "/api/v1/departments/1",
+            json!({"name": "Sales", "max_chats": 3, "accept_timeout": "0s"}),
+        )
+        .await;
     let mut sockets = Vec::new();
     for id in 1..=6u64 {
         nodes[0].operator(id, &[1]).await;
@@ -292,7 +408,9 @@ async fn cluster_concurrent_creation_never_two_owners_nor_past_capacity() {
         sockets.push(nodes[(id % 3) as usize].connect(id).await.0);
     }
     for _ in 0..300 {
-        let (_, v) = nodes[0].get("/api/v1/operators?department=1&status=online").await;
+        let (_, v) = nodes[0]
+            .get("/api/v1/operators?department=1&status=online")
+            .await;
         if v["operators"].as_array().unwrap().len() == 6 {
             break;
         }
@@ -321,7 +439,12 @@ async fn cluster_concurrent_creation_never_two_owners_nor_past_capacity() {
         let mut seen = Vec::new();
         for _ in 0..300 {
             let (_, v) = hub.get("/api/v1/chats?department=1").await;
-            seen = v["chats"].as_array().unwrap().iter().map(|c| (c["id"].as_u64().unwrap(), c["owner"].as_u64())).collect();
+            seen = v["chats"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| (c["id"].as_u64().unwrap(), c["owner"].as_u64()))
+                .collect();
             if seen.iter().filter(|(_, o)| o.is_some()).count() == 18 && seen.len() == 30 {
                 break;
             }
@@ -329,14 +452,23 @@ async fn cluster_concurrent_creation_never_two_owners_nor_past_capacity() {
         }
         owners.push(seen);
     }
-    assert_eq!(owners[0].iter().filter(|(_, o)| o.is_some()).count(), 18, "capacity 6 × 3 filled");
+    assert_eq!(
+        owners[0].iter().filter(|(_, o)| o.is_some()).count(),
+        18,
+        "capacity 6 × 3 filled"
+    );
     assert_eq!(owners[0], owners[1], "nodes agree");
     assert_eq!(owners[0], owners[2], "nodes agree");
     for op in 1..=6u64 {
         let n = owners[0].iter().filter(|(_, o)| *o == Some(op)).count();
         assert!(n <= 3, "operator {op} has {n} chats, capacity 3");
         for hub in &nodes {
-            assert_eq!(hub.view(op).await["pending_chats"], n as u64, "counts agree on {}", hub.addr);
+            assert_eq!(
+                hub.view(op).await["pending_chats"],
+                n as u64,
+                "counts agree on {}",
+                hub.addr
+            );
         }
     }
 }
@@ -346,7 +478,11 @@ async fn cluster_assigning_node_stops_and_another_takes_over() {
     let redis = RedisServer::start().await;
     let mut a = node(&redis, "a", |_| {}).await;
     let b = node(&redis, "b", |_| {}).await;
-    a.operator_with(1, json!({"name": "Ann", "departments": [1], "always_online": true})).await;
+    a.operator_with(
+        1,
+        json!({"name": "Ann", "departments": [1], "always_online": true}),
+    )
+    .await;
     known(&b, 1).await;
     a.stop().await;
     // B is elected within a third of the lease and assigns chats created through it.

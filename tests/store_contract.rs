@@ -27,7 +27,11 @@ fn operator(id: u64) -> StoredOperator {
             exclude_autoassign: false,
             auto_accept: true,
         },
-        settings: Settings { online: false, invisible: true, always_online: true },
+        settings: Settings {
+            online: false,
+            invisible: true,
+            always_online: true,
+        },
         version: 1,
     }
 }
@@ -68,7 +72,11 @@ fn chat(id: u64) -> Chat {
 fn message(id: u64) -> ChatMessage {
     ChatMessage {
         id,
-        from: Sender { kind: SenderKind::Visitor, id: None, name: Some("Ann".into()) },
+        from: Sender {
+            kind: SenderKind::Visitor,
+            id: None,
+            name: Some("Ann".into()),
+        },
         text: format!("m{id}"),
         whisper: false,
         at: "2026-11-25T12:00:02.000Z".into(),
@@ -77,16 +85,28 @@ fn message(id: u64) -> ChatMessage {
 
 /// Writes a little of everything, then checks what a fresh store reads back.
 async fn contract(store: &dyn Store) {
-    durable(store.write(vec![Write::Operator(operator(1)), Write::Operator(operator(2))])).await.unwrap();
-    durable(store.write(vec![Write::Department(department(1)), Write::Chat(chat(7))])).await.unwrap();
-    let msgs: Vec<Write> = (1..=5).map(|i| Write::Message(7, message(i))).collect();
-    durable(store.write(msgs)).await.unwrap();
-    durable(store.write(vec![Write::TrimMessages { chat: 7, below: 3 }, Write::DeleteOperator(2)]))
+    durable(store.write(vec![
+        Write::Operator(operator(1)),
+        Write::Operator(operator(2)),
+    ]))
+    .await
+    .unwrap();
+    durable(store.write(vec![Write::Department(department(1)), Write::Chat(chat(7))]))
         .await
         .unwrap();
+    let msgs: Vec<Write> = (1..=5).map(|i| Write::Message(7, message(i))).collect();
+    durable(store.write(msgs)).await.unwrap();
+    durable(store.write(vec![
+        Write::TrimMessages { chat: 7, below: 3 },
+        Write::DeleteOperator(2),
+    ]))
+    .await
+    .unwrap();
     let mut updated = operator(1);
     updated.settings.online = true;
-    durable(store.write(vec![Write::Operator(updated.clone())])).await.unwrap();
+    durable(store.write(vec![Write::Operator(updated.clone())]))
+        .await
+        .unwrap();
     assert!(store.ready());
     let _ = updated;
 }
@@ -94,10 +114,21 @@ async fn contract(store: &dyn Store) {
 fn check(snap: Snapshot) {
     let mut expected_op = operator(1);
     expected_op.settings.online = true;
-    assert_eq!(snap.operators, vec![expected_op], "deleted operator gone, update kept");
+    assert_eq!(
+        snap.operators,
+        vec![expected_op],
+        "deleted operator gone, update kept"
+    );
     assert_eq!(snap.departments, vec![department(1)]);
     assert_eq!(snap.chats, vec![chat(7)]);
-    let ids: Vec<u64> = snap.messages.iter().map(|(c, m)| { assert_eq!(*c, 7); m.id }).collect();
+    let ids: Vec<u64> = snap
+        .messages
+        .iter()
+        .map(|(c, m)| {
+            assert_eq!(*c, 7);
+            m.id
+        })
+        .collect();
     assert_eq!(ids, vec![3, 4, 5], "trimmed below 3, in order");
     assert_eq!(snap.messages[0].1, message(3));
 }
@@ -108,7 +139,12 @@ async fn store_contract_embedded() {
     let store = Embedded::open(dir.path()).unwrap();
     contract(&store).await;
     store.close();
-    assert!(durable(store.write(vec![Write::Operator(operator(9))])).await.is_err(), "closed store refuses");
+    assert!(
+        durable(store.write(vec![Write::Operator(operator(9))]))
+            .await
+            .is_err(),
+        "closed store refuses"
+    );
     let reopened = Embedded::open(dir.path()).unwrap();
     check(reopened.load().unwrap());
     reopened.close();
@@ -120,12 +156,20 @@ async fn store_contract_redis() {
     let store = Arc::new(RedisStore::open(&redis.url(), "t:").await.unwrap());
     contract(store.as_ref()).await;
     let s = store.clone();
-    tokio::task::spawn_blocking(move || s.close()).await.unwrap();
+    tokio::task::spawn_blocking(move || s.close())
+        .await
+        .unwrap();
     let reopened = RedisStore::open(&redis.url(), "t:").await.unwrap();
-    let snap = tokio::task::spawn_blocking(move || reopened.load()).await.unwrap().unwrap();
+    let snap = tokio::task::spawn_blocking(move || reopened.load())
+        .await
+        .unwrap()
+        .unwrap();
     check(snap);
     // Another prefix is another hub's state.
     let other = RedisStore::open(&redis.url(), "other:").await.unwrap();
-    let snap = tokio::task::spawn_blocking(move || other.load()).await.unwrap().unwrap();
+    let snap = tokio::task::spawn_blocking(move || other.load())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(snap.operators.is_empty());
 }

@@ -71,7 +71,14 @@ pub async fn patch(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes
 pub async fn close(State(hub): State<Hub>, Path(raw): Path<String>) -> Response {
     let run = async {
         let cid = id(&raw)?;
-        hub.chat(ChatOp::Close { by: None, chat: cid }, None).await
+        hub.chat(
+            ChatOp::Close {
+                by: None,
+                chat: cid,
+            },
+            None,
+        )
+        .await
     };
     match run.await {
         Ok(chat) => ok(StatusCode::OK, chat),

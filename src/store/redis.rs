@@ -72,10 +72,18 @@ impl RedisStore {
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let conn = client.get_connection_manager_with_config(config).await.map_err(backend)?;
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(backend)?;
         let healthy = Arc::new(AtomicBool::new(true));
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(writer_loop(conn.clone(), Keys(prefix.to_string()), rx, healthy.clone()));
+        let writer = tokio::spawn(writer_loop(
+            conn.clone(),
+            Keys(prefix.to_string()),
+            rx,
+            healthy.clone(),
+        ));
         tokio::spawn(health_loop(conn, healthy.clone()));
         Ok(RedisStore {
             client,
@@ -94,7 +102,10 @@ impl RedisStore {
 /// Pings Redis so `/readyz` turns not-ready when it goes away even without writes.
 async fn health_loop(mut conn: ConnectionManager, healthy: Arc<AtomicBool>) {
     loop {
-        let ok = redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok();
+        let ok = redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok();
         healthy.store(ok, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(if ok { 1000 } else { 200 })).await;
         if Arc::strong_count(&healthy) == 1 {
@@ -166,7 +177,11 @@ async fn writer_loop(
     }
 }
 
-async fn apply(conn: &mut ConnectionManager, keys: &Keys, writes: &[Write]) -> Result<(), StoreError> {
+async fn apply(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    writes: &[Write],
+) -> Result<(), StoreError> {
     if writes.is_empty() {
         return Ok(());
     }
@@ -194,7 +209,8 @@ async fn apply(conn: &mut ConnectionManager, keys: &Keys, writes: &[Write]) -> R
                 pipe.zadd(keys.messages(*chat), json(m), m.id).ignore();
             }
             Write::TrimMessages { chat, below } => {
-                pipe.zrembyscore(keys.messages(*chat), "-inf", format!("({below}")).ignore();
+                pipe.zrembyscore(keys.messages(*chat), "-inf", format!("({below}"))
+                    .ignore();
             }
         }
     }
@@ -219,7 +235,10 @@ fn read_kind<T: serde::de::DeserializeOwned>(
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(512) {
         let names: Vec<String> = chunk.iter().map(|id| key(*id)).collect();
-        let values: Vec<Option<String>> = redis::cmd("MGET").arg(&names).query(conn).map_err(backend)?;
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&names)
+            .query(conn)
+            .map_err(backend)?;
         for (name, v) in names.iter().zip(values) {
             if let Some(v) = v {
                 out.push(parse(name, &v)?);
@@ -232,10 +251,14 @@ fn read_kind<T: serde::de::DeserializeOwned>(
 impl Store for RedisStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let keys = self.keys();
-        let mut conn = self.client.get_connection_with_timeout(Duration::from_secs(5)).map_err(backend)?;
+        let mut conn = self
+            .client
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .map_err(backend)?;
         let operators = read_kind(&mut conn, &keys.operators(), |id| keys.operator(id))?;
         let departments = read_kind(&mut conn, &keys.departments(), |id| keys.department(id))?;
-        let chats: Vec<crate::model::Chat> = read_kind(&mut conn, &keys.chats(), |id| keys.chat(id))?;
+        let chats: Vec<crate::model::Chat> =
+            read_kind(&mut conn, &keys.chats(), |id| keys.chat(id))?;
         let mut messages = Vec::new();
         for c in &chats {
             let key = keys.messages(c.id);
@@ -244,7 +267,12 @@ impl Store for RedisStore {
                 messages.push((c.id, parse(&key, &m)?));
             }
         }
-        Ok(Snapshot { operators, departments, chats, messages })
+        Ok(Snapshot {
+            operators,
+            departments,
+            chats,
+            messages,
+        })
     }
 
     fn write(&self, batch: Vec<Write>) -> Ticket {
@@ -272,15 +300,25 @@ impl Store for RedisStore {
             // Called from a blocking thread at shutdown: wait for queued writes to land,
             // bounded so an unreachable Redis cannot hold the exit.
             let handle = tokio::runtime::Handle::current();
-            let _ = handle.block_on(async { tokio::time::timeout(Duration::from_secs(5), writer).await });
+            let _ = handle
+                .block_on(async { tokio::time::timeout(Duration::from_secs(5), writer).await });
         }
     }
 }
 
 /// Claims `node_id` in the cluster for `lease`: refused when a live node holds it.
-pub async fn claim_node(store_url: &str, keys: &Keys, node: &str, token: &str, lease: Duration) -> Result<bool, StoreError> {
+pub async fn claim_node(
+    store_url: &str,
+    keys: &Keys,
+    node: &str,
+    token: &str,
+    lease: Duration,
+) -> Result<bool, StoreError> {
     let client = Client::open(store_url).map_err(backend)?;
-    let mut conn = client.get_multiplexed_async_connection().await.map_err(backend)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(backend)?;
     let ok: Option<String> = redis::cmd("SET")
         .arg(keys.node(node))
         .arg(token)
@@ -294,8 +332,17 @@ pub async fn claim_node(store_url: &str, keys: &Keys, node: &str, token: &str, l
 }
 
 /// Renews the node's lease every third of it while `alive` is not cancelled, then drops it.
-pub async fn hold_node(store_url: String, keys: Keys, node: String, token: String, lease: Duration, alive: tokio_util::sync::CancellationToken) {
-    let Ok(client) = Client::open(store_url) else { return };
+pub async fn hold_node(
+    store_url: String,
+    keys: Keys,
+    node: String,
+    token: String,
+    lease: Duration,
+    alive: tokio_util::sync::CancellationToken,
+) {
+    let Ok(client) = Client::open(store_url) else {
+        return;
+    };
     let key = keys.node(&node);
     // Renew only while the key still holds our token (another node may have taken it over
     // after we lost the lease).
@@ -316,7 +363,12 @@ pub async fn hold_node(store_url: String, keys: Keys, node: String, token: Strin
             conn = client.get_multiplexed_async_connection().await.ok();
         }
         if let Some(c) = conn.as_mut()
-            && let Err(e) = renew.key(&key).arg(&token).arg(lease.as_millis() as u64).invoke_async::<Option<String>>(c).await
+            && let Err(e) = renew
+                .key(&key)
+                .arg(&token)
+                .arg(lease.as_millis() as u64)
+                .invoke_async::<Option<String>>(c)
+                .await
         {
             tracing::warn!(cause = %e, "could not renew the node lease");
             conn = None;

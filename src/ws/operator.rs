@@ -141,9 +141,10 @@ impl Operator {
                 self.logged_out = true;
                 Ok(None)
             }
-            OperatorRequest::OpenChat { chat } => {
-                hub.chat(ChatOp::Open { me, chat }, Some((me, peer))).await.map(Some)
-            }
+            OperatorRequest::OpenChat { chat } => hub
+                .chat(ChatOp::Open { me, chat }, Some((me, peer)))
+                .await
+                .map(Some),
             OperatorRequest::LeaveChat { chat } => hub
                 .commit(|c, _| c.leave_chat(me, peer.id, chat))
                 .await
@@ -154,7 +155,13 @@ impl Operator {
                 whisper,
             } => {
                 let origin = Some(hub.origin(peer.id));
-                let op = ChatOp::Message { me, chat, text, whisper, origin };
+                let op = ChatOp::Message {
+                    me,
+                    chat,
+                    text,
+                    whisper,
+                    origin,
+                };
                 hub.chat(op, Some((me, peer))).await.map(Some)
             }
             OperatorRequest::CloseChat { chat } => {

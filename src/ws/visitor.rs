@@ -79,7 +79,8 @@ impl Handler for Visitor {
             Ok(VisitorRequest::SendMessage { text }) => {
                 let chat = self.chat;
                 let origin = Some(hub.origin(peer.id));
-                hub.chat(ChatOp::VisitorMessage { chat, text, origin }, None).await
+                hub.chat(ChatOp::VisitorMessage { chat, text, origin }, None)
+                    .await
             }
             Err(e) => Err(e),
         };

@@ -61,7 +61,7 @@ impl TestHub {
     pub async fn start_in(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> TestHub {
         let mut cfg = test_config(dir);
         tweak(&mut cfg);
-        let listener = tokio::net::TcpListener::bind(cfg.server.listen).await.unwrap();
+        let listener = presence_hub::server::bind(cfg.server.listen).unwrap();
         let addr = listener.local_addr().unwrap();
         let hub = presence_hub::server::build(cfg).await.expect("hub builds");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -84,7 +84,10 @@ impl TestHub {
             let _ = s.send(());
         }
         if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(15), t).await.expect("hub stops in time").unwrap();
+            tokio::time::timeout(Duration::from_secs(15), t)
+                .await
+                .expect("hub stops in time")
+                .unwrap();
         }
     }
 
@@ -103,15 +106,27 @@ impl TestHub {
     }
 
     /// A request to the back-end API with the API key.
-    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, self.url(path)).bearer_auth(API_KEY);
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(API_KEY);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let res = req.send().await.expect("request sent");
         let status = res.status().as_u16();
         let text = res.text().await.unwrap();
-        let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, v)
     }
 
@@ -137,14 +152,20 @@ impl TestHub {
 
     /// Creates (or replaces) an operator working in `departments` with every permission.
     pub async fn operator(&self, id: u64, departments: &[u64]) -> Value {
-        self.operator_with(id, json!({ "name": format!("op{id}"), "departments": departments,
-            "permissions": ["change_online_status", "change_visibility", "change_always_online"] }))
-            .await
+        self.operator_with(
+            id,
+            json!({ "name": format!("op{id}"), "departments": departments,
+            "permissions": ["change_online_status", "change_visibility", "change_always_online"] }),
+        )
+        .await
     }
 
     pub async fn operator_with(&self, id: u64, body: Value) -> Value {
         let (status, v) = self.put(&format!("/api/v1/operators/{id}"), body).await;
-        assert!(status == 200 || status == 201, "PUT operator {id}: {status} {v}");
+        assert!(
+            status == 200 || status == 201,
+            "PUT operator {id}: {status} {v}"
+        );
         v
     }
 
@@ -160,14 +181,19 @@ impl TestHub {
 
     /// An operator socket, with its `hello` already read.
     pub async fn connect(&self, operator: u64) -> (Client, Value) {
-        let mut c = Client::connect(&self.ws_url(&format!("/ws/operator?token={}", self.token(operator)))).await;
+        let mut c =
+            Client::connect(&self.ws_url(&format!("/ws/operator?token={}", self.token(operator))))
+                .await;
         let hello = c.next().await;
         assert_eq!(hello["type"], "hello", "{hello}");
         (c, hello)
     }
 
     pub async fn widget(&self, departments: &[u64]) -> Client {
-        let q: Vec<String> = departments.iter().map(|d| format!("department={d}")).collect();
+        let q: Vec<String> = departments
+            .iter()
+            .map(|d| format!("department={d}"))
+            .collect();
         Client::connect(&self.ws_url(&format!("/ws/widget?{}", q.join("&")))).await
     }
 }
@@ -223,7 +249,9 @@ impl Client {
     pub async fn next_of(&mut self, ty: &str) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let v = tokio::time::timeout_at(deadline, self.next()).await.unwrap_or_else(|_| panic!("no {ty} in time"));
+            let v = tokio::time::timeout_at(deadline, self.next())
+                .await
+                .unwrap_or_else(|_| panic!("no {ty} in time"));
             if v["type"] == ty {
                 return v;
             }
@@ -234,7 +262,9 @@ impl Client {
     pub async fn next_where(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let v = tokio::time::timeout_at(deadline, self.next()).await.unwrap_or_else(|_| panic!("no {what} in time"));
+            let v = tokio::time::timeout_at(deadline, self.next())
+                .await
+                .unwrap_or_else(|_| panic!("no {what} in time"));
             if pred(&v) {
                 return v;
             }
@@ -243,7 +273,12 @@ impl Client {
 
     /// Asserts that no message matching `pred` arrives within `window` (absence can only be
     /// shown by watching for a while).
-    pub async fn silent_for(&mut self, window: Duration, what: &str, pred: impl Fn(&Value) -> bool) {
+    pub async fn silent_for(
+        &mut self,
+        window: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) {
         let deadline = tokio::time::Instant::now() + window;
         loop {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {
@@ -259,7 +294,10 @@ impl Client {
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::Text(v.to_string().into())).await.expect("send");
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_raw(&mut self, m: Message) {
@@ -273,14 +311,20 @@ impl Client {
         let r = self.next_ref;
         v["ref"] = json!(r);
         self.send(v).await;
-        self.next_where("answer", |m| m["ref"] == json!(r) && (m["type"] == "ack" || m["type"] == "error")).await
+        self.next_where("answer", |m| {
+            m["ref"] == json!(r) && (m["type"] == "ack" || m["type"] == "error")
+        })
+        .await
     }
 
     /// Waits for the hub to close the socket; returns the close frame.
     pub async fn closed(&mut self) -> Option<CloseFrame> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            match tokio::time::timeout_at(deadline, self.ws.next()).await.expect("closed in time") {
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("closed in time")
+            {
                 Some(Ok(Message::Close(f))) => return f,
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return None,
@@ -290,7 +334,10 @@ impl Client {
 
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
-        let _ = tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+        let _ = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
     }
 }
 
@@ -298,7 +345,12 @@ impl Client {
 
 impl TestHub {
     /// A request without the API key (public endpoints, or to show the key is required).
-    pub async fn public(&self, method: reqwest::Method, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    pub async fn public(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
         let mut req = self.http.request(method, self.url(path));
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -308,7 +360,12 @@ impl TestHub {
 
     /// The Prometheus text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
-        let res = self.http.get(self.url("/metrics")).send().await.expect("metrics");
+        let res = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics");
         assert_eq!(res.status().as_u16(), 200);
         res.text().await.unwrap()
     }
@@ -319,7 +376,9 @@ impl TestHub {
 pub fn metric_value(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(metric) && matches!(l.as_bytes().get(metric.len()), Some(b'{' | b' ')))
+        .filter(|l| {
+            l.starts_with(metric) && matches!(l.as_bytes().get(metric.len()), Some(b'{' | b' '))
+        })
         .find(|l| labels.iter().all(|x| l.contains(x)))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
@@ -347,7 +406,10 @@ impl Client {
     /// handshake completes at once); returns the close code, None when the socket just ended.
     pub async fn close_code(&mut self) -> Option<u16> {
         let frame = self.closed().await;
-        let _ = tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+        let _ = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
         frame.map(|f| u16::from(f.code))
     }
 }
@@ -359,7 +421,10 @@ impl TestHub {
     pub async fn create_chat(&self, body: Value) -> (Value, String) {
         let (status, v) = self.post("/api/v1/chats", body).await;
         assert_eq!(status, 201, "POST chat: {v}");
-        let token = v["visitor_token"].as_str().expect("visitor_token").to_string();
+        let token = v["visitor_token"]
+            .as_str()
+            .expect("visitor_token")
+            .to_string();
         (v["chat"].clone(), token)
     }
 
@@ -373,7 +438,10 @@ impl TestHub {
     /// `PUT /api/v1/departments/{id}`.
     pub async fn put_department(&self, id: u64, body: Value) -> Value {
         let (status, v) = self.put(&format!("/api/v1/departments/{id}"), body).await;
-        assert!(status == 200 || status == 201, "PUT department {id}: {status} {v}");
+        assert!(
+            status == 200 || status == 201,
+            "PUT department {id}: {status} {v}"
+        );
         v
     }
 
@@ -398,7 +466,10 @@ impl TestHub {
             if pred(&v) {
                 return v;
             }
-            assert!(tokio::time::Instant::now() < deadline, "{what} not reached: {v}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} not reached: {v}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

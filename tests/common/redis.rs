@@ -14,9 +14,17 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let dir = tempfile::tempdir().unwrap();
-        let mut r = RedisServer { port, dir, child: None };
+        let mut r = RedisServer {
+            port,
+            dir,
+            child: None,
+        };
         r.spawn().await;
         r
     }
@@ -28,7 +36,14 @@ impl RedisServer {
     /// Starts (again) on the same port and data dir: what was persisted is back.
     pub async fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(PathBuf::from(self.dir.path()))
@@ -40,7 +55,10 @@ impl RedisServer {
         let client = redis::Client::open(self.url()).unwrap();
         for _ in 0..200 {
             if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
             {
                 return;
             }
@@ -52,7 +70,9 @@ impl RedisServer {
     /// Stops the server (SIGTERM: it writes its append-only file and exits).
     pub async fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
             for _ in 0..200 {
                 if c.try_wait().ok().flatten().is_some() {
                     return;
