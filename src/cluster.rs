@@ -7,6 +7,11 @@
 //! ignored). A node that stops renewing its lease (`{prefix}node:{id}`) stops counting
 //! within the lease; the grace then applies. After any pub/sub interruption a node
 //! resynchronises from Redis, which covers the notes it missed.
+//!
+//! Chats have a single writer: the node holding `{prefix}leader` (elected by lease) runs
+//! every chat change and all auto-assignment, so one chat never gets two owners and no
+//! operator passes capacity. Other nodes forward chat changes to it (`{prefix}calls:{node}`,
+//! answers on `{prefix}reply:{node}`) and apply the chats and messages it publishes.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -134,6 +139,10 @@ impl Cluster {
     pub async fn start(self, hub: Hub) {
         let (tx, rx) = mpsc::unbounded_channel();
         let me = Arc::new(self);
+        // A node restarting under its old id holds no connection yet.
+        if let Ok(mut c) = me.client.get_multiplexed_async_connection().await {
+            let _: redis::RedisResult<()> = c.del(me.conns_key(&me.node)).await;
+        }
         hub.attach_cluster(me.clone(), tx);
         hub.on_leave(tokio::spawn(me.clone().publish(rx, hub.clone())));
         tokio::spawn(me.clone().subscribe(hub.clone()));
@@ -333,7 +342,6 @@ impl Cluster {
 
     async fn publish(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Note>, hub: Hub) {
         let mut conn = None;
-        let ttl = (self.lease * 3).as_millis() as i64;
         loop {
             let note = tokio::select! {
                 n = rx.recv() => match n { Some(n) => n, None => return },
@@ -366,7 +374,6 @@ impl Cluster {
                 } else {
                     pipe.hset(&key, operator, format!("{all},{idle}")).ignore();
                 }
-                pipe.pexpire(&key, ttl).ignore();
             }
             pipe.publish(self.channel(), payload).ignore();
             if let Err(e) = pipe.query_async::<()>(c).await {
@@ -591,6 +598,7 @@ impl Cluster {
                     Ok(false) => {
                         tracing::warn!(node = %node, "node lease expired: its connections no longer count");
                         hub.run(|core, now| core.drop_node(&node, now));
+                        let _: redis::RedisResult<()> = c.del(self.conns_key(&node)).await;
                     }
                     Err(_) => {
                         conn = None;
