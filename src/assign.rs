@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn queue_order_priority_then_age() {
-        let mut keys = vec![
+        let mut keys = [
             (queue_key(0, 1), 'a'),
             (queue_key(5, 3), 'b'),
             (queue_key(5, 2), 'c'),

@@ -255,6 +255,7 @@ async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
     })
     .await;
     a.operator(1, &[1]).await;
+    a.put("/api/v1/departments/1", json!({"name": "Sales", "accept_timeout": "0s"})).await;
     // Node B: the real binary, in its own process, so that it can be killed.
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -304,6 +305,10 @@ async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
             v["type"] == "widget_status" && v["online"] == true
         })
         .await;
+    // A chat assigned to the operator on node B, not accepted yet.
+    let (chat, _) = a.create_chat(json!({"department": 1})).await;
+    let id = chat["id"].as_u64().unwrap();
+    chat_where(&a, id, "assigned", |c| c["owner"] == 1).await;
     let killed = Instant::now();
     let _ = child.kill(); // SIGKILL
     let _ = child.wait();
@@ -313,6 +318,9 @@ async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
     let ghost = killed.elapsed();
     assert_eq!(off["online"], false);
     println!("ghost-online after kill -9: {ghost:?} (lease {lease:?} + grace {grace:?})");
+    // The chat pending on the dead node's operator goes back to the queue.
+    let back = chat_where(&a, id, "back in the queue", |c| c["owner"].is_null()).await;
+    assert_eq!(back["status"], "pending");
     assert!(
         ghost <= lease + grace + Duration::from_secs(1),
         "ghost online for {ghost:?}"
