@@ -1713,7 +1713,13 @@ impl Core {
                 }
             }
         }
-        self.writes.clear();
+        // The record is already in the store; what it set off here (assignments on the
+        // assigning node) is not, and must be written.
+        self.writes.retain(|w| match w {
+            Write::Operator(o) => o.record.id != id,
+            Write::DeleteOperator(d) => *d != id,
+            _ => true,
+        });
     }
 
     pub fn apply_department(&mut self, dept: Department, now: Instant) {
@@ -1722,9 +1728,10 @@ impl Core {
             .get(&dept.id)
             .is_none_or(|d| d.version < dept.version)
         {
+            let id = dept.id;
             self.put_department(dept, now);
+            self.writes.retain(|w| !matches!(w, Write::Department(d) if d.id == id));
         }
-        self.writes.clear();
     }
 
     /// Nodes whose connections count here.
@@ -1857,6 +1864,10 @@ impl Core {
                 });
                 let incoming = chat.clone();
                 self.transition(id, |c| *c = incoming);
+                // The writer's version, not a new local one: its next change must apply.
+                if let Some(e) = self.chats.get_mut(&id) {
+                    e.chat.version = chat.version;
+                }
                 if let (Some(reason), Some(owner)) = (assigned, chat.owner) {
                     let frame = Event::ChatAssigned {
                         chat: chat.view(),
@@ -1888,8 +1899,8 @@ impl Core {
                 self.settle(now);
             }
         }
-        self.writes.clear();
-        self.notes.clear();
+        self.writes.retain(|w| !matches!(w, Write::Chat(c) if c.id == id));
+        self.notes.retain(|n| !matches!(n, Note::Chat { chat } if chat.id == id));
     }
 
     /// Cluster: a message written on another node.
@@ -1902,7 +1913,7 @@ impl Core {
             self.keep_message(chat, message.clone());
             self.deliver_message(chat, &message, origin.as_ref());
         }
-        self.writes.clear();
+        self.writes.retain(|w| !matches!(w, Write::TrimMessages { chat: c, .. } if *c == chat));
     }
 
     /// Cluster resync: replaces a chat's history with what the store holds.
