@@ -290,6 +290,19 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let durations = [
+            self.presence.disconnect_grace,
+            self.presence.ping_interval,
+            self.presence.pong_timeout(),
+            self.presence.inactivity_timeout,
+            self.assignment.accept_timeout,
+            self.cluster.node_lease,
+            self.limits.handshake_timeout,
+        ];
+        if durations.iter().any(|d| *d > year) {
+            return bad("durations must be at most 365 days");
+        }
         if self.presence.ping_interval.is_zero() {
             return bad("presence.ping_interval must be greater than 0");
         }

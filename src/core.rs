@@ -49,6 +49,8 @@ pub struct SettingsChange {
 pub enum Timer {
     GraceEnd { operator: u64, at: Instant },
     AcceptDeadline { chat: u64, round: u64, at: Instant },
+    /// One grace after assigning starts: see [`Core::requeue_offline_owners`].
+    OfflineOwners { at: Instant },
 }
 
 /// `POST /api/v1/chats`.
@@ -107,6 +109,8 @@ pub struct Operator {
     noted: (u32, u32),
     /// Version of the record and settings (see [`StoredOperator::version`]).
     version: u64,
+    /// Departments the last record change removed: they hear the next `operator_status`.
+    left: Vec<u64>,
 }
 
 struct ChatEntry {
@@ -491,8 +495,25 @@ impl Core {
             view_json: None,
             noted: (0, 0),
             version,
+            left: Vec::new(),
         };
         self.operators.insert(id, op);
+        // Chats may name the operator before its record arrives (replicas, re-created ids).
+        let owned: Vec<(u64, ChatStatus)> = self
+            .chats
+            .values()
+            .filter(|e| e.chat.owner == Some(id))
+            .map(|e| (e.chat.id, e.chat.status))
+            .collect();
+        if let Some(op) = self.operators.get_mut(&id) {
+            for (chat, status) in owned {
+                match status {
+                    ChatStatus::Pending => op.pending.insert(chat),
+                    ChatStatus::Active => op.active.insert(chat),
+                    _ => false,
+                };
+            }
+        }
     }
 
     fn unindex_operator(&mut self, record: &OperatorRecord) {
@@ -537,6 +558,7 @@ impl Core {
                 self.unindex_operator(&old);
                 self.dirty_depts.extend(old.all_departments());
                 let op = self.operators.get_mut(&id).expect("present");
+                op.left = old.all_departments().filter(|d| !record.works_in(*d) && !record.watches(*d)).collect();
                 op.record = record.clone();
                 op.settings = settings;
                 op.version = version;
@@ -901,7 +923,13 @@ impl Core {
                 return Err(Error::Conflict(format!("chat {id} already exists")));
             }
             Some(0) => return Err(Error::bad("chat id must be greater than 0")),
+            Some(id) if id > MAX_CHAT_ID => {
+                return Err(Error::bad(format!("chat id must be at most {MAX_CHAT_ID} (2^53 - 1)")));
+            }
             Some(id) => id,
+            None if self.next_chat_id > MAX_CHAT_ID || self.chats.contains_key(&self.next_chat_id) => {
+                return Err(Error::Conflict("no chat id left to allocate; give ids explicitly".into()));
+            }
             None => self.next_chat_id,
         };
         self.next_chat_id = self.next_chat_id.max(id.saturating_add(1));
@@ -1376,11 +1404,11 @@ impl Core {
     fn arm_accept_deadline(&mut self, id: u64, now: Instant) {
         let Some(e) = self.chats.get(&id) else { return };
         let timeout = self.department(e.chat.department).accept_timeout;
-        if !timeout.is_zero() {
+        if let Some(at) = now.checked_add(timeout).filter(|_| !timeout.is_zero()) {
             self.timers.push(Timer::AcceptDeadline {
                 chat: id,
                 round: e.round,
-                at: now + timeout,
+                at,
             });
         }
     }
@@ -1443,7 +1471,7 @@ impl Core {
         }
         let frame = Event::OperatorStatus { operator: &json }.frame();
         let mut audience: BTreeSet<u64> = BTreeSet::from([id]);
-        for d in op.record.all_departments() {
+        for d in op.record.all_departments().chain(op.left.iter().copied()) {
             audience.extend(self.members.get(&d).into_iter().flatten());
             audience.extend(self.watchers.get(&d).into_iter().flatten());
         }
@@ -1452,6 +1480,7 @@ impl Core {
         }
         if let Some(op) = self.operators.get_mut(&id) {
             op.view_json = Some(json);
+            op.left.clear();
         }
     }
 
@@ -1548,6 +1577,9 @@ impl Core {
         }
     }
 }
+
+/// Largest chat id: the largest integer JavaScript clients read exactly.
+const MAX_CHAT_ID: u64 = (1 << 53) - 1;
 
 const MISCONFIGURED: &str =
     "you are online and invisible: auto-assigned chats will not turn active when you open them";
@@ -1833,18 +1865,36 @@ impl Core {
             .filter(|e| e.chat.status == ChatStatus::Pending && e.chat.owner.is_some())
             .map(|e| (e.chat.id, e.chat.owner))
             .collect();
-        for (id, owner) in unaccepted {
-            if self.cluster && !owner.is_some_and(|o| self.is_online(o)) {
-                self.transition(id, |c| {
-                    c.owner = None;
-                    c.assigned_at = None;
-                });
-                self.requeued(id, AssignReason::OperatorUnavailable);
-            } else {
-                self.arm_accept_deadline(id, now);
-            }
+        for (id, _) in unaccepted {
+            self.arm_accept_deadline(id, now);
         }
+        // Owners who are not back within one grace give their unaccepted chats back.
+        let at = now + self.cfg.presence.disconnect_grace;
+        self.timers.push(Timer::OfflineOwners { at });
         self.to_assign.extend(self.queues.keys().copied());
+        self.settle(now);
+    }
+
+    /// Puts back in the queue the unaccepted chats of owners who are offline (after a
+    /// restart or a failover, when nobody saw them go offline).
+    pub fn requeue_offline_owners(&mut self, now: Instant) {
+        if !self.assigner {
+            return;
+        }
+        let stale: Vec<u64> = self
+            .chats
+            .values()
+            .filter(|e| e.chat.status == ChatStatus::Pending)
+            .filter(|e| e.chat.owner.is_some_and(|o| !self.is_online(o)))
+            .map(|e| e.chat.id)
+            .collect();
+        for id in stale {
+            self.transition(id, |c| {
+                c.owner = None;
+                c.assigned_at = None;
+            });
+            self.requeued(id, AssignReason::OperatorUnavailable);
+        }
         self.settle(now);
     }
 

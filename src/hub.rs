@@ -151,7 +151,7 @@ impl Hub {
     fn schedule(&self, t: Timer) {
         let hub = self.clone();
         let at = match t {
-            Timer::GraceEnd { at, .. } | Timer::AcceptDeadline { at, .. } => at,
+            Timer::GraceEnd { at, .. } | Timer::AcceptDeadline { at, .. } | Timer::OfflineOwners { at } => at,
         };
         tokio::spawn(async move {
             tokio::select! {
@@ -161,6 +161,7 @@ impl Hub {
             hub.run(|core, now| match t {
                 Timer::GraceEnd { operator, .. } => core.grace_ended(operator, now),
                 Timer::AcceptDeadline { chat, round, .. } => core.accept_deadline(chat, round, now),
+                Timer::OfflineOwners { .. } => core.requeue_offline_owners(now),
             });
         });
     }

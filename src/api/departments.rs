@@ -14,6 +14,9 @@ use crate::error::Error;
 use crate::hub::Hub;
 use crate::model::Department;
 
+/// Longest `accept_timeout` a department may set.
+const MAX_ACCEPT_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Fields left out take the config file's defaults (a PUT replaces the department).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +47,9 @@ pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) 
             Some(s) => parse_duration(&s).map_err(Error::BadRequest)?,
             None => defaults.accept_timeout,
         };
+        if accept_timeout > MAX_ACCEPT_TIMEOUT {
+            return Err(Error::bad("accept_timeout must be at most 7 days"));
+        }
         let dept = Department {
             id: did,
             name: p.name,
