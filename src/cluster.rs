@@ -38,8 +38,15 @@ use crate::store::redis::Keys;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Note {
-    /// This node's connections of an operator now: all, and those idle.
-    Presence { operator: u64, all: u32, idle: u32 },
+    /// This node's connections of an operator now: all, and those idle; `logout`: the last
+    /// one ended with a logout (no grace anywhere).
+    Presence {
+        operator: u64,
+        all: u32,
+        idle: u32,
+        #[serde(default)]
+        logout: bool,
+    },
     /// The operator's record and settings as now (None: deleted). Carried in the note: the
     /// store write may land in Redis after the note arrives.
     Operator {
@@ -48,6 +55,8 @@ pub enum Note {
     },
     /// The department as now.
     Department { department: Department },
+    /// Every connection count of the sending node, replacing what others hold of it.
+    NodeState { counts: Vec<(u64, u32, u32)> },
     /// A chat as the assigning node left it.
     Chat { chat: Chat },
     /// A message written in a chat; `origin` does not get it back.
@@ -80,6 +89,8 @@ pub struct Cluster {
 struct Call {
     id: u64,
     from: String,
+    /// Unix milliseconds after which the caller no longer waits: the change is not made.
+    deadline: u64,
     op: ChatOp,
 }
 
@@ -132,8 +143,6 @@ impl Cluster {
         format!("{}reply:{node}", self.keys.0)
     }
 
-    /// Starts the publisher, the subscriber and the node watcher; returns the sender the
-    /// hub queues its notes into.
     /// Starts the publisher, the subscriber, the node watcher, the election and the
     /// server of forwarded chat changes; the first election round is over on return.
     pub async fn start(self, hub: Hub) {
@@ -159,16 +168,18 @@ impl Cluster {
             "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 \
              elseif redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 else return 0 end",
         );
-        let got = match self.client.get_multiplexed_async_connection().await {
-            Ok(mut c) => script
+        // A round that cannot finish within a third of the lease counts as lost: a node cut
+        // off from Redis stops assigning before its lease can pass to another node.
+        let round = async {
+            let mut c = self.client.get_multiplexed_async_connection().await?;
+            script
                 .key(self.leader_key())
                 .arg(&self.node)
                 .arg(self.lease.as_millis() as u64)
                 .invoke_async::<i64>(&mut c)
                 .await
-                .is_ok_and(|v| v == 1),
-            Err(_) => false,
         };
+        let got = matches!(tokio::time::timeout(self.lease / 3, round).await, Ok(Ok(1)));
         if got && !was {
             if let Err(e) = self.resync(hub).await {
                 tracing::warn!(cause = %e, "resync before assigning failed");
@@ -233,9 +244,11 @@ impl Cluster {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
+        let deadline = unix_ms() + CALL_TIMEOUT.as_millis() as u64;
         let call = serde_json::to_string(&Call {
             id,
             from: self.node.clone(),
+            deadline,
             op,
         })
         .expect("calls serialize");
@@ -293,6 +306,16 @@ impl Cluster {
             let Ok(call) = serde_json::from_str::<Call>(&raw) else {
                 continue;
             };
+            if call.deadline < unix_ms() {
+                continue; // the caller gave up and answered its client already
+            }
+            // Just elected: wait (bounded) for the resync to finish before taking changes.
+            for _ in 0..100 {
+                if hub.read(|c| c.assigner) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let result = if hub.read(|c| c.assigner) {
                 hub.commit(|c, now| c.exec(call.op, now)).await
             } else {
@@ -340,64 +363,101 @@ impl Cluster {
         let _ = tx.send(result);
     }
 
+    /// Publishes notes in batches (one round trip each). Every lease, and after any failed
+    /// round, it sends this node's whole state instead of trusting earlier notes: a note lost
+    /// in an outage, or counts dropped by nodes that saw our lease lapse, heal within a lease.
     async fn publish(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Note>, hub: Hub) {
         let mut conn = None;
+        let mut stale = false;
+        let mut batch = Vec::new();
+        let mut refresh = tokio::time::interval(self.lease);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let note = tokio::select! {
-                n = rx.recv() => match n { Some(n) => n, None => return },
+            tokio::select! {
+                n = rx.recv() => match n {
+                    Some(n) => batch.push(n),
+                    None => return,
+                },
+                _ = refresh.tick() => stale = true,
                 _ = hub.shutdown.cancelled() => break,
-            };
+            }
+            while batch.len() < 512 {
+                match rx.try_recv() {
+                    Ok(n) => batch.push(n),
+                    Err(_) => break,
+                }
+            }
             if conn.is_none() {
                 conn = self.client.get_multiplexed_async_connection().await.ok();
             }
             let Some(c) = conn.as_mut() else {
                 tracing::warn!(
-                    "redis unreachable: a cluster note is dropped (the resync covers it)"
+                    notes = batch.len(),
+                    "redis unreachable: cluster notes dropped; the next full state covers them"
                 );
+                batch.clear();
+                stale = true;
                 continue;
             };
-            let payload = serde_json::to_string(&Envelope {
-                node: self.node.clone(),
-                note: note.clone(),
-            })
-            .expect("notes serialize");
             let mut pipe = redis::pipe();
-            if let Note::Presence {
-                operator,
-                all,
-                idle,
-            } = note
-            {
-                let key = self.conns_key(&self.node);
-                if all == 0 {
-                    pipe.hdel(&key, operator).ignore();
-                } else {
-                    pipe.hset(&key, operator, format!("{all},{idle}")).ignore();
+            if stale {
+                let counts = hub.read(|core| core.local_counts());
+                self.full_state(&mut pipe, counts);
+            }
+            for note in batch.drain(..) {
+                self.add_note(&mut pipe, note);
+            }
+            match pipe.query_async::<()>(c).await {
+                Ok(()) => stale = false,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "cluster publish failed");
+                    conn = None;
+                    stale = true;
                 }
             }
-            pipe.publish(self.channel(), payload).ignore();
-            if let Err(e) = pipe.query_async::<()>(c).await {
-                tracing::warn!(cause = %e, "cluster publish failed");
-                conn = None;
-            }
         }
-        // Leaving: our connections no longer count anywhere.
+        // Leaving: what is queued still goes out, then our connections stop counting.
         if let Ok(mut c) = self.client.get_multiplexed_async_connection().await {
-            let _: redis::RedisResult<()> = c.del(self.conns_key(&self.node)).await;
-            let ops: Vec<u64> = hub.read(|core| core.local_operators());
-            for operator in ops {
-                let payload = serde_json::to_string(&Envelope {
-                    node: self.node.clone(),
-                    note: Note::Presence {
-                        operator,
-                        all: 0,
-                        idle: 0,
-                    },
-                })
-                .expect("notes serialize");
-                let _: redis::RedisResult<()> = c.publish(self.channel(), payload).await;
+            let mut pipe = redis::pipe();
+            while let Ok(n) = rx.try_recv() {
+                self.add_note(&mut pipe, n);
+            }
+            self.full_state(&mut pipe, Vec::new());
+            let _: redis::RedisResult<()> = pipe.query_async(&mut c).await;
+        }
+    }
+
+    fn add_note(&self, pipe: &mut redis::Pipeline, note: Note) {
+        if let Note::Presence {
+            operator,
+            all,
+            idle,
+            ..
+        } = note
+        {
+            let key = self.conns_key(&self.node);
+            if all == 0 {
+                pipe.hdel(&key, operator).ignore();
+            } else {
+                pipe.hset(&key, operator, format!("{all},{idle}")).ignore();
             }
         }
+        let payload = serde_json::to_string(&Envelope {
+            node: self.node.clone(),
+            note,
+        })
+        .expect("notes serialize");
+        pipe.publish(self.channel(), payload).ignore();
+    }
+
+    /// Rewrites `{prefix}conns:{node}` and tells the others to replace our counts.
+    fn full_state(&self, pipe: &mut redis::Pipeline, counts: Vec<(u64, u32, u32)>) {
+        let key = self.conns_key(&self.node);
+        pipe.del(&key).ignore();
+        for (op, all, idle) in &counts {
+            pipe.hset(&key, *op, format!("{all},{idle}")).ignore();
+        }
+        self.add_note(pipe, Note::NodeState { counts });
     }
 
     async fn subscribe(self: Arc<Self>, hub: Hub) {
@@ -456,8 +516,12 @@ impl Cluster {
                 operator,
                 all,
                 idle,
+                logout,
             } => {
-                hub.run(|c, now| c.apply_presence(node, operator, all, idle, now));
+                hub.run(|c, now| c.apply_presence(node, operator, all, idle, logout, now));
+            }
+            Note::NodeState { counts } => {
+                hub.run(|c, now| c.replace_node(node, counts, now));
             }
             Note::Operator { id, record } => {
                 hub.run(|c, now| c.apply_operator(id, record, now));
@@ -478,8 +542,10 @@ impl Cluster {
         }
     }
 
-    async fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> anyhow::Result<Option<T>> {
-        let mut c = self.client.get_multiplexed_async_connection().await?;
+    async fn get<T: serde::de::DeserializeOwned>(
+        c: &mut redis::aio::MultiplexedConnection,
+        key: &str,
+    ) -> anyhow::Result<Option<T>> {
         let raw: Option<String> = c.get(key).await?;
         Ok(match raw {
             Some(s) => Some(serde_json::from_str(&s)?),
@@ -492,18 +558,18 @@ impl Cluster {
         let mut c = self.client.get_multiplexed_async_connection().await?;
         let op_ids: Vec<u64> = c.smembers(self.keys.operators()).await?;
         let mut ops = Vec::new();
-        // Only newer copies are applied, and deletions only through notes: a snapshot may be
-        // older than what this node already holds (its own writes may still be in flight).
+        // Only newer copies are applied: a snapshot may be older than what this node already
+        // holds (its own writes may still be in flight). Deletions arrive as notes.
         for id in &op_ids {
             ops.push((
                 *id,
-                self.get::<StoredOperator>(&self.keys.operator(*id)).await?,
+                Self::get::<StoredOperator>(&mut c, &self.keys.operator(*id)).await?,
             ));
         }
         let dept_ids: Vec<u64> = c.smembers(self.keys.departments()).await?;
         let mut depts = Vec::new();
         for id in &dept_ids {
-            if let Some(d) = self.get::<Department>(&self.keys.department(*id)).await? {
+            if let Some(d) = Self::get::<Department>(&mut c, &self.keys.department(*id)).await? {
                 depts.push(d);
             }
         }
@@ -553,16 +619,24 @@ impl Cluster {
         let mut c = self.client.get_multiplexed_async_connection().await?;
         let ids: Vec<u64> = c.smembers(self.keys.chats()).await?;
         for chunk in ids.chunks(256) {
-            let mut chats = Vec::new();
+            let keys: Vec<String> = chunk.iter().map(|id| self.keys.chat(*id)).collect();
+            let raw: Vec<Option<String>> =
+                redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
+            let mut pipe = redis::pipe();
             for id in chunk {
-                if let Some(chat) = self.get::<Chat>(&self.keys.chat(*id)).await? {
-                    let raw: Vec<String> = c.zrange(self.keys.messages(*id), 0, -1).await?;
-                    let history: Vec<ChatMessage> = raw
-                        .iter()
-                        .filter_map(|m| serde_json::from_str(m).ok())
-                        .collect();
-                    chats.push((chat, history));
-                }
+                pipe.zrange(self.keys.messages(*id), 0, -1);
+            }
+            let histories: Vec<Vec<String>> = pipe.query_async(&mut c).await?;
+            let mut chats = Vec::new();
+            for (chat, history) in raw.into_iter().zip(histories) {
+                let Some(chat) = chat.and_then(|s| serde_json::from_str::<Chat>(&s).ok()) else {
+                    continue;
+                };
+                let history: Vec<ChatMessage> = history
+                    .iter()
+                    .filter_map(|m| serde_json::from_str(m).ok())
+                    .collect();
+                chats.push((chat, history));
             }
             hub.run(|core, now| {
                 for (chat, history) in chats {
@@ -608,4 +682,10 @@ impl Cluster {
             }
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

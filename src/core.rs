@@ -47,10 +47,19 @@ pub struct SettingsChange {
 /// A timer a change asked for; the hub sleeps until `at` and calls back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timer {
-    GraceEnd { operator: u64, at: Instant },
-    AcceptDeadline { chat: u64, round: u64, at: Instant },
+    GraceEnd {
+        operator: u64,
+        at: Instant,
+    },
+    AcceptDeadline {
+        chat: u64,
+        round: u64,
+        at: Instant,
+    },
     /// One grace after assigning starts: see [`Core::requeue_offline_owners`].
-    OfflineOwners { at: Instant },
+    OfflineOwners {
+        at: Instant,
+    },
 }
 
 /// `POST /api/v1/chats`.
@@ -558,7 +567,10 @@ impl Core {
                 self.unindex_operator(&old);
                 self.dirty_depts.extend(old.all_departments());
                 let op = self.operators.get_mut(&id).expect("present");
-                op.left = old.all_departments().filter(|d| !record.works_in(*d) && !record.watches(*d)).collect();
+                op.left = old
+                    .all_departments()
+                    .filter(|d| !record.works_in(*d) && !record.watches(*d))
+                    .collect();
                 op.record = record.clone();
                 op.settings = settings;
                 op.version = version;
@@ -924,11 +936,17 @@ impl Core {
             }
             Some(0) => return Err(Error::bad("chat id must be greater than 0")),
             Some(id) if id > MAX_CHAT_ID => {
-                return Err(Error::bad(format!("chat id must be at most {MAX_CHAT_ID} (2^53 - 1)")));
+                return Err(Error::bad(format!(
+                    "chat id must be at most {MAX_CHAT_ID} (2^53 - 1)"
+                )));
             }
             Some(id) => id,
-            None if self.next_chat_id > MAX_CHAT_ID || self.chats.contains_key(&self.next_chat_id) => {
-                return Err(Error::Conflict("no chat id left to allocate; give ids explicitly".into()));
+            None if self.next_chat_id > MAX_CHAT_ID
+                || self.chats.contains_key(&self.next_chat_id) =>
+            {
+                return Err(Error::Conflict(
+                    "no chat id left to allocate; give ids explicitly".into(),
+                ));
             }
             None => self.next_chat_id,
         };
@@ -1644,24 +1662,69 @@ impl Core {
         let counts = (op.presence.local_connections(), op.presence.local_idle());
         if counts != op.noted {
             op.noted = counts;
+            let logout = counts.0 == 0 && op.presence.logged_out();
             self.notes.push(Note::Presence {
                 operator: id,
                 all: counts.0,
                 idle: counts.1,
+                logout,
             });
         }
     }
 
     /// Another node's connections of an operator.
-    pub fn apply_presence(&mut self, node: &str, op: u64, all: u32, idle: u32, now: Instant) {
+    pub fn apply_presence(
+        &mut self,
+        node: &str,
+        op: u64,
+        all: u32,
+        idle: u32,
+        logout: bool,
+        now: Instant,
+    ) {
         let entry = self.remote.entry(op).or_default();
         if all == 0 {
             entry.remove(node);
         } else {
             entry.insert(node.to_string(), (all, idle));
         }
-        self.refresh_remote(op, now);
+        self.refresh_remote_with(op, logout, now);
         self.settle(now);
+    }
+
+    /// Replaces every count of one node (its periodic or after-outage full state).
+    pub fn replace_node(&mut self, node: &str, counts: Vec<(u64, u32, u32)>, now: Instant) {
+        let mut touched: BTreeSet<u64> = self
+            .remote
+            .iter()
+            .filter(|(_, m)| m.contains_key(node))
+            .map(|(op, _)| *op)
+            .collect();
+        for m in self.remote.values_mut() {
+            m.remove(node);
+        }
+        for (op, all, idle) in counts {
+            if all > 0 {
+                self.remote
+                    .entry(op)
+                    .or_default()
+                    .insert(node.to_string(), (all, idle));
+                touched.insert(op);
+            }
+        }
+        for op in touched {
+            self.refresh_remote(op, now);
+        }
+        self.settle(now);
+    }
+
+    /// This node's connections per operator: (operator, all, idle).
+    pub fn local_counts(&self) -> Vec<(u64, u32, u32)> {
+        self.operators
+            .iter()
+            .filter(|(_, o)| o.presence.local_connections() > 0)
+            .map(|(id, o)| (*id, o.presence.local_connections(), o.presence.local_idle()))
+            .collect()
     }
 
     /// Replaces every remote count (resync after an interruption).
@@ -1703,6 +1766,10 @@ impl Core {
     }
 
     fn refresh_remote(&mut self, op: u64, now: Instant) {
+        self.refresh_remote_with(op, false, now);
+    }
+
+    fn refresh_remote_with(&mut self, op: u64, logout: bool, now: Instant) {
         let (all, idle) = self
             .remote
             .get(&op)
@@ -1713,7 +1780,7 @@ impl Core {
         }
         let grace = self.cfg.presence.disconnect_grace;
         if let Some(o) = self.operators.get_mut(&op) {
-            if let Some(at) = o.presence.set_remote(all, idle, now, grace) {
+            if let Some(at) = o.presence.set_remote(all, idle, logout, now, grace) {
                 self.timers.push(Timer::GraceEnd { operator: op, at });
             }
             self.dirty_ops.insert(op);
@@ -1762,7 +1829,8 @@ impl Core {
         {
             let id = dept.id;
             self.put_department(dept, now);
-            self.writes.retain(|w| !matches!(w, Write::Department(d) if d.id == id));
+            self.writes
+                .retain(|w| !matches!(w, Write::Department(d) if d.id == id));
         }
     }
 
@@ -1770,19 +1838,6 @@ impl Core {
     pub fn remote_nodes(&self) -> Vec<String> {
         let set: BTreeSet<&String> = self.remote.values().flat_map(|m| m.keys()).collect();
         set.into_iter().cloned().collect()
-    }
-
-    /// Operators with a connection on this node.
-    pub fn local_operators(&self) -> Vec<u64> {
-        self.operators
-            .iter()
-            .filter(|(_, o)| o.presence.local_connections() > 0)
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    pub fn operator_ids(&self) -> Vec<u64> {
-        self.operators.keys().copied().collect()
     }
 }
 
@@ -1949,8 +2004,10 @@ impl Core {
                 self.settle(now);
             }
         }
-        self.writes.retain(|w| !matches!(w, Write::Chat(c) if c.id == id));
-        self.notes.retain(|n| !matches!(n, Note::Chat { chat } if chat.id == id));
+        self.writes
+            .retain(|w| !matches!(w, Write::Chat(c) if c.id == id));
+        self.notes
+            .retain(|n| !matches!(n, Note::Chat { chat } if chat.id == id));
     }
 
     /// Cluster: a message written on another node.
@@ -1963,7 +2020,8 @@ impl Core {
             self.keep_message(chat, message.clone());
             self.deliver_message(chat, &message, origin.as_ref());
         }
-        self.writes.retain(|w| !matches!(w, Write::TrimMessages { chat: c, .. } if *c == chat));
+        self.writes
+            .retain(|w| !matches!(w, Write::TrimMessages { chat: c, .. } if *c == chat));
     }
 
     /// Cluster resync: replaces a chat's history with what the store holds.

@@ -151,7 +151,9 @@ impl Hub {
     fn schedule(&self, t: Timer) {
         let hub = self.clone();
         let at = match t {
-            Timer::GraceEnd { at, .. } | Timer::AcceptDeadline { at, .. } | Timer::OfflineOwners { at } => at,
+            Timer::GraceEnd { at, .. }
+            | Timer::AcceptDeadline { at, .. }
+            | Timer::OfflineOwners { at } => at,
         };
         tokio::spawn(async move {
             tokio::select! {
@@ -251,13 +253,22 @@ impl Hub {
             _ => None,
         };
         if let Some(cluster) = self.cluster.get().filter(|_| !self.read(|c| c.assigner)) {
-            // Elected meanwhile: the election turns this node into the assigner within
-            // its round; run it here then.
             if let Some(v) = cluster.call(op.clone()).await? {
                 if let (Some((me, peer)), Some(chat)) = (watch, chat) {
                     self.run(|c, _| c.watch(me, peer, chat));
                 }
                 return Ok(v);
+            }
+            // This node was elected meanwhile: run it here once its resync is done.
+            let mut waited = Duration::ZERO;
+            while !self.read(|c| c.assigner) {
+                if waited > Duration::from_secs(3) {
+                    return Err(crate::error::Error::Unavailable(
+                        "cluster: election under way".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                waited += Duration::from_millis(10);
             }
         }
         self.commit(|c, now| {

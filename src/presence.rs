@@ -123,11 +123,13 @@ impl Presence {
     }
 
     /// Connections of other nodes (cluster); a change may start or end the grace like a
-    /// local one. Returns the grace end to schedule, if one started.
+    /// local one (`logout`: the last one ended with a logout, no grace). Returns the grace
+    /// end to schedule, if one started.
     pub fn set_remote(
         &mut self,
         all: u32,
         idle: u32,
+        logout: bool,
         now: Instant,
         grace: Duration,
     ) -> Option<Instant> {
@@ -138,6 +140,9 @@ impl Presence {
         if after > 0 {
             self.grace_until = None;
             self.logged_out = false;
+        } else if before > 0 && logout {
+            self.grace_until = None;
+            self.logged_out = true;
         } else if before > 0 && !grace.is_zero() && !was_inactive {
             let until = now + grace;
             self.grace_until = Some(until);
@@ -162,6 +167,11 @@ impl Presence {
     /// Inactive only while every connection last said `active: false`.
     pub fn inactive(&self) -> bool {
         self.connections() > 0 && self.local_idle() + self.remote.1 == self.connections()
+    }
+
+    /// The last connection ended with a `logout`.
+    pub fn logged_out(&self) -> bool {
+        self.logged_out && self.connections() == 0
     }
 
     pub fn in_grace(&self) -> bool {

@@ -255,7 +255,11 @@ async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
     })
     .await;
     a.operator(1, &[1]).await;
-    a.put("/api/v1/departments/1", json!({"name": "Sales", "accept_timeout": "0s"})).await;
+    a.put(
+        "/api/v1/departments/1",
+        json!({"name": "Sales", "accept_timeout": "0s"}),
+    )
+    .await;
     // Node B: the real binary, in its own process, so that it can be killed.
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -498,4 +502,29 @@ async fn cluster_assigning_node_stops_and_another_takes_over() {
     let id = chat["id"].as_u64().unwrap();
     let c = chat_where(&b, id, "assigned", |c| c["owner"] == 1).await;
     assert_eq!(c["status"], "pending");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_logout_is_immediate_on_every_node() {
+    let redis = RedisServer::start().await;
+    let long_grace = |cfg: &mut presence_hub::config::Config| {
+        cfg.presence.disconnect_grace = Duration::from_secs(30)
+    };
+    let a = node(&redis, "a", long_grace).await;
+    let b = node(&redis, "b", long_grace).await;
+    a.operator(1, &[1]).await;
+    known(&b, 1).await;
+    let (mut op, _) = a.connect(1).await;
+    let mut widget = b.widget(&[1]).await;
+    widget
+        .next_where("online on node B", |v| {
+            v["type"] == "widget_status" && v["online"] == true
+        })
+        .await;
+    let ack = op.request(json!({"type": "logout"})).await;
+    assert_eq!(ack["type"], "ack");
+    // Well inside the 30 s grace: only a logout that skips the grace everywhere passes.
+    let off = widget.next_of("widget_status").await;
+    assert_eq!(off["online"], false);
+    assert_eq!(b.view(1).await["status_reason"], "logged_out");
 }

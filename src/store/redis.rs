@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Client, Commands};
+use redis::{Client, Commands};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Snapshot, Store, StoreError, Ticket, Write};
@@ -381,6 +381,3 @@ pub async fn hold_node(
         let _ = release.key(&key).arg(&token).invoke_async::<i64>(c).await;
     }
 }
-
-#[allow(unused_imports)]
-use AsyncCommands as _;
