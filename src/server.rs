@@ -9,6 +9,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
 use crate::auth::Secrets;
 use crate::cluster::Cluster;
@@ -91,7 +92,13 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(app.clone());
+        // The peer's address rides along in the request, for the connection's log span.
+        let svc = TowerToHyperService::new(app.clone().map_request(
+            move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(PeerAddr(addr));
+                req
+            },
+        ));
         let hub = hub.clone();
         tokio::spawn(async move {
             let conn = http1::Builder::new()
@@ -142,3 +149,7 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(4096)
 }
+
+/// The remote address of the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);

@@ -123,11 +123,19 @@ pub trait Handler: Send + 'static {
 }
 
 /// Answers the upgrade and runs the socket to its end in a tracked task.
-pub fn spawn<H: Handler>(hub: Hub, on_upgrade: OnUpgrade, kind: Kind, handler: H, origin_ok: bool) {
+pub fn spawn<H: Handler>(
+    hub: Hub,
+    on_upgrade: OnUpgrade,
+    kind: Kind,
+    handler: H,
+    origin_ok: bool,
+    addr: Option<crate::server::PeerAddr>,
+) {
     let peer = hub.new_peer(kind);
     let span = tracing::info_span!(
         "ws",
         conn = peer.id,
+        peer = addr.map(|a| tracing::field::display(a.0)),
         kind = kind.label(),
         operator = tracing::field::Empty
     );
@@ -202,20 +210,8 @@ async fn serve<H: Handler>(
             biased;
             _ = hub.shutdown.cancelled() => return (Some(1001), "server shutting down"),
             _ = peer.woken() => {
-                loop {
-                    if let Some(code) = peer.closing() {
-                        return (Some(code), close_reason(code));
-                    }
-                    peer.drain(&mut batch);
-                    if batch.is_empty() {
-                        break;
-                    }
-                    if !write_batch(ws, peer, &mut batch).await {
-                        return match peer.closing() {
-                            Some(code) => (Some(code), close_reason(code)),
-                            None => (None, ""),
-                        };
-                    }
+                if let Some(end) = flush(ws, peer, &mut batch).await {
+                    return end;
                 }
             }
             frame = ws.next() => {
@@ -223,7 +219,22 @@ async fn serve<H: Handler>(
                 match frame {
                     None => return (None, ""),
                     Some(Ok(Message::Text(text))) => {
-                        if let Flow::Close(code, reason) = handler.on_text(hub, peer, text.as_str()).await {
+                        // Events keep flowing to the client while its request waits (for the
+                        // store, or the assigning node of a cluster).
+                        let request = handler.on_text(hub, peer, text.as_str());
+                        tokio::pin!(request);
+                        let flow = loop {
+                            tokio::select! {
+                                biased;
+                                flow = &mut request => break flow,
+                                _ = peer.woken() => {
+                                    if let Some(end) = flush(ws, peer, &mut batch).await {
+                                        return end;
+                                    }
+                                }
+                            }
+                        };
+                        if let Flow::Close(code, reason) = flow {
                             // Flush what the request queued (its ack) before closing.
                             peer.drain(&mut batch);
                             write_batch(ws, peer, &mut batch).await;
@@ -252,6 +263,29 @@ async fn serve<H: Handler>(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Writes everything queued; `Some(end)` when the connection must end.
+async fn flush(
+    ws: &mut Socket,
+    peer: &Peer,
+    batch: &mut Vec<Out>,
+) -> Option<(Option<u16>, &'static str)> {
+    loop {
+        if let Some(code) = peer.closing() {
+            return Some((Some(code), close_reason(code)));
+        }
+        peer.drain(batch);
+        if batch.is_empty() {
+            return None;
+        }
+        if !write_batch(ws, peer, batch).await {
+            return Some(match peer.closing() {
+                Some(code) => (Some(code), close_reason(code)),
+                None => (None, ""),
+            });
         }
     }
 }

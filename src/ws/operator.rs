@@ -26,6 +26,7 @@ pub async fn upgrade(State(hub): State<Hub>, mut req: Request) -> Response {
         return e.into_response();
     }
     let origin_ok = super::origin_ok(&hub, req.headers());
+    let addr = req.extensions().get::<crate::server::PeerAddr>().copied();
     match super::accept(&mut req) {
         Ok((res, on_upgrade)) => {
             super::spawn(
@@ -37,6 +38,7 @@ pub async fn upgrade(State(hub): State<Hub>, mut req: Request) -> Response {
                     logged_out: false,
                 },
                 origin_ok,
+                addr,
             );
             res
         }

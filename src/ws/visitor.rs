@@ -22,6 +22,7 @@ pub async fn upgrade(State(hub): State<Hub>, mut req: Request) -> Response {
         return e.into_response();
     }
     let origin_ok = super::origin_ok(&hub, req.headers());
+    let addr = req.extensions().get::<crate::server::PeerAddr>().copied();
     match super::accept(&mut req) {
         Ok((res, on_upgrade)) => {
             super::spawn(
@@ -30,6 +31,7 @@ pub async fn upgrade(State(hub): State<Hub>, mut req: Request) -> Response {
                 Kind::Visitor(chat),
                 Visitor { chat },
                 origin_ok,
+                addr,
             );
             res
         }

@@ -24,9 +24,17 @@ pub async fn upgrade(State(hub): State<Hub>, mut req: Request) -> Response {
         return e.into_response();
     }
     let origin_ok = super::origin_ok(&hub, req.headers());
+    let addr = req.extensions().get::<crate::server::PeerAddr>().copied();
     match super::accept(&mut req) {
         Ok((res, on_upgrade)) => {
-            super::spawn(hub, on_upgrade, Kind::Widget, Widget { depts }, origin_ok);
+            super::spawn(
+                hub,
+                on_upgrade,
+                Kind::Widget,
+                Widget { depts },
+                origin_ok,
+                addr,
+            );
             res
         }
         Err(e) => e.into_response(),
