@@ -568,6 +568,11 @@ impl Api {
             .await
     }
 
+    /// Every chat (no filter).
+    pub async fn all_chats(&self) -> Result<Vec<Value>> {
+        self.list("/api/v1/chats", "chats").await
+    }
+
     pub async fn operators(&self, query: &str) -> Result<Vec<Value>> {
         self.list(&format!("/api/v1/operators?{query}"), "operators")
             .await

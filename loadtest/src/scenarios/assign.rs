@@ -1,6 +1,7 @@
 //! `assign`: C chats queue up in a department whose O operators are all set offline; then
 //! every operator, connected over WebSocket, flips online with `set_status` at the same
-//! moment and the hub assigns the queue in a burst. Reports decisions per second and the
+//! moment and the hub assigns the queue in a burst (`--departments K` spreads operators and
+//! chats over K departments). Reports decisions per second and the
 //! latency from the flip to each `chat_assigned`, then checks the invariants through the HTTP
 //! API: no chat with two owners, no operator beyond `max_chats`. Hub only (no baseline).
 
@@ -21,7 +22,7 @@ use super::{concurrently, frame_type, on_target, parse_duration, put_operators};
 use crate::{
     Common,
     client::{self, Connector, Ws},
-    hub::{Target, TargetKind, mint_token, own_cpu_secs},
+    hub::{Api, Target, TargetKind, mint_token, own_cpu_secs},
     report::{Report, Run},
 };
 
@@ -30,15 +31,27 @@ pub struct AssignArgs {
     /// Chats queued before the operators come online.
     #[arg(long, default_value_t = 1000)]
     pub chats: usize,
-    /// Operators of the department.
+    /// Operators (over all departments).
     #[arg(long, default_value_t = 50)]
     pub operators: usize,
+    /// Spread operators and chats over this many departments (operator i and chat j in
+    /// department D + i mod K, D + j mod K). Every decision is sent as a `chat` event to
+    /// every operator of its department, so with 1 department the event fan-out per
+    /// decision grows with O; with K departments it is ~O/K.
+    #[arg(long, default_value_t = 1)]
+    pub departments: usize,
     /// Capacity per operator [default: chats / operators, rounded up].
     #[arg(long)]
     pub max_chats: Option<u32>,
     /// Wait at most this long for the decisions after the flip.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub wait: Duration,
+    /// Add one observer per department: an operator of it who stays offline (never a
+    /// candidate) and records every `chat` event, i.e. when each decision was made and
+    /// pushed by the hub. The owner's `chat_assigned` can only be as early as its socket
+    /// writes, which the hub holds back until the owner's own `set_status` is durable.
+    #[arg(long)]
+    pub observers: bool,
     /// POST /api/v1/chats requests in flight at once.
     #[arg(long, default_value_t = 16)]
     pub create_concurrency: usize,
@@ -57,17 +70,17 @@ pub async fn run(common: &Common, args: &AssignArgs) -> Result<Report> {
         bail!("assign runs against the hub only (the baseline server has no chats)");
     }
     let operators = args.operators.max(1);
+    let k = args.departments.clamp(1, operators);
     let max_chats = args
         .max_chats
         .unwrap_or(args.chats.div_ceil(operators).max(1) as u32);
     let mut report = Report::new(
         "assign",
-        json!({ "chats": args.chats, "operators": operators, "max_chats": max_chats }),
+        json!({ "chats": args.chats, "operators": operators, "departments": k, "max_chats": max_chats, "observers": args.observers }),
     );
-    if (operators as u64) * (max_chats as u64) < args.chats as u64 {
+    if expected_decisions(args.chats, operators, k, max_chats) < args.chats {
         report.note(format!(
-            "operators × max_chats = {} < chats: some chats stay queued",
-            operators as u64 * max_chats as u64
+            "some departments have more chats than operators × max_chats ({max_chats}): some chats stay queued"
         ));
     }
     let run = on_target(TargetKind::Hub, &common.target, async |t| {
@@ -88,25 +101,39 @@ async fn measure(
 ) -> Result<Run> {
     let mut run = Run::new("hub");
     let base = common.target.id_base();
-    let department = base;
+    let k = args.departments.clamp(1, operators);
+    let department = |i: usize| base + (i % k) as u64;
     let ids: Vec<u64> = (0..operators as u64).map(|i| base + i).collect();
     let api = target.api()?.clone();
 
     // Operators, all set offline, then the queue.
-    api.put_department(department, max_chats).await?;
-    put_operators(target, &ids, |_| department, max_chats).await?;
-    concurrently(ids.len(), 32, |i| {
+    concurrently(k, 32, |j| {
         let api = &api;
-        let id = ids[i];
+        async move { api.put_department(department(j), max_chats).await }
+    })
+    .await
+    .context("creating departments")?;
+    put_operators(target, &ids, department, max_chats).await?;
+    // Observers (ids after the operators): operator `operators + j` in department j.
+    let observer_ids: Vec<u64> = if args.observers {
+        (0..k as u64).map(|j| base + operators as u64 + j).collect()
+    } else {
+        Vec::new()
+    };
+    put_operators(target, &observer_ids, department, max_chats).await?;
+    let all_ids: Vec<u64> = ids.iter().chain(&observer_ids).copied().collect();
+    concurrently(all_ids.len(), 32, |i| {
+        let api = &api;
+        let id = all_ids[i];
         async move { api.set_online(id, false).await }
     })
     .await
     .context("setting operators offline")?;
     eprintln!("creating {} chats…", args.chats);
     let t_create = Instant::now();
-    let chat_ids: Vec<u64> = concurrently(args.chats, args.create_concurrency, |_| {
+    let chat_ids: Vec<u64> = concurrently(args.chats, args.create_concurrency, |j| {
         let api = &api;
-        async move { api.create_chat(department).await }
+        async move { api.create_chat(department(j)).await }
     })
     .await
     .context("creating chats")?;
@@ -125,8 +152,7 @@ async fn measure(
             format!("{} ids for {} chats", ours.len(), chat_ids.len()),
         );
     }
-    let assigned_early = api
-        .chats(department)
+    let assigned_early = our_chats(&api, k, base, &ours)
         .await?
         .iter()
         .filter(|c| c["owner"].as_u64().is_some())
@@ -140,11 +166,12 @@ async fn measure(
 
     // Connect every operator, still offline.
     let connector = Connector::new(&target.urls, common.target.sources).await?;
-    let tokens: Vec<String> = ids
+    let tokens: Vec<String> = all_ids
         .iter()
         .map(|id| mint_token(&target.jwt_secret, *id, Duration::from_secs(3600)))
         .collect::<Result<_>>()?;
     let decisions = Arc::new(Mutex::new(Vec::<Decision>::new()));
+    let seen = Arc::new(Mutex::new(HashMap::<u64, Instant>::new()));
     let acks = Arc::new(Mutex::new(client::new_histogram()));
     let errors = Arc::new(Mutex::new(Vec::<Value>::new()));
     let (go_tx, go_rx) = watch::channel(None::<Instant>);
@@ -152,7 +179,7 @@ async fn measure(
     let mut not_offline = Vec::new();
     let connected = client::connect_many(
         &connector,
-        operators,
+        all_ids.len(),
         64,
         1,
         |i| format!("/ws/operator?token={}", tokens[i]),
@@ -161,7 +188,9 @@ async fn measure(
                 not_offline.push(hello[0]["operator"].clone());
             }
             let ctx = OpCtx {
-                id: ids[i],
+                id: all_ids[i],
+                flips: i < operators,
+                seen: seen.clone(),
                 decisions: decisions.clone(),
                 acks: acks.clone(),
                 errors: errors.clone(),
@@ -171,10 +200,11 @@ async fn measure(
     )
     .await;
     run.errors = connected.errors.clone();
-    if connected.items.len() != operators {
+    if connected.items.len() != all_ids.len() {
         bail!(
-            "only {}/{operators} operators connected: {:?}",
+            "only {}/{} operators connected: {:?}",
             connected.items.len(),
+            all_ids.len(),
             connected.errors
         );
     }
@@ -186,7 +216,7 @@ async fn measure(
     );
 
     // Flip everyone online at once.
-    let expected = args.chats.min(operators * max_chats as usize);
+    let expected = expected_decisions(args.chats, operators, k, max_chats);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let cpu_before = target.cpu_secs();
     let own_cpu_before = own_cpu_secs();
@@ -229,6 +259,28 @@ async fn measure(
     run.add("burst", (last - t0).as_secs_f64() * 1000.0, "ms");
     run.add_rate("decision_rate", decisions.len() as u64, last - t0);
     run.add_latency("decision_latency", &latency);
+    if args.observers {
+        // When the hub made and pushed each decision, as the department's observer saw it.
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        let mut made = client::new_histogram();
+        let mut last_made = t0;
+        let mut n = 0u64;
+        for (_, at) in seen.iter().filter(|(c, _)| ours.contains(c)) {
+            client::record(&mut made, *at - t0);
+            last_made = last_made.max(*at);
+            n += 1;
+        }
+        run.add("decisions_made", n as f64, "");
+        run.add("burst_made", (last_made - t0).as_secs_f64() * 1000.0, "ms");
+        run.add_rate("decision_made_rate", n, last_made - t0);
+        run.add_latency("decision_made_latency", &made);
+        report.check(
+            "hub",
+            "observers saw every decision",
+            n as usize == expected,
+            format!("{n} of {expected} chats seen with an owner by the department observers"),
+        );
+    }
     run.add_latency("set_status_ack", &acks.lock().unwrap());
     if let Some(cpu) = cpu {
         run.add("target_cpu", cpu, "s");
@@ -292,13 +344,10 @@ async fn measure(
     );
 
     // The hub's own view.
-    let chats = api.chats(department).await?;
+    let chats = our_chats(&api, k, base, &ours).await?;
     let mut owners: BTreeMap<u64, usize> = BTreeMap::new();
     let (mut unowned, mut disagree) = (0, 0);
-    for c in chats
-        .iter()
-        .filter(|c| c["id"].as_u64().is_some_and(|id| ours.contains(&id)))
-    {
+    for c in &chats {
         match c["owner"].as_u64() {
             Some(o) => {
                 *owners.entry(o).or_default() += 1;
@@ -332,7 +381,11 @@ async fn measure(
         run.add("chats_per_operator_min", *min as f64, "");
         run.add("chats_per_operator_max", *max as f64, "");
     }
-    let views = api.operators(&format!("department={department}")).await?;
+    let views = if k == 1 {
+        api.operators(&format!("department={base}")).await?
+    } else {
+        api.operators("").await?
+    };
     let mut over_cap = Vec::new();
     for v in views
         .iter()
@@ -356,8 +409,36 @@ async fn measure(
     Ok(run)
 }
 
+/// Decisions possible: per department, its chats up to its operators' capacity.
+fn expected_decisions(chats: usize, operators: usize, k: usize, max_chats: u32) -> usize {
+    (0..k)
+        .map(|d| {
+            let c = chats / k + usize::from(d < chats % k);
+            let o = operators / k + usize::from(d < operators % k);
+            c.min(o * max_chats as usize)
+        })
+        .sum()
+}
+
+/// Our chats as the hub lists them (per department when there is one, else all at once).
+async fn our_chats(api: &Api, k: usize, base: u64, ours: &HashSet<u64>) -> Result<Vec<Value>> {
+    let all = if k == 1 {
+        api.chats(base).await?
+    } else {
+        api.all_chats().await?
+    };
+    Ok(all
+        .into_iter()
+        .filter(|c| c["id"].as_u64().is_some_and(|id| ours.contains(&id)))
+        .collect())
+}
+
 struct OpCtx {
     id: u64,
+    /// Flips online on `go` (false: an observer).
+    flips: bool,
+    /// Observers: chat → when it was first seen with an owner.
+    seen: Arc<Mutex<HashMap<u64, Instant>>>,
     decisions: Arc<Mutex<Vec<Decision>>>,
     acks: Arc<Mutex<hdrhistogram::Histogram<u64>>>,
     errors: Arc<Mutex<Vec<Value>>>,
@@ -375,7 +456,7 @@ async fn operator(
     let mut flipped_at = None;
     loop {
         tokio::select! {
-            r = go.changed(), if flipped_at.is_none() => {
+            r = go.changed(), if flipped_at.is_none() && ctx.flips => {
                 if r.is_err() { break }
                 let frame = json!({"type": "set_status", "online": true, "ref": 1});
                 flipped_at = Some(Instant::now());
@@ -406,6 +487,12 @@ async fn operator(
                         let chat = v.get("chat").unwrap_or(&Value::Null);
                         let d = Decision { chat: chat["id"].as_u64().unwrap_or(0), recipient: ctx.id, owner: chat["owner"].as_u64(), at: now };
                         ctx.decisions.lock().unwrap().push(d);
+                    }
+                    "chat" if !ctx.flips => {
+                        let chat = v.get("chat").unwrap_or(&Value::Null);
+                        if let (Some(id), Some(_)) = (chat["id"].as_u64(), chat["owner"].as_u64()) {
+                            ctx.seen.lock().unwrap().entry(id).or_insert(now);
+                        }
                     }
                     "ack" if v["ref"] == 1 => {
                         if let Some(t) = flipped_at {

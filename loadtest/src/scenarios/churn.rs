@@ -28,9 +28,14 @@ use crate::{
 
 #[derive(Args, Debug, Clone)]
 pub struct ChurnArgs {
-    /// Operators the storm cycles through (all in one department).
+    /// Operators the storm cycles through.
     #[arg(long, default_value_t = 200)]
     pub operators: usize,
+    /// Spread the operators over this many departments (operator i in department
+    /// D + i mod K). 1: all in one department, so every connect is told to every connected
+    /// colleague; e.g. 2000 operators over 200 departments is ~10 colleagues each.
+    #[arg(long, default_value_t = 1)]
+    pub departments: usize,
     /// Workers connecting and disconnecting in parallel.
     #[arg(long, short = 'c', default_value_t = 64)]
     pub concurrency: usize,
@@ -50,6 +55,7 @@ pub async fn run(common: &Common, args: &ChurnArgs) -> Result<Report> {
         "churn",
         json!({
             "operators": args.operators,
+            "departments": args.departments,
             "concurrency": args.concurrency,
             "duration_s": args.duration.as_secs_f64(),
             "abrupt": args.abrupt,
@@ -81,32 +87,46 @@ async fn measure(
     let base = common.target.id_base();
     let department = if is_hub { base } else { 1 };
     let operators = args.operators.max(1);
+    let k = args.departments.clamp(1, operators) as u64;
+    let departments: Vec<u64> = (0..k).map(|j| department + j).collect();
     let ids: Vec<u64> = (0..operators as u64).map(|i| base + i).collect();
     let connector = Connector::new(&target.urls, common.target.sources).await?;
 
     let mut paths = Vec::new();
     let mut watcher = None;
     if is_hub {
-        put_operators(target, &ids, |_| department, 4).await?;
+        put_operators(target, &ids, |i| department + i as u64 % k, 4).await?;
         for id in &ids {
             let token = mint_token(&target.jwt_secret, *id, Duration::from_secs(3600))?;
             paths.push(format!("/ws/operator?token={token}"));
         }
-        // A widget on the department records every change of its state.
-        let mut ws = connector
-            .connect_to(0, &format!("/ws/widget?department={department}"))
-            .await?;
-        let first = client::first_frames(&mut ws, 1, Duration::from_secs(10))
-            .await?
-            .remove(0);
-        let events: Arc<Mutex<Vec<(Instant, Value)>>> =
-            Arc::new(Mutex::new(vec![(Instant::now(), first)]));
-        let ev = events.clone();
-        let task = tokio::spawn(async move {
-            while let Ok(Some(v)) = client::next_json(&mut ws).await {
-                if frame_type(&v) == "widget_status" {
-                    ev.lock().unwrap().push((Instant::now(), v));
+        // Widgets on the departments (up to 64 per socket) record every change of their
+        // state.
+        let events: Arc<Mutex<Vec<(Instant, Value)>>> = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for chunk in departments.chunks(64) {
+            let query: Vec<String> = chunk.iter().map(|d| format!("department={d}")).collect();
+            let mut ws = connector
+                .connect_to(0, &format!("/ws/widget?{}", query.join("&")))
+                .await?;
+            let first = client::first_frames(&mut ws, chunk.len(), Duration::from_secs(10)).await?;
+            let now = Instant::now();
+            events
+                .lock()
+                .unwrap()
+                .extend(first.into_iter().map(|v| (now, v)));
+            let ev = events.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Ok(Some(v)) = client::next_json(&mut ws).await {
+                    if frame_type(&v) == "widget_status" {
+                        ev.lock().unwrap().push((Instant::now(), v));
+                    }
                 }
+            }));
+        }
+        let task = tokio::spawn(async move {
+            for t in tasks {
+                let _ = t.await;
             }
         });
         watcher = Some((events, task));
@@ -206,7 +226,15 @@ async fn measure(
 
     if let Some((events, task)) = watcher {
         settle(
-            target, args, &ids, department, storm_end, start, &events, &mut run, report,
+            target,
+            args,
+            &ids,
+            &departments,
+            storm_end,
+            start,
+            &events,
+            &mut run,
+            report,
         )
         .await?;
         task.abort();
@@ -214,14 +242,14 @@ async fn measure(
     Ok(run)
 }
 
-/// After the storm: every operator offline with no connection left, and the department's
+/// After the storm: every operator offline with no connection left, and every department's
 /// widget back to offline.
 #[allow(clippy::too_many_arguments)]
 async fn settle(
     target: &Target,
     args: &ChurnArgs,
     ids: &[u64],
-    department: u64,
+    departments: &[u64],
     storm_end: Instant,
     storm_start: Instant,
     events: &Mutex<Vec<(Instant, Value)>>,
@@ -230,11 +258,22 @@ async fn settle(
 ) -> Result<()> {
     let api = target.api()?;
     let until = storm_end + args.settle;
+    let query = match departments {
+        [d] => format!("department={d}"),
+        _ => String::new(),
+    };
+    // The last widget_status of each department.
+    let last_of = |events: &[(Instant, Value)]| {
+        let mut last: std::collections::BTreeMap<u64, Value> = Default::default();
+        for (_, v) in events {
+            if let Some(d) = v["department"].as_u64() {
+                last.insert(d, v.clone());
+            }
+        }
+        last
+    };
     let (still_online, still_connected, views) = loop {
-        let all = api
-            .operators(&format!("department={department}"))
-            .await
-            .context("polling operators")?;
+        let all = api.operators(&query).await.context("polling operators")?;
         let ours: Vec<&Value> = all
             .iter()
             .filter(|v| v["id"].as_u64().is_some_and(|id| ids.contains(&id)))
@@ -250,11 +289,10 @@ async fn settle(
             .take(3)
             .map(|v| (*v).clone())
             .collect();
-        let widget_offline = events
-            .lock()
-            .unwrap()
-            .last()
-            .is_some_and(|(_, v)| v["online"] == false);
+        let last = last_of(&events.lock().unwrap());
+        let widget_offline = departments
+            .iter()
+            .all(|d| last.get(d).is_some_and(|v| v["online"] == false));
         if (still_online == 0 && still_connected == 0 && widget_offline) || Instant::now() > until {
             if ours.len() != ids.len() {
                 report.check(
@@ -262,7 +300,7 @@ async fn settle(
                     "every operator listed",
                     false,
                     format!(
-                        "GET /api/v1/operators?department={department} lists {} of {}",
+                        "GET /api/v1/operators?{query} lists {} of {}",
                         ours.len(),
                         ids.len()
                     ),
@@ -290,23 +328,39 @@ async fn settle(
     );
 
     let events = events.lock().unwrap();
-    let during = events
+    let mut during: std::collections::BTreeMap<u64, usize> = Default::default();
+    for (_, v) in events
         .iter()
         .filter(|(t, _)| *t > storm_start && *t <= storm_end)
-        .count();
-    let last = events.last().map(|(_, v)| v.clone()).unwrap_or(Value::Null);
-    run.add("widget_changes_during_storm", during as f64, "");
+    {
+        *during
+            .entry(v["department"].as_u64().unwrap_or(0))
+            .or_default() += 1;
+    }
+    let changes: usize = during.values().sum();
+    let flapped: Vec<_> = during.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    let last = last_of(&events);
+    let not_offline: Vec<_> = departments
+        .iter()
+        .filter(|d| last.get(d).is_none_or(|v| v["online"] != false))
+        .take(5)
+        .map(|d| (d, last.get(d).cloned().unwrap_or(Value::Null)))
+        .collect();
+    run.add("widget_changes_during_storm", changes as f64, "");
     report.check(
         "hub",
-        "department widget did not flap during the storm",
-        during <= 1,
-        format!("{during} widget_status changes during the storm (1 expected: online)"),
+        "no department widget flapped during the storm",
+        flapped.is_empty(),
+        format!(
+            "{changes} widget_status changes during the storm over {} departments (at most 1 each expected: online); department → changes: {flapped:?}",
+            departments.len()
+        ),
     );
     report.check(
         "hub",
-        "department widget ends offline",
-        last["online"] == false,
-        format!("last widget_status: {last}"),
+        "every department widget ends offline",
+        not_offline.is_empty(),
+        format!("departments whose last widget_status is not offline: {not_offline:?}"),
     );
     Ok(())
 }
