@@ -6,7 +6,7 @@
 //! `presence.rs`, `rules.rs` and `assign.rs`; this file wires them to the data.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,7 +22,7 @@ use crate::model::{
     OperatorView, Permission, Sender, SenderKind, StoredOperator, VisitorChatView, next_version,
     now_rfc3339,
 };
-use crate::peer::Peer;
+use crate::peer::{Kind, Peer};
 use crate::presence::{ConnId, Presence, Settings, Status};
 use crate::protocol::{AssignReason, Event, Frame};
 use crate::rules;
@@ -114,6 +114,8 @@ pub struct Operator {
     was_online: bool,
     /// The last `operator_status` sent, to send only changes.
     view_json: Option<Box<RawValue>>,
+    /// The view `view_json` was made from: a change is seen without serializing.
+    last_view: Option<OperatorView>,
     /// Local (connections, idle) last told to other nodes.
     noted: (u32, u32),
     /// Version of the record and settings (see [`StoredOperator::version`]).
@@ -502,6 +504,7 @@ impl Core {
             last_assigned: 0,
             was_online: false,
             view_json: None,
+            last_view: None,
             noted: (0, 0),
             version,
             left: Vec::new(),
@@ -785,10 +788,14 @@ impl Core {
             colleagues.extend(self.watchers.get(d).into_iter().flatten());
         }
         colleagues.remove(&id);
-        let operators: Vec<Box<RawValue>> = colleagues
+        let colleagues: Vec<&Operator> = colleagues.iter().filter_map(|o| self.operators.get(o)).collect();
+        // Views are serialized once per change; only never-published ones are made here.
+        let fresh: Vec<Box<RawValue>> =
+            colleagues.iter().filter(|o| o.view_json.is_none()).map(|o| raw(&self.view_of(o))).collect();
+        let mut fresh = fresh.iter();
+        let operators: Vec<&RawValue> = colleagues
             .iter()
-            .filter_map(|o| self.operators.get(o))
-            .map(|o| self.view_raw(o))
+            .filter_map(|o| o.view_json.as_deref().or_else(|| fresh.next().map(|b| &**b)))
             .collect();
         let departments: Vec<DeptState> = depts.iter().map(|d| self.dept_state(*d)).collect();
         let chats: Vec<ChatView> = depts
@@ -1483,21 +1490,20 @@ impl Core {
         let Some(op) = self.operators.get(&id) else {
             return;
         };
-        let json = raw(&self.view_of(op));
-        if op.view_json.as_ref().is_some_and(|v| v.get() == json.get()) {
+        let view = self.view_of(op);
+        if op.last_view.as_ref() == Some(&view) {
             return;
         }
+        let json = raw(&view);
         let frame = Event::OperatorStatus { operator: &json }.frame();
-        let mut audience: BTreeSet<u64> = BTreeSet::from([id]);
-        for d in op.record.all_departments().chain(op.left.iter().copied()) {
-            audience.extend(self.members.get(&d).into_iter().flatten());
-            audience.extend(self.watchers.get(&d).into_iter().flatten());
+        let mut audience = self.audience(op.record.all_departments().chain(op.left.iter().copied()));
+        if let Err(at) = audience.binary_search(&id) {
+            audience.insert(at, id);
         }
-        for o in audience {
-            self.send_to_operator(o, &frame);
-        }
+        self.deliver(&audience, &frame);
         if let Some(op) = self.operators.get_mut(&id) {
             op.view_json = Some(json);
+            op.last_view = Some(view);
             op.left.clear();
         }
     }
@@ -1512,9 +1518,8 @@ impl Core {
             return;
         }
         let frame = Event::DepartmentStatus(&state).frame();
-        for o in self.audience(d) {
-            self.send_to_operator(o, &frame);
-        }
+        let audience = self.audience(std::iter::once(d));
+        self.deliver(&audience, &frame);
         if let Some(widgets) = self.widgets.get(&d) {
             let frame = Event::WidgetStatus(&state).frame();
             let mut sent = 0;
@@ -1531,36 +1536,45 @@ impl Core {
     }
 
     /// Operators who work in or watch a department.
-    fn audience(&self, d: u64) -> BTreeSet<u64> {
-        let mut out: BTreeSet<u64> = self.members.get(&d).cloned().unwrap_or_default();
-        out.extend(self.watchers.get(&d).into_iter().flatten());
+    /// Operators with a socket on this node who work in or watch any of `depts`, sorted.
+    fn audience(&self, depts: impl Iterator<Item = u64>) -> Vec<u64> {
+        let mut out = Vec::new();
+        for d in depts {
+            let ops = self.members.get(&d).into_iter().flatten().chain(self.watchers.get(&d).into_iter().flatten());
+            out.extend(ops.filter(|o| self.operators.get(o).is_some_and(|x| !x.peers.is_empty())));
+        }
+        out.sort_unstable();
+        out.dedup();
         out
+    }
+
+    /// Queues `frame` to every socket of `ops`.
+    fn deliver(&mut self, ops: &[u64], frame: &Frame) {
+        let (mut sent, mut dropped) = (0, 0);
+        for p in ops.iter().filter_map(|o| self.operators.get(o)).flat_map(|o| &o.peers) {
+            match p.send(frame) {
+                Ok(()) => sent += 1,
+                Err(_) => dropped += 1,
+            }
+        }
+        self.sent += sent;
+        self.dropped += dropped;
     }
 
     fn emit_chat(&mut self, id: u64) {
         let Some(e) = self.chats.get(&id) else { return };
-        let frame = Event::Chat {
-            chat: e.chat.view(),
-        }
-        .frame();
-        let mut done: HashSet<ConnId> = HashSet::new();
-        let mut peers: Vec<Arc<Peer>> = Vec::new();
-        for o in self.audience(e.chat.department) {
-            if let Some(op) = self.operators.get(&o) {
-                for p in &op.peers {
-                    if done.insert(p.id) {
-                        peers.push(p.clone());
-                    }
-                }
-            }
-        }
-        for (conn, p) in &e.watchers {
-            if done.insert(*conn) {
-                peers.push(p.clone());
-            }
-        }
+        let frame = Event::Chat { chat: e.chat.view() }.frame();
+        let audience = self.audience(std::iter::once(e.chat.department));
+        // Watchers from the department already have it through their operator.
+        let watchers: Vec<Arc<Peer>> = e
+            .watchers
+            .values()
+            .filter(|p| !matches!(p.kind, Kind::Operator(o) if audience.binary_search(&o).is_ok()))
+            .cloned()
+            .collect();
         let visitors: Vec<Arc<Peer>> = e.visitors.values().cloned().collect();
-        for p in &peers {
+        self.deliver(&audience, &frame);
+        for p in &watchers {
             self.push(p, &frame);
         }
         if !visitors.is_empty()

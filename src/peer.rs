@@ -5,8 +5,8 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
+use futures::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 use crate::presence::ConnId;
 use crate::protocol::Frame;
@@ -50,8 +50,10 @@ pub struct Peer {
     pub kind: Kind,
     queue: Mutex<VecDeque<Out>>,
     capacity: usize,
-    /// Wakes the connection task: frames queued or a close requested.
-    wake: Notify,
+    /// Wakes the connection task (its only waiter): frames queued or a close requested.
+    /// A flag and a waker instead of a `Notify`: no wait list to join on every loop turn.
+    wake: AtomicWaker,
+    woke: AtomicBool,
     /// Close code requested by the hub; 0 = none.
     close: AtomicU16,
     /// The queue was above `outbound_queue` at the last sweep.
@@ -69,7 +71,8 @@ impl Peer {
             kind,
             queue: Mutex::new(VecDeque::new()),
             capacity,
-            wake: Notify::new(),
+            wake: AtomicWaker::new(),
+            woke: AtomicBool::new(false),
             close: AtomicU16::new(0),
             over: AtomicBool::new(false),
             last_seen: AtomicU64::new(now_ms),
@@ -93,7 +96,7 @@ impl Peer {
         }
         q.push_back(out);
         drop(q);
-        self.wake.notify_one();
+        self.notify();
         Ok(())
     }
 
@@ -134,7 +137,7 @@ impl Peer {
         let _ = self
             .close
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
-        self.wake.notify_one();
+        self.notify();
     }
 
     pub fn closing(&self) -> Option<u16> {
@@ -145,8 +148,25 @@ impl Peer {
     }
 
     /// Resolves when frames were queued or a close was requested since the last call.
-    pub async fn woken(&self) {
-        self.wake.notified().await
+    pub fn woken(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.woke.swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            self.wake.register(cx.waker());
+            // A wake between the check and the registration must not be lost.
+            if self.woke.swap(false, Ordering::AcqRel) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+    }
+
+    fn notify(&self) {
+        if !self.woke.swap(true, Ordering::AcqRel) {
+            self.wake.wake();
+        }
     }
 
     pub fn touch(&self, now_ms: u64) {

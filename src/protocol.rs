@@ -90,7 +90,7 @@ pub enum Event<'a> {
     /// reused by every `hello` (a connect storm would otherwise serialize them again and again).
     Hello {
         operator: &'a RawValue,
-        operators: &'a [Box<RawValue>],
+        operators: &'a [&'a RawValue],
         departments: &'a [DeptState],
         chats: &'a [ChatView<'a>],
     },

@@ -205,10 +205,14 @@ async fn serve<H: Handler>(
     handler: &mut H,
 ) -> (Option<u16>, &'static str) {
     let mut batch = Vec::new();
+    // Made once: a fresh `cancelled()` per turn would have every socket join the token's
+    // wait list again on every event.
+    let shutdown = hub.shutdown.cancelled();
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             biased;
-            _ = hub.shutdown.cancelled() => return (Some(1001), "server shutting down"),
+            _ = &mut shutdown => return (Some(1001), "server shutting down"),
             _ = peer.woken() => {
                 if let Some(end) = flush(ws, peer, &mut batch).await {
                     return end;
@@ -304,6 +308,10 @@ async fn write_batch(ws: &mut Socket, peer: &Peer, batch: &mut Vec<Out>) -> bool
         ws.flush().await
     };
     tokio::pin!(write);
+    // Most writes complete at once: only a write that has to wait races the close request.
+    if let std::task::Poll::Ready(r) = futures::poll!(&mut write) {
+        return r.is_ok();
+    }
     loop {
         tokio::select! {
             r = &mut write => return r.is_ok(),
