@@ -595,16 +595,7 @@ impl Core {
         }));
         // Turning Online & Invisible through the record warns like `set_status` does.
         if settings.misconfigured() && old_settings != Some(settings) {
-            tracing::warn!(
-                operator = id,
-                "operator is online and invisible: auto-assigned chats never turn active"
-            );
-            let frame = Event::Warning {
-                code: "online_invisible",
-                message: MISCONFIGURED,
-            }
-            .frame();
-            self.send_to_operator(id, &frame);
+            self.warn_misconfigured(id);
         }
         self.dirty_ops.insert(id);
         self.settle(now);
@@ -724,21 +715,21 @@ impl Core {
                 version,
             }));
             if settings.misconfigured() {
-                tracing::warn!(
-                    operator = target,
-                    "operator is online and invisible: auto-assigned chats never turn active"
-                );
-                let frame = Event::Warning {
-                    code: "online_invisible",
-                    message: MISCONFIGURED,
-                }
-                .frame();
-                self.send_to_operator(target, &frame);
+                self.warn_misconfigured(target);
             }
             self.dirty_ops.insert(target);
         }
         self.settle(now);
         self.operator_view(target)
+    }
+
+    /// Online & Invisible: accepted, but logged and told to the operator.
+    fn warn_misconfigured(&mut self, id: u64) {
+        tracing::warn!(
+            operator = id,
+            "operator is online and invisible: auto-assigned chats never turn active"
+        );
+        self.send_to_operator(id, &misconfigured_frame());
     }
 
     /// A new socket of an operator: counts it, sends `hello` to it, and events to others.
@@ -757,12 +748,7 @@ impl Core {
         let op = self.operators.get_mut(&id).expect("present");
         op.peers.push(peer.clone());
         if op.settings.misconfigured() {
-            let frame = Event::Warning {
-                code: "online_invisible",
-                message: MISCONFIGURED,
-            }
-            .frame();
-            self.push(&peer, &frame);
+            self.push(&peer, &misconfigured_frame());
         }
         // Chats the connection got assigned: `assign` told the operator's other sockets only.
         for (chat, reason) in assigned {
@@ -788,14 +774,24 @@ impl Core {
             colleagues.extend(self.watchers.get(d).into_iter().flatten());
         }
         colleagues.remove(&id);
-        let colleagues: Vec<&Operator> = colleagues.iter().filter_map(|o| self.operators.get(o)).collect();
+        let colleagues: Vec<&Operator> = colleagues
+            .iter()
+            .filter_map(|o| self.operators.get(o))
+            .collect();
         // Views are serialized once per change; only never-published ones are made here.
-        let fresh: Vec<Box<RawValue>> =
-            colleagues.iter().filter(|o| o.view_json.is_none()).map(|o| raw(&self.view_of(o))).collect();
+        let fresh: Vec<Box<RawValue>> = colleagues
+            .iter()
+            .filter(|o| o.view_json.is_none())
+            .map(|o| raw(&self.view_of(o)))
+            .collect();
         let mut fresh = fresh.iter();
         let operators: Vec<&RawValue> = colleagues
             .iter()
-            .filter_map(|o| o.view_json.as_deref().or_else(|| fresh.next().map(|b| &**b)))
+            .filter_map(|o| {
+                o.view_json
+                    .as_deref()
+                    .or_else(|| fresh.next().map(|b| &**b))
+            })
             .collect();
         let departments: Vec<DeptState> = depts.iter().map(|d| self.dept_state(*d)).collect();
         let chats: Vec<ChatView> = depts
@@ -1496,7 +1492,8 @@ impl Core {
         }
         let json = raw(&view);
         let frame = Event::OperatorStatus { operator: &json }.frame();
-        let mut audience = self.audience(op.record.all_departments().chain(op.left.iter().copied()));
+        let mut audience =
+            self.audience(op.record.all_departments().chain(op.left.iter().copied()));
         if let Err(at) = audience.binary_search(&id) {
             audience.insert(at, id);
         }
@@ -1540,7 +1537,12 @@ impl Core {
     fn audience(&self, depts: impl Iterator<Item = u64>) -> Vec<u64> {
         let mut out = Vec::new();
         for d in depts {
-            let ops = self.members.get(&d).into_iter().flatten().chain(self.watchers.get(&d).into_iter().flatten());
+            let ops = self
+                .members
+                .get(&d)
+                .into_iter()
+                .flatten()
+                .chain(self.watchers.get(&d).into_iter().flatten());
             out.extend(ops.filter(|o| self.operators.get(o).is_some_and(|x| !x.peers.is_empty())));
         }
         out.sort_unstable();
@@ -1551,7 +1553,11 @@ impl Core {
     /// Queues `frame` to every socket of `ops`.
     fn deliver(&mut self, ops: &[u64], frame: &Frame) {
         let (mut sent, mut dropped) = (0, 0);
-        for p in ops.iter().filter_map(|o| self.operators.get(o)).flat_map(|o| &o.peers) {
+        for p in ops
+            .iter()
+            .filter_map(|o| self.operators.get(o))
+            .flat_map(|o| &o.peers)
+        {
             match p.send(frame) {
                 Ok(()) => sent += 1,
                 Err(_) => dropped += 1,
@@ -1563,7 +1569,10 @@ impl Core {
 
     fn emit_chat(&mut self, id: u64) {
         let Some(e) = self.chats.get(&id) else { return };
-        let frame = Event::Chat { chat: e.chat.view() }.frame();
+        let frame = Event::Chat {
+            chat: e.chat.view(),
+        }
+        .frame();
         let audience = self.audience(std::iter::once(e.chat.department));
         // Watchers from the department already have it through their operator.
         let watchers: Vec<Arc<Peer>> = e
@@ -1612,6 +1621,14 @@ impl Core {
 
 /// Largest chat id: the largest integer JavaScript clients read exactly.
 const MAX_CHAT_ID: u64 = (1 << 53) - 1;
+
+fn misconfigured_frame() -> Frame {
+    Event::Warning {
+        code: "online_invisible",
+        message: MISCONFIGURED,
+    }
+    .frame()
+}
 
 const MISCONFIGURED: &str =
     "you are online and invisible: auto-assigned chats will not turn active when you open them";

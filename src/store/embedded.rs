@@ -4,14 +4,13 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 
-use super::{Snapshot, Store, StoreError, Ticket, Write};
+use super::{Job, Queue, Snapshot, Store, StoreError, Ticket, Write};
 
 const OPERATORS: TableDefinition<u64, &[u8]> = TableDefinition::new("operators");
 const DEPARTMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("departments");
@@ -22,12 +21,10 @@ const MESSAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("messa
 /// Writes taken into one transaction at most.
 const MAX_GROUP: usize = 4096;
 
-type Job = (Vec<Write>, oneshot::Sender<Result<(), StoreError>>);
-
 pub struct Embedded {
     /// Dropped by `close`, which releases the file lock (a restart in the same process).
     db: Mutex<Option<std::sync::Arc<Database>>>,
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    queue: Queue,
     writer: Mutex<Option<JoinHandle<()>>>,
     healthy: std::sync::Arc<AtomicBool>,
 }
@@ -47,19 +44,19 @@ impl Embedded {
             txn.open_table(MESSAGES).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (queue, rx) = Queue::new();
         let healthy = std::sync::Arc::new(AtomicBool::new(true));
         let writer = {
             let db = db.clone();
             let healthy = healthy.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer_loop(&db, &rx, &healthy))
+                .spawn(move || writer_loop(&db, rx, &healthy))
                 .map_err(|e| backend(e.to_string()))?
         };
         Ok(Embedded {
             db: Mutex::new(Some(db)),
-            tx: Mutex::new(Some(tx)),
+            queue,
             writer: Mutex::new(Some(writer)),
             healthy,
         })
@@ -70,8 +67,8 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn writer_loop(db: &Database, rx: &mpsc::Receiver<Job>, healthy: &AtomicBool) {
-    while let Ok(first) = rx.recv() {
+fn writer_loop(db: &Database, mut rx: mpsc::UnboundedReceiver<Job>, healthy: &AtomicBool) {
+    while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -177,26 +174,15 @@ impl Store for Embedded {
     }
 
     fn write(&self, batch: Vec<Write>) -> Ticket {
-        let (ack, ticket) = oneshot::channel();
-        match self.tx.lock().as_ref() {
-            Some(tx) => {
-                if let Err(mpsc::SendError((_, ack))) = tx.send((batch, ack)) {
-                    let _ = ack.send(Err(StoreError::Closed));
-                }
-            }
-            None => {
-                let _ = ack.send(Err(StoreError::Closed));
-            }
-        }
-        ticket
+        self.queue.push(batch)
     }
 
     fn ready(&self) -> bool {
-        self.tx.lock().is_some() && self.healthy.load(Ordering::Relaxed)
+        self.queue.is_open() && self.healthy.load(Ordering::Relaxed)
     }
 
     fn close(&self) {
-        drop(self.tx.lock().take());
+        self.queue.close();
         if let Some(writer) = self.writer.lock().take() {
             let _ = writer.join();
         }

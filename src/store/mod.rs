@@ -5,7 +5,8 @@
 pub mod embedded;
 pub mod redis;
 
-use tokio::sync::oneshot;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{Chat, ChatMessage, Department, StoredOperator};
 
@@ -66,4 +67,38 @@ pub fn done() -> Ticket {
     let (tx, rx) = oneshot::channel();
     let _ = tx.send(Ok(()));
     rx
+}
+
+/// Writes queued for a store's writer, with the sender of their ticket.
+pub(crate) type Job = (Vec<Write>, oneshot::Sender<Result<(), StoreError>>);
+
+/// The queue into a store's single writer: keeps the order of changes, refuses once closed.
+pub(crate) struct Queue(Mutex<Option<mpsc::UnboundedSender<Job>>>);
+
+impl Queue {
+    pub(crate) fn new() -> (Queue, mpsc::UnboundedReceiver<Job>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Queue(Mutex::new(Some(tx))), rx)
+    }
+
+    pub(crate) fn push(&self, batch: Vec<Write>) -> Ticket {
+        let (ack, ticket) = oneshot::channel();
+        let refused = match self.0.lock().as_ref() {
+            Some(tx) => tx.send((batch, ack)).err().map(|e| e.0.1),
+            None => Some(ack),
+        };
+        if let Some(ack) = refused {
+            let _ = ack.send(Err(StoreError::Closed));
+        }
+        ticket
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        self.0.lock().is_some()
+    }
+
+    /// Stops taking writes; the writer ends once it has applied what was queued.
+    pub(crate) fn close(&self) {
+        drop(self.0.lock().take());
+    }
 }

@@ -11,11 +11,9 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
 use redis::{Client, Commands};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::{Snapshot, Store, StoreError, Ticket, Write};
-
-type Job = (Vec<Write>, oneshot::Sender<Result<(), StoreError>>);
+use super::{Job, Queue, Snapshot, Store, StoreError, Ticket, Write};
 
 /// Writes taken into one MULTI/EXEC at most.
 const MAX_GROUP: usize = 1024;
@@ -23,7 +21,7 @@ const MAX_GROUP: usize = 1024;
 pub struct RedisStore {
     client: Client,
     prefix: String,
-    tx: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    queue: Queue,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     healthy: Arc<AtomicBool>,
 }
@@ -77,7 +75,7 @@ impl RedisStore {
             .await
             .map_err(backend)?;
         let healthy = Arc::new(AtomicBool::new(true));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (queue, rx) = Queue::new();
         let writer = tokio::spawn(writer_loop(
             conn.clone(),
             Keys(prefix.to_string()),
@@ -88,7 +86,7 @@ impl RedisStore {
         Ok(RedisStore {
             client,
             prefix: prefix.to_string(),
-            tx: Mutex::new(Some(tx)),
+            queue,
             writer: Mutex::new(Some(writer)),
             healthy,
         })
@@ -276,26 +274,15 @@ impl Store for RedisStore {
     }
 
     fn write(&self, batch: Vec<Write>) -> Ticket {
-        let (ack, ticket) = oneshot::channel();
-        match self.tx.lock().as_ref() {
-            Some(tx) => {
-                if let Err(mpsc::error::SendError((_, ack))) = tx.send((batch, ack)) {
-                    let _ = ack.send(Err(StoreError::Closed));
-                }
-            }
-            None => {
-                let _ = ack.send(Err(StoreError::Closed));
-            }
-        }
-        ticket
+        self.queue.push(batch)
     }
 
     fn ready(&self) -> bool {
-        self.tx.lock().is_some() && self.healthy.load(Ordering::Relaxed)
+        self.queue.is_open() && self.healthy.load(Ordering::Relaxed)
     }
 
     fn close(&self) {
-        drop(self.tx.lock().take());
+        self.queue.close();
         if let Some(writer) = self.writer.lock().take() {
             // Called from a blocking thread at shutdown: wait for queued writes to land,
             // bounded so an unreachable Redis cannot hold the exit.

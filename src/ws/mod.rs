@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -51,7 +51,7 @@ pub enum Flow {
 }
 
 /// Checks that a request is a WebSocket upgrade and answers `101`, or says what is wrong.
-pub fn accept(req: &mut Request) -> Result<(Response, OnUpgrade), Error> {
+fn accept(req: &mut Request) -> Result<(Response, OnUpgrade), Error> {
     let h = req.headers();
     let has = |name: header::HeaderName, token: &str| {
         h.get_all(name).iter().any(|v| {
@@ -90,8 +90,25 @@ pub fn accept(req: &mut Request) -> Result<(Response, OnUpgrade), Error> {
     Ok((res, on_upgrade))
 }
 
+/// Checks capacity, answers the upgrade and runs the socket with `handler` (the endpoint
+/// has authenticated the request already).
+pub fn upgrade<H: Handler>(hub: Hub, mut req: Request, kind: Kind, handler: H) -> Response {
+    if let Err(e) = check_capacity(&hub) {
+        return e.into_response();
+    }
+    let origin_ok = origin_ok(&hub, req.headers());
+    let addr = req.extensions().get::<crate::server::PeerAddr>().copied();
+    match accept(&mut req) {
+        Ok((res, on_upgrade)) => {
+            spawn(hub, on_upgrade, kind, handler, origin_ok, addr);
+            res
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
 /// Refuses a new socket past `limits.max_connections`.
-pub fn check_capacity(hub: &Hub) -> Result<(), Error> {
+fn check_capacity(hub: &Hub) -> Result<(), Error> {
     if hub.peers.len() >= hub.cfg.limits.max_connections {
         metrics::counter!("presence_hub_connections_refused_total").increment(1);
         return Err(Error::Unavailable("too many connections".into()));
@@ -100,7 +117,7 @@ pub fn check_capacity(hub: &Hub) -> Result<(), Error> {
 }
 
 /// True when a browser's `Origin` is allowed (no `Origin`: not a browser, not refused).
-pub fn origin_ok(hub: &Hub, headers: &HeaderMap) -> bool {
+fn origin_ok(hub: &Hub, headers: &HeaderMap) -> bool {
     match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         None => true,
         Some(o) => hub.cfg.origin_allowed(o),
@@ -123,7 +140,7 @@ pub trait Handler: Send + 'static {
 }
 
 /// Answers the upgrade and runs the socket to its end in a tracked task.
-pub fn spawn<H: Handler>(
+fn spawn<H: Handler>(
     hub: Hub,
     on_upgrade: OnUpgrade,
     kind: Kind,

@@ -17,33 +17,20 @@ use crate::hub::Hub;
 use crate::peer::{Kind, Peer};
 use crate::protocol::{OperatorRequest, ack_frame, error_frame, parse_request};
 
-pub async fn upgrade(State(hub): State<Hub>, mut req: Request) -> Response {
+pub async fn upgrade(State(hub): State<Hub>, req: Request) -> Response {
     let op = match authenticate(&hub, &req) {
         Ok(op) => op,
         Err(e) => return e.into_response(),
     };
-    if let Err(e) = super::check_capacity(&hub) {
-        return e.into_response();
-    }
-    let origin_ok = super::origin_ok(&hub, req.headers());
-    let addr = req.extensions().get::<crate::server::PeerAddr>().copied();
-    match super::accept(&mut req) {
-        Ok((res, on_upgrade)) => {
-            super::spawn(
-                hub,
-                on_upgrade,
-                Kind::Operator(op),
-                Operator {
-                    id: op,
-                    logged_out: false,
-                },
-                origin_ok,
-                addr,
-            );
-            res
-        }
-        Err(e) => e.into_response(),
-    }
+    super::upgrade(
+        hub,
+        req,
+        Kind::Operator(op),
+        Operator {
+            id: op,
+            logged_out: false,
+        },
+    )
 }
 
 /// The token from `?token=` or `Authorization: Bearer`; 401 when missing, bad or expired,

@@ -13,30 +13,12 @@ use crate::hub::Hub;
 use crate::peer::{Kind, Peer};
 use crate::protocol::{VisitorRequest, ack_frame, error_frame, parse_request};
 
-pub async fn upgrade(State(hub): State<Hub>, mut req: Request) -> Response {
+pub async fn upgrade(State(hub): State<Hub>, req: Request) -> Response {
     let chat = match authenticate(&hub, req.uri().query()) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    if let Err(e) = super::check_capacity(&hub) {
-        return e.into_response();
-    }
-    let origin_ok = super::origin_ok(&hub, req.headers());
-    let addr = req.extensions().get::<crate::server::PeerAddr>().copied();
-    match super::accept(&mut req) {
-        Ok((res, on_upgrade)) => {
-            super::spawn(
-                hub,
-                on_upgrade,
-                Kind::Visitor(chat),
-                Visitor { chat },
-                origin_ok,
-                addr,
-            );
-            res
-        }
-        Err(e) => e.into_response(),
-    }
+    super::upgrade(hub, req, Kind::Visitor(chat), Visitor { chat })
 }
 
 /// 401 without a token, 403 with a wrong one, 400 without a chat id.

@@ -15,30 +15,12 @@ use crate::protocol::error_frame;
 /// Departments one widget socket may follow.
 const MAX_DEPARTMENTS: usize = 64;
 
-pub async fn upgrade(State(hub): State<Hub>, mut req: Request) -> Response {
+pub async fn upgrade(State(hub): State<Hub>, req: Request) -> Response {
     let depts = match departments(req.uri().query()) {
         Ok(d) => d,
         Err(e) => return e.into_response(),
     };
-    if let Err(e) = super::check_capacity(&hub) {
-        return e.into_response();
-    }
-    let origin_ok = super::origin_ok(&hub, req.headers());
-    let addr = req.extensions().get::<crate::server::PeerAddr>().copied();
-    match super::accept(&mut req) {
-        Ok((res, on_upgrade)) => {
-            super::spawn(
-                hub,
-                on_upgrade,
-                Kind::Widget,
-                Widget { depts },
-                origin_ok,
-                addr,
-            );
-            res
-        }
-        Err(e) => e.into_response(),
-    }
+    super::upgrade(hub, req, Kind::Widget, Widget { depts })
 }
 
 /// The `department` query parameters: at least one, numeric, without repeats.
