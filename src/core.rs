@@ -137,6 +137,24 @@ struct ChatEntry {
     requeued: Option<AssignReason>,
 }
 
+/// What decides where a chat is counted: its owner's sets, its department's counts, the open
+/// list and the queue. Copied instead of the whole chat (visitor data and all) on each change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    id: u64,
+    department: u64,
+    status: ChatStatus,
+    owner: Option<u64>,
+    priority: i64,
+    seq: u64,
+}
+
+impl Slot {
+    fn of(c: &Chat) -> Slot {
+        Slot { id: c.id, department: c.department, status: c.status, owner: c.owner, priority: c.priority, seq: c.seq }
+    }
+}
+
 /// Per-department counts of chats by status (the pending count drives `queue_full`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Counts {
@@ -229,7 +247,7 @@ impl Core {
                 requeued: None,
             };
             core.chats.insert(chat.id, entry);
-            core.count(&chat, 1);
+            core.count(&Slot::of(&chat), 1);
         }
         let now = Instant::now();
         let depts: Vec<u64> = core.known_departments().collect();
@@ -976,7 +994,7 @@ impl Core {
         };
         self.next_seq += 1;
         let token = chat.visitor_token.clone();
-        self.count(&chat, 1);
+        self.count(&Slot::of(&chat), 1);
         if self.cluster {
             self.notes.push(Note::Chat { chat: chat.clone() });
         }
@@ -1252,18 +1270,19 @@ impl Core {
         let Some(e) = self.chats.get_mut(&id) else {
             return;
         };
-        let before = e.chat.clone();
+        let before = Slot::of(&e.chat);
         f(&mut e.chat);
         if e.chat.owner.is_some() {
             e.chat.avoid = None;
         } else {
             e.chat.assign_reason = None;
         }
-        e.chat.version = next_version(before.version);
+        e.chat.version = next_version(e.chat.version);
         if before.owner != e.chat.owner || before.status != e.chat.status {
             e.round += 1;
         }
-        let after = e.chat.clone();
+        let after = Slot::of(&e.chat);
+        let stored = e.chat.clone();
         self.count(&before, -1);
         self.count(&after, 1);
         // Capacity may have freed up, or the chat may wait in the queue now.
@@ -1277,16 +1296,14 @@ impl Core {
             .extend([before.owner, after.owner].into_iter().flatten());
         self.dirty_depts.insert(after.department);
         if self.cluster {
-            self.notes.push(Note::Chat {
-                chat: after.clone(),
-            });
+            self.notes.push(Note::Chat { chat: stored.clone() });
         }
-        self.writes.push(Write::Chat(after));
+        self.writes.push(Write::Chat(stored));
         self.emit_chat(id);
     }
 
     /// Adds (`sign` 1) or removes (-1) a chat from every count and index it belongs to.
-    fn count(&mut self, c: &Chat, sign: i32) {
+    fn count(&mut self, c: &Slot, sign: i32) {
         let add = sign > 0;
         if let Some(op) = c.owner.and_then(|o| self.operators.get_mut(&o)) {
             let set = match c.status {
@@ -2017,7 +2034,7 @@ impl Core {
             None => {
                 self.next_chat_id = self.next_chat_id.max(id.saturating_add(1));
                 self.next_seq = self.next_seq.max(chat.seq + 1);
-                self.count(&chat, 1);
+                self.count(&Slot::of(&chat), 1);
                 self.chats.insert(
                     id,
                     ChatEntry {
