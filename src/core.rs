@@ -151,7 +151,14 @@ struct Slot {
 
 impl Slot {
     fn of(c: &Chat) -> Slot {
-        Slot { id: c.id, department: c.department, status: c.status, owner: c.owner, priority: c.priority, seq: c.seq }
+        Slot {
+            id: c.id,
+            department: c.department,
+            status: c.status,
+            owner: c.owner,
+            priority: c.priority,
+            seq: c.seq,
+        }
     }
 }
 
@@ -1296,7 +1303,9 @@ impl Core {
             .extend([before.owner, after.owner].into_iter().flatten());
         self.dirty_depts.insert(after.department);
         if self.cluster {
-            self.notes.push(Note::Chat { chat: stored.clone() });
+            self.notes.push(Note::Chat {
+                chat: stored.clone(),
+            });
         }
         self.writes.push(Write::Chat(stored));
         self.emit_chat(id);
