@@ -915,6 +915,14 @@ impl Core {
                 w.remove(&conn);
                 if w.is_empty() {
                     self.widgets.remove(d);
+                    // A public socket may name any id: forget the ones nothing else knows.
+                    let known = self.departments.contains_key(d)
+                        || self.members.get(d).is_some_and(|m| !m.is_empty())
+                        || self.watchers.get(d).is_some_and(|m| !m.is_empty())
+                        || self.counts.contains_key(d);
+                    if !known {
+                        self.published.remove(d);
+                    }
                 }
             }
         }
@@ -1827,4 +1835,42 @@ impl Core {
 
 fn raw(view: &OperatorView) -> Box<RawValue> {
     serde_json::value::to_raw_value(view).expect("views serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::Kind;
+
+    fn core() -> Core {
+        Core::new(Arc::new(Config::default()), Snapshot::default())
+    }
+
+    #[test]
+    fn widget_of_an_unknown_department_leaves_nothing_behind() {
+        let mut c = core();
+        let peer = Arc::new(Peer::new(1, Kind::Widget, 16, 0));
+        c.connect_widget(peer.clone(), &[77, 78]);
+        assert_eq!(peer.queued(), 2, "the state of each department at once");
+        assert!(c.published.contains_key(&77));
+        c.disconnect_widget(1, &[77, 78]);
+        assert!(
+            c.published.is_empty() && c.widgets.is_empty(),
+            "public ids are not kept"
+        );
+    }
+
+    #[test]
+    fn widget_of_a_known_department_keeps_its_published_state() {
+        let mut c = core();
+        let now = Instant::now();
+        c.put_department(
+            Department::with_defaults(5, &Config::default().assignment),
+            now,
+        );
+        let peer = Arc::new(Peer::new(1, Kind::Widget, 16, 0));
+        c.connect_widget(peer, &[5]);
+        c.disconnect_widget(1, &[5]);
+        assert!(c.published.contains_key(&5));
+    }
 }
