@@ -212,6 +212,8 @@ pub struct Core {
     /// While an operator's socket connects: chats assigned meanwhile and why, told to that
     /// socket after its `hello` (it is registered only then).
     assigned_during_connect: Option<Vec<(u64, AssignReason)>>,
+    /// The chat view `emit_chat` serialized last, reused by `assign` for `chat_assigned`.
+    last_chat_view: Option<(u64, Box<RawValue>)>,
     /// Frames pushed and peers dropped as slow consumers, for the metrics.
     pub sent: u64,
     pub dropped: u64,
@@ -781,7 +783,7 @@ impl Core {
         for (chat, reason) in assigned {
             if let Some(e) = self.chats.get(&chat).filter(|e| e.chat.owner == Some(id)) {
                 let frame = Event::ChatAssigned {
-                    chat: e.chat.view(),
+                    chat: &chat_raw(&e.chat),
                     reason,
                 }
                 .frame();
@@ -1448,8 +1450,13 @@ impl Core {
             self.arm_accept_deadline(id, now);
         }
         let e = &self.chats[&id];
+        // The view `emit_chat` just serialized for the department's `chat` event.
+        let view = match self.last_chat_view.take() {
+            Some((chat, view)) if chat == id => view,
+            _ => chat_raw(&e.chat),
+        };
         let frame = Event::ChatAssigned {
-            chat: e.chat.view(),
+            chat: &view,
             reason,
         }
         .frame();
@@ -1605,10 +1612,8 @@ impl Core {
 
     fn emit_chat(&mut self, id: u64) {
         let Some(e) = self.chats.get(&id) else { return };
-        let frame = Event::Chat {
-            chat: e.chat.view(),
-        }
-        .frame();
+        let view = chat_raw(&e.chat);
+        let frame = Event::Chat { chat: &view }.frame();
         let audience = self.audience(std::iter::once(e.chat.department));
         // Watchers from the department already have it through their operator.
         let watchers: Vec<Arc<Peer>> = e
@@ -1629,6 +1634,7 @@ impl Core {
                 self.push(p, &vf);
             }
         }
+        self.last_chat_view = Some((id, view));
     }
 
     fn send_to_operator(&mut self, id: u64, frame: &Frame) {
@@ -1831,6 +1837,10 @@ impl Core {
     pub fn stop_assigning(&mut self) {
         self.assigner = false;
     }
+}
+
+fn chat_raw(chat: &Chat) -> Box<RawValue> {
+    serde_json::value::to_raw_value(&chat.view()).expect("chats serialize")
 }
 
 fn raw(view: &OperatorView) -> Box<RawValue> {

@@ -99,15 +99,17 @@ pub enum Event<'a> {
     },
     DepartmentStatus(&'a DeptState),
     WidgetStatus(&'a DeptState),
+    /// The chat view comes pre-serialized: one decision sends it as `chat` and
+    /// `chat_assigned`.
     Chat {
-        chat: ChatView<'a>,
+        chat: &'a RawValue,
     },
     #[serde(rename = "chat")]
     VisitorChat {
         chat: VisitorChatView<'a>,
     },
     ChatAssigned {
-        chat: ChatView<'a>,
+        chat: &'a RawValue,
         reason: AssignReason,
     },
     Message {

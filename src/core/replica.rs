@@ -211,7 +211,7 @@ impl Core {
                 }
                 if let (Some(reason), Some(owner)) = (assigned, chat.owner) {
                     let frame = Event::ChatAssigned {
-                        chat: chat.view(),
+                        chat: &chat_raw(&chat),
                         reason,
                     }
                     .frame();
