@@ -181,8 +181,31 @@ impl Cluster {
         };
         let got = matches!(tokio::time::timeout(self.lease / 3, round).await, Ok(Ok(1)));
         if got && !was {
-            if let Err(e) = self.resync(hub).await {
-                tracing::warn!(cause = %e, "resync before assigning failed");
+            // The resync must end within the lease, and the lease must still be ours after it.
+            match tokio::time::timeout(self.lease / 2, self.resync(hub)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(cause = %e, "resync before assigning failed");
+                    return false;
+                }
+                Err(_) => {
+                    tracing::warn!("resync before assigning took longer than half the lease");
+                    return false;
+                }
+            }
+            let renewed = async {
+                let mut c = self.client.get_multiplexed_async_connection().await?;
+                script
+                    .key(self.leader_key())
+                    .arg(&self.node)
+                    .arg(self.lease.as_millis() as u64)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            };
+            if !matches!(
+                tokio::time::timeout(self.lease / 3, renewed).await,
+                Ok(Ok(1))
+            ) {
                 return false;
             }
             tracing::info!(node = %self.node, "this node now assigns chats");
@@ -266,12 +289,11 @@ impl Cluster {
             self.pending.lock().remove(&id);
             return Err(unavailable(&e.to_string()));
         }
+        // Whatever ends the wait (answer, timeout, the client going away) forgets the call.
+        let _forget = Forget(self, id);
         match tokio::time::timeout(CALL_TIMEOUT, rx).await {
             Ok(Ok(r)) => r.map(Some),
-            _ => {
-                self.pending.lock().remove(&id);
-                Err(unavailable("the assigning node did not answer in time"))
-            }
+            _ => Err(unavailable("the assigning node did not answer in time")),
         }
     }
 
@@ -315,6 +337,9 @@ impl Cluster {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if call.deadline < unix_ms() {
+                continue; // the caller stopped waiting meanwhile
             }
             let result = if hub.read(|c| c.assigner) {
                 hub.commit(|c, now| c.exec(call.op, now)).await
@@ -400,12 +425,13 @@ impl Cluster {
                 continue;
             };
             let mut pipe = redis::pipe();
+            for note in batch.drain(..) {
+                self.add_note(&mut pipe, note);
+            }
+            // Last: the state read now is newer than every note of the batch.
             if stale {
                 let counts = hub.read(|core| core.local_counts());
                 self.full_state(&mut pipe, counts);
-            }
-            for note in batch.drain(..) {
-                self.add_note(&mut pipe, note);
             }
             match pipe.query_async::<()>(c).await {
                 Ok(()) => stale = false,
@@ -681,6 +707,15 @@ impl Cluster {
                 }
             }
         }
+    }
+}
+
+/// Removes a forwarded call's entry from `pending` when its caller stops waiting.
+struct Forget<'a>(&'a Cluster, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.pending.lock().remove(&self.1);
     }
 }
 

@@ -140,7 +140,8 @@ impl Presence {
         if after > 0 {
             self.grace_until = None;
             self.logged_out = false;
-        } else if before > 0 && logout {
+        } else if logout {
+            // Also ends a grace another node's full state started before this note came.
             self.grace_until = None;
             self.logged_out = true;
         } else if before > 0 && !grace.is_zero() && !was_inactive {

@@ -204,7 +204,12 @@ impl Core {
                         && (e.chat.owner != chat.owner || e.chat.assigned_at != chat.assigned_at)
                 });
                 let incoming = chat.clone();
+                // Only the mirrored write and note go: what `settle` sets off below (an
+                // assignment, on the assigning node) must be written and told.
+                let (writes, notes) = (self.writes.len(), self.notes.len());
                 self.transition(id, |c| *c = incoming);
+                self.writes.truncate(writes);
+                self.notes.truncate(notes);
                 // The writer's version, not a new local one: its next change must apply.
                 if let Some(e) = self.chats.get_mut(&id) {
                     e.chat.version = chat.version;
@@ -240,10 +245,6 @@ impl Core {
                 self.settle(now);
             }
         }
-        self.writes
-            .retain(|w| !matches!(w, Write::Chat(c) if c.id == id));
-        self.notes
-            .retain(|n| !matches!(n, Note::Chat { chat } if chat.id == id));
     }
 
     /// Cluster: a message written on another node.
