@@ -161,15 +161,14 @@ impl Cluster {
         hub.on_leave(tokio::spawn(me.clone().elect(hub.clone(), elected)));
     }
 
-    /// One election round: renews our lease on `{prefix}leader` or takes it when free.
-    /// Becoming the assigning node resynchronises chats first.
-    async fn elect_once(&self, was: bool, hub: &Hub) -> bool {
+    /// Renews our lease on `{prefix}leader` or takes it when free; true when we hold it. A
+    /// round that cannot finish within a third of the lease counts as lost: a node cut off
+    /// from Redis stops assigning before its lease can pass to another node.
+    async fn hold_lead(&self) -> bool {
         let script = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 \
              elseif redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 else return 0 end",
         );
-        // A round that cannot finish within a third of the lease counts as lost: a node cut
-        // off from Redis stops assigning before its lease can pass to another node.
         let round = async {
             let mut c = self.client.get_multiplexed_async_connection().await?;
             script
@@ -179,7 +178,13 @@ impl Cluster {
                 .invoke_async::<i64>(&mut c)
                 .await
         };
-        let got = matches!(tokio::time::timeout(self.lease / 3, round).await, Ok(Ok(1)));
+        matches!(tokio::time::timeout(self.lease / 3, round).await, Ok(Ok(1)))
+    }
+
+    /// One election round: renews our lease on `{prefix}leader` or takes it when free.
+    /// Becoming the assigning node resynchronises chats first.
+    async fn elect_once(&self, was: bool, hub: &Hub) -> bool {
+        let got = self.hold_lead().await;
         if got && !was {
             // The resync must end within the lease, and the lease must still be ours after it.
             match tokio::time::timeout(self.lease / 2, self.resync(hub)).await {
@@ -193,19 +198,7 @@ impl Cluster {
                     return false;
                 }
             }
-            let renewed = async {
-                let mut c = self.client.get_multiplexed_async_connection().await?;
-                script
-                    .key(self.leader_key())
-                    .arg(&self.node)
-                    .arg(self.lease.as_millis() as u64)
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            };
-            if !matches!(
-                tokio::time::timeout(self.lease / 3, renewed).await,
-                Ok(Ok(1))
-            ) {
+            if !self.hold_lead().await {
                 return false;
             }
             tracing::info!(node = %self.node, "this node now assigns chats");

@@ -243,22 +243,8 @@ impl Core {
         let mut chats = snap.chats;
         chats.sort_by_key(|c| c.seq);
         for chat in chats {
-            let history: VecDeque<ChatMessage> =
-                messages.remove(&chat.id).unwrap_or_default().into();
-            let next_message = history.back().map_or(1, |m| m.id + 1);
-            core.next_chat_id = core.next_chat_id.max(chat.id.saturating_add(1));
-            core.next_seq = core.next_seq.max(chat.seq + 1);
-            let entry = ChatEntry {
-                chat: chat.clone(),
-                history,
-                next_message,
-                watchers: HashMap::new(),
-                visitors: HashMap::new(),
-                round: 0,
-                requeued: None,
-            };
-            core.chats.insert(chat.id, entry);
-            core.count(&Slot::of(&chat), 1);
+            let history = messages.remove(&chat.id).unwrap_or_default().into();
+            core.add_chat(chat, history);
         }
         let now = Instant::now();
         let depts: Vec<u64> = core.known_departments().collect();
@@ -1013,26 +999,34 @@ impl Core {
         };
         self.next_seq += 1;
         let token = chat.visitor_token.clone();
-        self.count(&Slot::of(&chat), 1);
         if self.cluster {
             self.notes.push(Note::Chat { chat: chat.clone() });
         }
         self.writes.push(Write::Chat(chat.clone()));
-        let entry = ChatEntry {
-            chat,
-            history: VecDeque::new(),
-            next_message: 1,
-            watchers: HashMap::new(),
-            visitors: HashMap::new(),
-            round: 0,
-            requeued: None,
-        };
-        self.chats.insert(id, entry);
+        self.add_chat(chat, VecDeque::new());
         self.dirty_depts.insert(req.department);
         self.to_assign.insert(req.department);
         self.emit_chat(id);
         self.settle(now);
         Ok((self.chat(id)?, token))
+    }
+
+    /// Takes in a chat that is not known yet (loaded, created, or replicated).
+    fn add_chat(&mut self, chat: Chat, history: VecDeque<ChatMessage>) {
+        self.next_chat_id = self.next_chat_id.max(chat.id.saturating_add(1));
+        self.next_seq = self.next_seq.max(chat.seq + 1);
+        self.count(&Slot::of(&chat), 1);
+        let next_message = history.back().map_or(1, |m| m.id + 1);
+        let entry = ChatEntry {
+            chat,
+            history,
+            next_message,
+            watchers: HashMap::new(),
+            visitors: HashMap::new(),
+            round: 0,
+            requeued: None,
+        };
+        self.chats.insert(entry.chat.id, entry);
     }
 
     /// `PATCH /api/v1/chats/{id}` `{"status":"pending"}`: a bot hands the chat to humans.

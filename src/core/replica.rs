@@ -225,21 +225,7 @@ impl Core {
                 self.settle(now);
             }
             None => {
-                self.next_chat_id = self.next_chat_id.max(id.saturating_add(1));
-                self.next_seq = self.next_seq.max(chat.seq + 1);
-                self.count(&Slot::of(&chat), 1);
-                self.chats.insert(
-                    id,
-                    ChatEntry {
-                        chat,
-                        history: VecDeque::new(),
-                        next_message: 1,
-                        watchers: HashMap::new(),
-                        visitors: HashMap::new(),
-                        round: 0,
-                        requeued: None,
-                    },
-                );
+                self.add_chat(chat, VecDeque::new());
                 self.dirty_depts.insert(self.chats[&id].chat.department);
                 self.emit_chat(id);
                 self.settle(now);
