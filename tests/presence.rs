@@ -195,26 +195,7 @@ async fn status_view_is_flat_with_every_field() {
     .await;
     let (_op, hello) = hub.connect(1).await;
     for v in [hello["operator"].clone(), hub.view(1).await] {
-        for key in [
-            "id",
-            "name",
-            "departments",
-            "watch_departments",
-            "permissions",
-            "max_chats",
-            "exclude_autoassign",
-            "auto_accept",
-            "online",
-            "invisible",
-            "always_online",
-            "connections",
-            "inactive",
-            "active_chats",
-            "pending_chats",
-            "status",
-            "status_reason",
-            "misconfigured",
-        ] {
+        for key in common::VIEW_KEYS {
             assert!(v.get(key).is_some(), "view lacks {key}: {v}");
         }
         assert_eq!(v["name"], "Ann");

@@ -488,3 +488,25 @@ impl Client {
         out
     }
 }
+
+/// Every key of the flat operator view (SPEC.md section 2).
+pub const VIEW_KEYS: [&str; 18] = [
+    "id",
+    "name",
+    "departments",
+    "watch_departments",
+    "permissions",
+    "max_chats",
+    "exclude_autoassign",
+    "auto_accept",
+    "online",
+    "invisible",
+    "always_online",
+    "connections",
+    "inactive",
+    "active_chats",
+    "pending_chats",
+    "status",
+    "status_reason",
+    "misconfigured",
+];
