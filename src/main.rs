@@ -79,7 +79,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             tracing::info!(
                 api_key = %data_dir.join("api_key").display(),
                 jwt_secret = %data_dir.join("jwt_secret").display(),
-                "secrets generated into the data dir; mint an operator token with `presence-hub token --operator 1`"
+                "secrets are in the data dir (generated on first start); mint an operator token with `presence-hub token --operator 1`"
             );
         }
         presence_hub::server::run(listener, hub, shutdown_signal()).await;
