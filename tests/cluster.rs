@@ -177,21 +177,7 @@ async fn cluster_redis_outage_is_not_ready_refuses_writes_and_recovers() {
     let (mut op, _) = a.connect(1).await;
     redis.stop().await;
     // Not ready once the store notices; writes are refused, not pretended.
-    let mut ready = 200;
-    for _ in 0..100 {
-        ready = a
-            .http
-            .get(a.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16();
-        if ready == 503 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ready = readyz_until(&a, 503).await;
     assert_eq!(ready, 503);
     let (status, body) = a
         .put(
@@ -207,21 +193,7 @@ async fn cluster_redis_outage_is_not_ready_refuses_writes_and_recovers() {
     assert_eq!(err["code"], "internal");
     assert_eq!(a.view(1).await["connections"], 1, "sockets are kept");
     redis.spawn().await;
-    let mut ready = 503;
-    for _ in 0..100 {
-        ready = a
-            .http
-            .get(a.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16();
-        if ready == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ready = readyz_until(&a, 200).await;
     assert_eq!(ready, 200, "reconnects by itself");
     let (status, _) = a
         .put(
@@ -527,4 +499,24 @@ async fn cluster_logout_is_immediate_on_every_node() {
     let off = widget.next_of("widget_status").await;
     assert_eq!(off["online"], false);
     assert_eq!(b.view(1).await["status_reason"], "logged_out");
+}
+
+/// Polls /readyz (nothing pushes readiness) until it answers `want`, for at most 5 s.
+async fn readyz_until(hub: &TestHub, want: u16) -> u16 {
+    let mut status = 0;
+    for _ in 0..100 {
+        status = hub
+            .http
+            .get(hub.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    status
 }

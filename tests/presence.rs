@@ -505,16 +505,7 @@ async fn always_online_survives_closing_every_connection() {
 #[tokio::test]
 async fn logout_closes_1000_and_is_offline_at_once() {
     let hub = TestHub::start_with(grace_config(30_000)).await;
-    hub.operator(1, &[1]).await;
-    hub.operator(2, &[1]).await;
-    let (mut colleague, _) = hub.connect(2).await;
-    colleague
-        .request(json!({"type":"set_status","online":false}))
-        .await;
-    let mut widget = hub.widget(&[1]).await;
-    assert_eq!(widget_next(&mut widget, 1).await["online"], false);
-    let (mut op, _) = hub.connect(1).await;
-    assert_eq!(widget_next(&mut widget, 1).await["online"], true);
+    let (mut colleague, mut widget, mut op) = alone_in_department(&hub).await;
 
     let ack = op.request(json!({"type":"logout"})).await;
     assert_eq!(ack["type"], "ack", "{ack}");
@@ -1312,16 +1303,7 @@ async fn grace_does_not_bring_inactive_operator_online() {
     // An operator already offline for inactivity who closes the tab must not reappear as
     // online during the grace: the grace keeps an online operator online, nothing more.
     let hub = TestHub::start_with(grace_config(500)).await;
-    hub.operator(1, &[1]).await;
-    hub.operator(2, &[1]).await;
-    let (mut colleague, _) = hub.connect(2).await;
-    colleague
-        .request(json!({"type":"set_status","online":false}))
-        .await;
-    let mut widget = hub.widget(&[1]).await;
-    assert_eq!(widget_next(&mut widget, 1).await["online"], false);
-    let (mut op, _) = hub.connect(1).await;
-    assert_eq!(widget_next(&mut widget, 1).await["online"], true);
+    let (mut colleague, mut widget, mut op) = alone_in_department(&hub).await;
     op.request(json!({"type":"activity","active":false})).await;
     assert_eq!(widget_next(&mut widget, 1).await["online"], false);
     await_status(&mut colleague, 1, "1 inactive", offline).await;
@@ -1453,4 +1435,20 @@ async fn logout_with_another_tab_keeps_operator_online() {
     assert_eq!(a.closed().await.map(|f| u16::from(f.code)), Some(1000));
     let v = await_status(&mut colleague, 1, "1 tab", |v| v["connections"] == 1).await;
     assert_eq!(v["status"], "online", "the other tab is still open: {v}");
+}
+
+/// Operator 1 alone online in department 1: colleague 2 is connected but set offline, and a
+/// widget of department 1 has seen it turn online. Returns (colleague, widget, operator 1).
+async fn alone_in_department(hub: &TestHub) -> (Client, Client, Client) {
+    hub.operator(1, &[1]).await;
+    hub.operator(2, &[1]).await;
+    let (mut colleague, _) = hub.connect(2).await;
+    colleague
+        .request(json!({"type":"set_status","online":false}))
+        .await;
+    let mut widget = hub.widget(&[1]).await;
+    assert_eq!(widget_next(&mut widget, 1).await["online"], false);
+    let (op, _) = hub.connect(1).await;
+    assert_eq!(widget_next(&mut widget, 1).await["online"], true);
+    (colleague, widget, op)
 }
