@@ -665,6 +665,30 @@ impl Cluster {
                 }
             });
         }
+        // Chats live here but no longer in the set of open chats closed while this node
+        // was not listening: their closed copy takes them out of live state.
+        let open: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        let gone: Vec<u64> = hub
+            .read(|c| c.live_chat_ids())
+            .into_iter()
+            .filter(|id| !open.contains(id))
+            .collect();
+        for chunk in gone.chunks(256) {
+            let keys: Vec<String> = chunk.iter().map(|id| self.keys.chat(*id)).collect();
+            let raw: Vec<Option<String>> =
+                redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
+            let closed: Vec<Chat> = raw
+                .into_iter()
+                .flatten()
+                .filter_map(|s| serde_json::from_str::<Chat>(&s).ok())
+                .filter(|c| c.status == crate::model::ChatStatus::Closed)
+                .collect();
+            hub.run(|core, now| {
+                for chat in closed {
+                    core.apply_chat(chat, now);
+                }
+            });
+        }
         Ok(())
     }
 

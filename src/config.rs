@@ -22,6 +22,8 @@ pub struct Config {
     pub chats: Chats,
     pub cluster: Cluster,
     pub limits: Limits,
+    pub events: Events,
+    pub webhooks: Webhooks,
     pub log: Log,
 }
 
@@ -146,11 +148,69 @@ impl Default for Assignment {
 pub struct Chats {
     /// Messages kept per chat.
     pub history: usize,
+    /// How long the store keeps a closed chat (and its messages) before deleting it.
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
 }
 
 impl Default for Chats {
     fn default() -> Self {
-        Chats { history: 100 }
+        Chats {
+            history: 100,
+            retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// The event feed of the back end (`GET /api/v1/events`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Events {
+    /// Events older than this are dropped.
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+    /// At most this many events are kept, oldest dropped first.
+    pub max_events: u64,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            retention: Duration::from_secs(24 * 3600),
+            max_events: 1_000_000,
+        }
+    }
+}
+
+/// Webhook delivery of the event feed; off while `url` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Webhooks {
+    pub url: String,
+    /// Key of the `X-Presence-Hub-Signature` HMAC.
+    pub secret: Masked,
+    /// Event types delivered; empty = all.
+    pub types: Vec<crate::feed::EventType>,
+    /// Events per POST at most.
+    pub batch: usize,
+    /// A POST not answered within this is a failed attempt.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Longest wait between two attempts of one batch.
+    #[serde(deserialize_with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for Webhooks {
+    fn default() -> Self {
+        Webhooks {
+            url: String::new(),
+            secret: Masked::default(),
+            types: Vec::new(),
+            batch: 100,
+            timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(300),
+        }
     }
 }
 
@@ -299,6 +359,10 @@ impl Config {
             self.assignment.accept_timeout,
             self.cluster.node_lease,
             self.limits.handshake_timeout,
+            self.events.retention,
+            self.chats.retention,
+            self.webhooks.timeout,
+            self.webhooks.max_backoff,
         ];
         if durations.iter().any(|d| *d > year) {
             return bad("durations must be at most 365 days");
@@ -314,6 +378,20 @@ impl Config {
         }
         if self.limits.outbound_queue == 0 || self.limits.max_connections == 0 {
             return bad("limits.outbound_queue and limits.max_connections must be greater than 0");
+        }
+        if self.events.max_events == 0 {
+            return bad("events.max_events must be greater than 0");
+        }
+        if !self.webhooks.url.is_empty() {
+            if !self.webhooks.url.starts_with("http://") {
+                return bad("webhooks.url must start with http:// (put TLS in front of the receiver)");
+            }
+            if !(1..=1000).contains(&self.webhooks.batch) {
+                return bad("webhooks.batch must be between 1 and 1000");
+            }
+            if self.webhooks.timeout.is_zero() {
+                return bad("webhooks.timeout must be greater than 0");
+            }
         }
         if self.store.key_prefix.is_empty() {
             return bad("store.key_prefix must not be empty");
@@ -347,7 +425,7 @@ impl Config {
     }
 }
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 11] = [
     "server",
     "auth",
     "store",
@@ -356,11 +434,18 @@ const SECTIONS: [&str; 9] = [
     "chats",
     "cluster",
     "limits",
+    "events",
+    "webhooks",
     "log",
 ];
 
 /// Keys whose value is a string even when it looks like a number (`node_id=1`, `"0"`).
-const STRING_KEYS: [&str; 18] = [
+const STRING_KEYS: [&str; 23] = [
+    "retention",
+    "url",
+    "secret",
+    "timeout",
+    "max_backoff",
     "listen",
     "node_id",
     "jwt_secret",
@@ -382,7 +467,7 @@ const STRING_KEYS: [&str; 18] = [
 ];
 
 /// Keys whose value is a list: an environment value `a,b` becomes `["a","b"]`.
-const LIST_KEYS: [&str; 1] = ["allowed_origins"];
+const LIST_KEYS: [&str; 2] = ["allowed_origins", "types"];
 
 fn apply_env(doc: &mut toml::Table, var: &str, rest: &str, raw: &str) -> Result<(), ConfigError> {
     let lower = rest.to_ascii_lowercase();

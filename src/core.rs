@@ -17,6 +17,7 @@ use crate::assign::{self, Candidate, Queued};
 use crate::cluster::Note;
 use crate::config::{Config, Strategy};
 use crate::error::{Error, Result};
+use crate::feed::{EventType, LogEvent};
 use crate::model::{
     Chat, ChatMessage, ChatStatus, ChatView, Department, DeptReason, DeptState, OperatorRecord,
     OperatorView, Permission, Sender, SenderKind, StoredOperator, VisitorChatView, next_version,
@@ -98,6 +99,14 @@ pub struct ChatFilter {
     pub department: Option<u64>,
     pub status: Option<ChatStatus>,
     pub owner: Option<u64>,
+}
+
+impl ChatFilter {
+    pub fn admits(&self, c: &Chat) -> bool {
+        self.department.is_none_or(|d| c.department == d)
+            && self.status.is_none_or(|s| c.status == s)
+            && self.owner.is_none_or(|o| c.owner == Some(o))
+    }
 }
 
 pub struct Operator {
@@ -214,6 +223,8 @@ pub struct Core {
     assigned_during_connect: Option<Vec<(u64, AssignReason)>>,
     /// The chat view `emit_chat` serialized last, reused by `assign` for `chat_assigned`.
     last_chat_view: Option<(u64, Box<RawValue>)>,
+    /// The last chat that closed (it leaves live state at once), for the answer to the close.
+    last_closed: Option<Chat>,
     /// Frames pushed and peers dropped as slow consumers, for the metrics.
     pub sent: u64,
     pub dropped: u64,
@@ -227,7 +238,7 @@ impl Core {
             cfg,
             cluster,
             assigner: !cluster,
-            next_chat_id: 1,
+            next_chat_id: snap.next_chat_id.max(1),
             ..Default::default()
         };
         for d in snap.departments {
@@ -242,7 +253,7 @@ impl Core {
         }
         let mut chats = snap.chats;
         chats.sort_by_key(|c| c.seq);
-        for chat in chats {
+        for chat in chats.into_iter().filter(|c| c.status != ChatStatus::Closed) {
             let history = messages.remove(&chat.id).unwrap_or_default().into();
             core.add_chat(chat, history);
         }
@@ -422,23 +433,25 @@ impl Core {
         v
     }
 
+    /// A chat that is not closed (closed ones live in the store only).
+    pub fn live_chat(&self, id: u64) -> Option<Chat> {
+        self.chats.get(&id).map(|e| e.chat.clone())
+    }
+
     pub fn chat(&self, id: u64) -> Result<Value> {
         let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
         Ok(serde_json::to_value(e.chat.view()).expect("chats serialize"))
     }
 
-    pub fn list_chats(&self, f: &ChatFilter) -> Vec<Value> {
+    /// Live chats matching `f` with an id above `after`, in id order, `limit` at most.
+    pub fn list_chats(&self, f: &ChatFilter, after: u64, limit: usize) -> Vec<Chat> {
         let mut out: Vec<&ChatEntry> = self
             .chats
             .values()
-            .filter(|e| f.department.is_none_or(|d| e.chat.department == d))
-            .filter(|e| f.status.is_none_or(|s| e.chat.status == s))
-            .filter(|e| f.owner.is_none_or(|o| e.chat.owner == Some(o)))
+            .filter(|e| e.chat.id > after && f.admits(&e.chat))
             .collect();
         out.sort_by_key(|e| e.chat.id);
-        out.into_iter()
-            .map(|e| serde_json::to_value(e.chat.view()).expect("chats serialize"))
-            .collect()
+        out.into_iter().take(limit).map(|e| e.chat.clone()).collect()
     }
 
     /// Checks a visitor's token before the upgrade.
@@ -916,6 +929,7 @@ impl Core {
         }
     }
 
+    /// A visitor's socket: the chat, then its history (whispers left out), then what is new.
     pub fn connect_visitor(&mut self, chat: u64, peer: Arc<Peer>) -> Result<()> {
         let frame = self.visitor_frame(chat)?;
         self.push(&peer, &frame);
@@ -923,8 +937,28 @@ impl Core {
             .chats
             .get_mut(&chat)
             .ok_or_else(|| unknown_chat(chat))?;
-        e.visitors.insert(peer.id, peer);
+        let messages: Vec<&ChatMessage> = e.history.iter().filter(|m| !m.whisper).collect();
+        let history = Event::History {
+            chat,
+            messages: &messages,
+        }
+        .frame();
+        e.visitors.insert(peer.id, peer.clone());
+        self.push(&peer, &history);
         Ok(())
+    }
+
+    /// Kept messages of a live chat with an id above `after`, oldest first (whispers too).
+    pub fn messages(&self, chat: u64, after: u64, limit: usize) -> Option<Vec<ChatMessage>> {
+        let e = self.chats.get(&chat)?;
+        Some(
+            e.history
+                .iter()
+                .filter(|m| m.id > after)
+                .take(limit)
+                .cloned()
+                .collect(),
+        )
     }
 
     pub fn disconnect_visitor(&mut self, chat: u64, conn: ConnId) {
@@ -1057,7 +1091,8 @@ impl Core {
         }
         self.transition(id, |c| c.status = ChatStatus::Closed);
         self.settle(now);
-        self.chat(id)
+        let closed = self.last_closed.take().ok_or_else(|| unknown_chat(id))?;
+        Ok(serde_json::to_value(closed.view()).expect("chats serialize"))
     }
 
     /// `open_chat`: the seed's opening rules; the opener watches the chat from now on.
@@ -1175,6 +1210,12 @@ impl Core {
             at: now_rfc3339(),
         };
         self.writes.push(Write::Message(id, message.clone()));
+        let frame = Event::Message {
+            chat: id,
+            message: &message,
+        }
+        .frame();
+        self.log(EventType::Message, &frame, None);
         self.keep_message(id, message.clone());
         if self.cluster {
             self.notes.push(Note::Message {
@@ -1315,6 +1356,44 @@ impl Core {
         }
         self.writes.push(Write::Chat(stored));
         self.emit_chat(id);
+        if after.status == ChatStatus::Closed {
+            self.evict_chat(id);
+        }
+    }
+
+    /// A closed chat leaves live state (the store keeps it for `chats.retention`): memory
+    /// is bounded by the open chats, not by every chat ever seen.
+    fn evict_chat(&mut self, id: u64) {
+        let Some(e) = self.chats.remove(&id) else {
+            return;
+        };
+        for peer in e.watchers.values() {
+            if let Kind::Operator(op) = peer.kind
+                && let Some(w) = self
+                    .operators
+                    .get_mut(&op)
+                    .and_then(|o| o.watching.get_mut(&peer.id))
+            {
+                w.remove(&id);
+            }
+        }
+        if let Some(open) = self.open_chats.get_mut(&e.chat.department)
+            && open.is_empty()
+        {
+            self.open_chats.remove(&e.chat.department);
+        }
+        self.last_closed = Some(e.chat);
+    }
+
+    /// Appends an event to the feed with the change's writes. The assigning node writes the
+    /// feed: alone it is this node; in a cluster it is the single writer of chats and hears
+    /// every other node's changes, so the log has one order and no duplicates.
+    fn log(&mut self, kind: EventType, frame: &Frame, subject: Option<String>) {
+        if self.assigner {
+            let mut e = LogEvent::new(kind, frame);
+            e.subject = subject;
+            self.writes.push(Write::Event(e));
+        }
     }
 
     /// Adds (`sign` 1) or removes (-1) a chat from every count and index it belongs to.
@@ -1454,6 +1533,7 @@ impl Core {
             reason,
         }
         .frame();
+        self.log(EventType::ChatAssigned, &frame, None);
         self.send_to_operator(op, &frame);
     }
 
@@ -1531,6 +1611,11 @@ impl Core {
         let frame = Event::OperatorStatus { operator: &json }.frame();
         let mut audience =
             self.audience(op.record.all_departments().chain(op.left.iter().copied()));
+        self.log(
+            EventType::OperatorStatus,
+            &frame,
+            Some(format!("operator:{id}")),
+        );
         if let Err(at) = audience.binary_search(&id) {
             audience.insert(at, id);
         }
@@ -1552,6 +1637,11 @@ impl Core {
             return;
         }
         let frame = Event::DepartmentStatus(&state).frame();
+        self.log(
+            EventType::DepartmentStatus,
+            &frame,
+            Some(format!("department:{d}")),
+        );
         let audience = self.audience(std::iter::once(d));
         self.deliver(&audience, &frame);
         if let Some(widgets) = self.widgets.get(&d) {
@@ -1608,6 +1698,8 @@ impl Core {
         let Some(e) = self.chats.get(&id) else { return };
         let view = chat_raw(&e.chat);
         let frame = Event::Chat { chat: &view }.frame();
+        self.log(EventType::Chat, &frame, None);
+        let Some(e) = self.chats.get(&id) else { return };
         let audience = self.audience(std::iter::once(e.chat.department));
         // Watchers from the department already have it through their operator.
         let watchers: Vec<Arc<Peer>> = e

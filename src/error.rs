@@ -16,6 +16,9 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     RateLimited(String),
+    /// A feed position retention dropped (410).
+    #[error("{0}")]
+    Gone(String),
     /// The store could not make a write durable; nothing was acknowledged.
     #[error("{0}")]
     Unavailable(String),
@@ -35,6 +38,7 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
             Error::RateLimited(_) => "rate_limited",
+            Error::Gone(_) => "gone",
             Error::Unavailable(_) | Error::Internal(_) => "internal",
         }
     }
@@ -47,6 +51,7 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::Gone(_) => StatusCode::GONE,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -60,5 +65,15 @@ impl Error {
 impl From<crate::store::StoreError> for Error {
     fn from(e: crate::store::StoreError) -> Self {
         Error::Unavailable(format!("store unavailable: {e}"))
+    }
+}
+
+impl From<crate::feed::FeedError> for Error {
+    fn from(e: crate::feed::FeedError) -> Self {
+        match e {
+            crate::feed::FeedError::Gone(_) => Error::Gone(e.to_string()),
+            crate::feed::FeedError::BadId(_) => Error::BadRequest(e.to_string()),
+            crate::feed::FeedError::Store(s) => s.into(),
+        }
     }
 }

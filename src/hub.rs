@@ -122,6 +122,11 @@ impl Hub {
         f(&self.core.lock())
     }
 
+    /// The store, for reads beyond live state (closed chats, the event feed).
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
     pub fn store_ready(&self) -> bool {
         self.store.ready()
     }
@@ -234,6 +239,32 @@ impl Hub {
         }
     }
 
+    /// Enforces retention in the store: closed chats after `chats.retention`, events after
+    /// `events.retention` or beyond `events.max_events`. Every node may run it: each round
+    /// is idempotent.
+    pub async fn clean(self) {
+        let shortest = self.cfg.chats.retention.min(self.cfg.events.retention);
+        let period = (shortest / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let now = crate::feed::unix_ms();
+            let before = |d: Duration| now.saturating_sub(d.as_millis() as u64);
+            let r = store::Retention {
+                chats_before_ms: before(self.cfg.chats.retention),
+                events_before_ms: before(self.cfg.events.retention),
+                max_events: self.cfg.events.max_events,
+            };
+            if let Err(e) = self.store.clean(r).await {
+                tracing::warn!(cause = %e, "retention clean-up failed; retrying next round");
+            }
+        }
+    }
+
     /// Joins the cluster: from now on changes are told to the other nodes.
     pub fn attach_cluster(&self, cluster: Arc<Cluster>, tx: mpsc::UnboundedSender<Note>) {
         let _ = self.cluster.set(cluster);
@@ -244,6 +275,30 @@ impl Hub {
     /// assigning node of the cluster. `watch`: the socket that opened or wrote in the chat
     /// watches it from now on.
     pub async fn chat(
+        &self,
+        op: ChatOp,
+        watch: Option<(u64, &Arc<Peer>)>,
+    ) -> Result<serde_json::Value> {
+        let target = match &op {
+            ChatOp::Create { .. } => None,
+            ChatOp::HandOver { chat }
+            | ChatOp::Close { chat, .. }
+            | ChatOp::Open { chat, .. }
+            | ChatOp::Message { chat, .. }
+            | ChatOp::VisitorMessage { chat, .. } => Some(*chat),
+        };
+        let result = self.chat_here_or_there(op, watch).await;
+        // A closed chat left live state; the store still knows it for a while.
+        if let (Err(crate::error::Error::NotFound(_)), Some(id)) = (&result, target)
+            && let Ok(Some(c)) = self.store.stored_chat(id).await
+            && c.status == crate::model::ChatStatus::Closed
+        {
+            return Err(crate::error::Error::Conflict(format!("chat {id} is closed")));
+        }
+        result
+    }
+
+    async fn chat_here_or_there(
         &self,
         op: ChatOp,
         watch: Option<(u64, &Arc<Peer>)>,

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod feed;
 pub mod hub;
 pub mod metrics;
 pub mod model;

@@ -116,6 +116,11 @@ pub enum Event<'a> {
         chat: u64,
         message: &'a ChatMessage,
     },
+    /// A visitor's chat so far (whispers left out), right after its `chat` frame.
+    History {
+        chat: u64,
+        messages: &'a [&'a ChatMessage],
+    },
     Warning {
         code: &'a str,
         message: &'a str,

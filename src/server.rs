@@ -26,7 +26,7 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
         Backend::Redis => {
             let url = cfg.store.redis_url.as_str();
             Ok(Arc::new(
-                RedisStore::open(url, &cfg.store.key_prefix).await?,
+                RedisStore::open_with(url, &cfg.store.key_prefix, cfg.events.max_events).await?,
             ))
         }
     }
@@ -76,6 +76,7 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
     crate::metrics::init();
     let app = crate::api::router(hub.clone());
     let sweeper = tokio::spawn(hub.clone().sweep());
+    let cleaner = tokio::spawn(hub.clone().clean());
     let handshake = hub.cfg.limits.handshake_timeout;
     tokio::pin!(shutdown);
     loop {
@@ -130,6 +131,7 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
         tracing::warn!("some connections did not close within 10s");
     }
     let _ = sweeper.await;
+    let _ = cleaner.await;
     let store_hub = hub.clone();
     let _ = tokio::task::spawn_blocking(move || store_hub.close_store()).await;
     hub.leave().await;

@@ -3,6 +3,7 @@
 
 mod chats;
 mod departments;
+mod events;
 mod operators;
 mod widget;
 
@@ -42,6 +43,9 @@ pub fn router(hub: Hub) -> Router {
         .route("/chats", post(chats::create).get(chats::list))
         .route("/chats/{id}", get(chats::get).patch(chats::patch))
         .route("/chats/{id}/close", post(chats::close))
+        .route("/chats/{id}/messages", get(chats::messages))
+        .route("/events", get(events::poll))
+        .route("/events/stream", get(events::stream))
         .route("/tokens", post(chats::token))
         .route_layer(middleware::from_fn_with_state(hub.clone(), require_api_key))
         .route(

@@ -224,6 +224,10 @@ impl Core {
                 }
                 self.settle(now);
             }
+            // A closed chat this node never saw open: nothing live to change.
+            None if chat.status == ChatStatus::Closed => {
+                self.next_chat_id = self.next_chat_id.max(id.saturating_add(1));
+            }
             None => {
                 self.add_chat(chat, VecDeque::new());
                 self.dirty_depts.insert(self.chats[&id].chat.department);
@@ -245,6 +249,11 @@ impl Core {
         }
         self.writes
             .retain(|w| !matches!(w, Write::TrimMessages { chat: c, .. } if *c == chat));
+    }
+
+    /// Ids of the chats this node holds live (resync finds those closed meanwhile).
+    pub fn live_chat_ids(&self) -> Vec<u64> {
+        self.chats.keys().copied().collect()
     }
 
     /// Cluster resync: replaces a chat's history with what the store holds.

@@ -1,32 +1,53 @@
 //! The embedded file store: one redb database in the data dir. A single writer thread
 //! groups every write queued meanwhile into one transaction (group commit), so many writes
-//! share one fsync and each is acknowledged only once its transaction is durable.
+//! share one fsync and each is acknowledged only once its transaction is durable. The event
+//! feed is a table written in the same transaction as the records of its changes.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::mpsc;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{mpsc, watch};
 
-use super::{Job, Queue, Snapshot, Store, StoreError, Ticket, Write};
+use super::{Job, Queue, Retention, Snapshot, Store, StoreError, Ticket, Write};
+use crate::feed::{EventType, FeedError, Page, Position, StoredEvent, Types, unix_ms};
+use crate::model::{Chat, ChatMessage, ChatStatus};
 
 const OPERATORS: TableDefinition<u64, &[u8]> = TableDefinition::new("operators");
 const DEPARTMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("departments");
+/// Every chat, closed ones until their retention ends.
 const CHATS: TableDefinition<u64, &[u8]> = TableDefinition::new("chats");
 /// Key: (chat id, message id).
 const MESSAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("messages");
+/// Closed chats: id → when it closed (Unix ms); and the same by time, for retention.
+const CLOSED: TableDefinition<u64, u64> = TableDefinition::new("closed_chats");
+const CLOSED_AT: TableDefinition<(u64, u64), ()> = TableDefinition::new("closed_chats_by_time");
+/// The event feed: id → kind byte, Unix ms (8 bytes, little endian), the event's JSON.
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// The hub's own small values: [`Write::Meta`] and the feed's bookkeeping.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Highest event id retention dropped: a read after an id below it would skip events.
+const EVENTS_DROPPED: &str = "events_dropped";
+/// Rows one clean-up transaction removes at most, so writes never wait long for it.
+const CLEAN_BATCH: usize = 10_000;
+/// Rows one feed read scans at most (a narrow `types` filter over a long log).
+const SCAN_LIMIT: usize = 10_000;
 
 /// Writes taken into one transaction at most.
 const MAX_GROUP: usize = 4096;
 
 pub struct Embedded {
     /// Dropped by `close`, which releases the file lock (a restart in the same process).
-    db: Mutex<Option<std::sync::Arc<Database>>>,
+    db: Mutex<Option<Arc<Database>>>,
     queue: Queue,
     writer: Mutex<Option<JoinHandle<()>>>,
-    healthy: std::sync::Arc<AtomicBool>,
+    healthy: Arc<AtomicBool>,
+    /// The newest event id, for waiters of the feed.
+    events: watch::Receiver<u64>,
 }
 
 impl Embedded {
@@ -35,23 +56,33 @@ impl Embedded {
         let path = dir.join("presence-hub.redb");
         let db =
             Database::create(&path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
-        let db = std::sync::Arc::new(db);
-        {
+        let db = Arc::new(db);
+        let last_event = {
             let txn = db.begin_write().map_err(backend)?;
             txn.open_table(OPERATORS).map_err(backend)?;
             txn.open_table(DEPARTMENTS).map_err(backend)?;
             txn.open_table(CHATS).map_err(backend)?;
             txn.open_table(MESSAGES).map_err(backend)?;
+            txn.open_table(CLOSED).map_err(backend)?;
+            txn.open_table(CLOSED_AT).map_err(backend)?;
+            let last = {
+                let events = txn.open_table(EVENTS).map_err(backend)?;
+                let meta = txn.open_table(META).map_err(backend)?;
+                let last = events.last().map_err(backend)?.map_or(0, |(k, _)| k.value());
+                last.max(meta_u64(&meta, EVENTS_DROPPED)?)
+            };
             txn.commit().map_err(backend)?;
-        }
+            last
+        };
         let (queue, rx) = Queue::new();
-        let healthy = std::sync::Arc::new(AtomicBool::new(true));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (signal, events) = watch::channel(last_event);
         let writer = {
             let db = db.clone();
             let healthy = healthy.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer_loop(&db, rx, &healthy))
+                .spawn(move || writer_loop(&db, rx, &healthy, signal))
                 .map_err(|e| backend(e.to_string()))?
         };
         Ok(Embedded {
@@ -59,15 +90,37 @@ impl Embedded {
             queue,
             writer: Mutex::new(Some(writer)),
             healthy,
+            events,
         })
     }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db.lock().clone().ok_or(StoreError::Closed)
+    }
+}
+
+fn meta_u64<T: ReadableTable<&'static str, &'static [u8]>>(
+    meta: &T,
+    key: &str,
+) -> Result<u64, StoreError> {
+    Ok(meta
+        .get(key)
+        .map_err(backend)?
+        .and_then(|v| std::str::from_utf8(v.value()).ok()?.parse().ok())
+        .unwrap_or(0))
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn writer_loop(db: &Database, mut rx: mpsc::UnboundedReceiver<Job>, healthy: &AtomicBool) {
+fn writer_loop(
+    db: &Database,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    healthy: &AtomicBool,
+    signal: watch::Sender<u64>,
+) {
+    let mut last_event = *signal.borrow();
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -76,24 +129,40 @@ fn writer_loop(db: &Database, mut rx: mpsc::UnboundedReceiver<Job>, healthy: &At
                 Err(_) => break,
             }
         }
-        let result = commit(db, jobs.iter().flat_map(|(w, _)| w.iter()));
+        let result = commit(db, jobs.iter().flat_map(|(w, _)| w.iter()), last_event);
         if let Err(e) = &result {
             tracing::error!(cause = %e, "store commit failed");
         }
         healthy.store(result.is_ok(), Ordering::Relaxed);
+        if let Ok(last) = result
+            && last != last_event
+        {
+            last_event = last;
+            signal.send_replace(last);
+        }
         for (_, ack) in jobs {
-            let _ = ack.send(result.clone());
+            let _ = ack.send(result.clone().map(|_| ()));
         }
     }
 }
 
-fn commit<'a>(db: &Database, writes: impl Iterator<Item = &'a Write>) -> Result<(), StoreError> {
+/// Writes one group in one transaction; answers the newest event id after it.
+fn commit<'a>(
+    db: &Database,
+    writes: impl Iterator<Item = &'a Write>,
+    mut last_event: u64,
+) -> Result<u64, StoreError> {
     let txn = db.begin_write().map_err(backend)?;
     {
         let mut operators = txn.open_table(OPERATORS).map_err(backend)?;
         let mut departments = txn.open_table(DEPARTMENTS).map_err(backend)?;
         let mut chats = txn.open_table(CHATS).map_err(backend)?;
         let mut messages = txn.open_table(MESSAGES).map_err(backend)?;
+        let mut closed = txn.open_table(CLOSED).map_err(backend)?;
+        let mut closed_at = txn.open_table(CLOSED_AT).map_err(backend)?;
+        let mut events = txn.open_table(EVENTS).map_err(backend)?;
+        let mut meta = txn.open_table(META).map_err(backend)?;
+        let now = unix_ms();
         for w in writes {
             match w {
                 Write::Operator(o) => {
@@ -111,6 +180,11 @@ fn commit<'a>(db: &Database, writes: impl Iterator<Item = &'a Write>) -> Result<
                 }
                 Write::Chat(c) => {
                     chats.insert(c.id, json(c).as_slice()).map_err(backend)?;
+                    if c.status == ChatStatus::Closed && closed.get(c.id).map_err(backend)?.is_none()
+                    {
+                        closed.insert(c.id, now).map_err(backend)?;
+                        closed_at.insert((now, c.id), ()).map_err(backend)?;
+                    }
                 }
                 Write::Message(chat, m) => {
                     messages
@@ -122,10 +196,42 @@ fn commit<'a>(db: &Database, writes: impl Iterator<Item = &'a Write>) -> Result<
                         .retain_in((*chat, 0)..(*chat, *below), |_, _| false)
                         .map_err(backend)?;
                 }
+                Write::Event(e) => {
+                    last_event += 1;
+                    let mut row = Vec::with_capacity(9 + e.frame.len());
+                    row.push(kind_byte(e.kind));
+                    row.extend_from_slice(&e.at_ms.to_le_bytes());
+                    row.extend_from_slice(e.frame.as_bytes());
+                    events.insert(last_event, row.as_slice()).map_err(backend)?;
+                }
+                Write::Meta { key, value } => {
+                    meta.insert(*key, value.as_bytes()).map_err(backend)?;
+                }
             }
         }
     }
-    txn.commit().map_err(backend)
+    txn.commit().map_err(backend)?;
+    Ok(last_event)
+}
+
+fn kind_byte(k: EventType) -> u8 {
+    EventType::ALL.iter().position(|t| *t == k).unwrap_or(0) as u8
+}
+
+fn decode_event(id: u64, row: &[u8]) -> Option<StoredEvent> {
+    let kind = *EventType::ALL.get(usize::from(*row.first()?))?;
+    let at_ms = u64::from_le_bytes(row.get(1..9)?.try_into().ok()?);
+    let frame = std::str::from_utf8(row.get(9..)?).ok()?.to_owned();
+    Some(StoredEvent {
+        id: id.to_string(),
+        kind,
+        at_ms,
+        frame,
+    })
+}
+
+fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
+    Box::pin(std::future::ready(v))
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -154,8 +260,33 @@ where
 
 impl Store for Embedded {
     fn load(&self) -> Result<Snapshot, StoreError> {
-        let db = self.db.lock().clone().ok_or(StoreError::Closed)?;
+        let db = self.db()?;
         let txn = db.begin_read().map_err(backend)?;
+        let closed = txn.open_table(CLOSED).map_err(backend)?;
+        let is_closed = |id: u64| closed.get(id).map(|v| v.is_some()).unwrap_or(false);
+        let mut chats = Vec::new();
+        let mut next_chat_id = 1;
+        {
+            let table = txn.open_table(CHATS).map_err(backend)?;
+            for row in table.iter().map_err(backend)? {
+                let (k, v) = row.map_err(backend)?;
+                next_chat_id = next_chat_id.max(k.value() + 1);
+                if !is_closed(k.value()) {
+                    chats.push(parse::<Chat>(v.value())?);
+                }
+            }
+        }
+        let mut messages = Vec::new();
+        {
+            let table = txn.open_table(MESSAGES).map_err(backend)?;
+            for row in table.iter().map_err(backend)? {
+                let (k, v) = row.map_err(backend)?;
+                let (chat, _) = k.value();
+                if !is_closed(chat) {
+                    messages.push((chat, parse(v.value())?));
+                }
+            }
+        }
         Ok(Snapshot {
             operators: read_all(&txn, OPERATORS)?
                 .into_iter()
@@ -165,11 +296,9 @@ impl Store for Embedded {
                 .into_iter()
                 .map(|(_, v)| v)
                 .collect(),
-            chats: read_all(&txn, CHATS)?.into_iter().map(|(_, v)| v).collect(),
-            messages: read_all(&txn, MESSAGES)?
-                .into_iter()
-                .map(|((chat, _), m)| (chat, m))
-                .collect(),
+            chats,
+            messages,
+            next_chat_id,
         })
     }
 
@@ -188,6 +317,176 @@ impl Store for Embedded {
         }
         drop(self.db.lock().take());
     }
+
+    fn read_events(
+        &self,
+        from: Position,
+        limit: usize,
+        types: Types,
+    ) -> BoxFuture<'_, Result<Page, FeedError>> {
+        ready(self.db().map_err(FeedError::from).and_then(|db| {
+            let after = match &from {
+                Position::Start => None,
+                Position::After(id) => Some(
+                    id.parse::<u64>()
+                        .map_err(|_| FeedError::BadId(id.clone()))?,
+                ),
+            };
+            let txn = db.begin_read().map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            let dropped = meta_u64(&meta, EVENTS_DROPPED)?;
+            if let Some(a) = after
+                && a < dropped
+            {
+                return Err(FeedError::Gone(a.to_string()));
+            }
+            let table = txn.open_table(EVENTS).map_err(backend)?;
+            let start = after.map_or(0, |a| a + 1);
+            let mut page = Page {
+                events: Vec::new(),
+                last_id: after.map(|a| a.to_string()),
+            };
+            for (scanned, row) in table.range(start..).map_err(backend)?.enumerate() {
+                if page.events.len() >= limit || scanned >= SCAN_LIMIT {
+                    break;
+                }
+                let (k, v) = row.map_err(backend)?;
+                page.last_id = Some(k.value().to_string());
+                match decode_event(k.value(), v.value()) {
+                    Some(e) if types.admits(e.kind) => page.events.push(e),
+                    Some(_) => {}
+                    None => tracing::error!(event = k.value(), "corrupt event row skipped"),
+                }
+            }
+            Ok(page)
+        }))
+    }
+
+    fn last_event_id(&self) -> BoxFuture<'_, Result<Option<String>, StoreError>> {
+        let last = *self.events.borrow();
+        ready(Ok((last > 0).then(|| last.to_string())))
+    }
+
+    fn event_signal(&self) -> watch::Receiver<u64> {
+        self.events.clone()
+    }
+
+    fn stored_chat(&self, id: u64) -> BoxFuture<'_, Result<Option<Chat>, StoreError>> {
+        ready(self.db().and_then(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(CHATS).map_err(backend)?;
+            let row = table.get(id).map_err(backend)?;
+            row.map(|v| parse(v.value())).transpose()
+        }))
+    }
+
+    fn stored_messages(
+        &self,
+        chat: u64,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<ChatMessage>, StoreError>> {
+        ready(self.db().and_then(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(MESSAGES).map_err(backend)?;
+            let mut out = Vec::new();
+            let from = (chat, after.saturating_add(1));
+            for row in table.range(from..=(chat, u64::MAX)).map_err(backend)?.take(limit) {
+                let (_, v) = row.map_err(backend)?;
+                out.push(parse(v.value())?);
+            }
+            Ok(out)
+        }))
+    }
+
+    fn closed_chats(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Chat>, StoreError>> {
+        ready(self.db().and_then(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let closed = txn.open_table(CLOSED).map_err(backend)?;
+            let chats = txn.open_table(CHATS).map_err(backend)?;
+            let mut out = Vec::new();
+            for row in closed.range(after.saturating_add(1)..).map_err(backend)?.take(limit) {
+                let (k, _) = row.map_err(backend)?;
+                if let Some(v) = chats.get(k.value()).map_err(backend)? {
+                    out.push(parse(v.value())?);
+                }
+            }
+            Ok(out)
+        }))
+    }
+
+    fn meta(&self, key: &'static str) -> BoxFuture<'_, Result<Option<String>, StoreError>> {
+        ready(self.db().and_then(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            let v = meta.get(key).map_err(backend)?;
+            Ok(v.map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+        }))
+    }
+
+    fn clean(&self, r: Retention) -> BoxFuture<'_, Result<(), StoreError>> {
+        let db = self.db();
+        Box::pin(async move {
+            let db = db?;
+            tokio::task::spawn_blocking(move || clean(&db, r))
+                .await
+                .map_err(backend)?
+        })
+    }
+}
+
+/// One clean-up round: closed chats past retention (with their messages), then events
+/// past their age or beyond the count; each bounded to [`CLEAN_BATCH`] rows.
+fn clean(db: &Database, r: Retention) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(backend)?;
+    {
+        let mut closed = txn.open_table(CLOSED).map_err(backend)?;
+        let mut closed_at = txn.open_table(CLOSED_AT).map_err(backend)?;
+        let mut chats = txn.open_table(CHATS).map_err(backend)?;
+        let mut messages = txn.open_table(MESSAGES).map_err(backend)?;
+        let expired: Vec<(u64, u64)> = closed_at
+            .range((0, 0)..(r.chats_before_ms, 0))
+            .map_err(backend)?
+            .take(CLEAN_BATCH)
+            .map(|row| row.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        for (at, id) in expired {
+            closed_at.remove((at, id)).map_err(backend)?;
+            closed.remove(id).map_err(backend)?;
+            chats.remove(id).map_err(backend)?;
+            messages
+                .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
+                .map_err(backend)?;
+        }
+
+        let mut events = txn.open_table(EVENTS).map_err(backend)?;
+        let mut meta = txn.open_table(META).map_err(backend)?;
+        let mut over = events.len().map_err(backend)?.saturating_sub(r.max_events);
+        let mut dropped = None;
+        for _ in 0..CLEAN_BATCH {
+            let Some((k, v)) = events.first().map_err(backend)? else {
+                break;
+            };
+            let (id, at) = (k.value(), decode_event(k.value(), v.value()).map_or(0, |e| e.at_ms));
+            drop((k, v));
+            if over == 0 && at >= r.events_before_ms {
+                break;
+            }
+            events.remove(id).map_err(backend)?;
+            over = over.saturating_sub(1);
+            dropped = Some(id);
+        }
+        if let Some(id) = dropped {
+            meta.insert(EVENTS_DROPPED, id.to_string().as_bytes())
+                .map_err(backend)?;
+        }
+    }
+    txn.commit().map_err(backend)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| backend(format!("corrupt record: {e}")))
 }
 
 #[cfg(test)]

@@ -4,10 +4,13 @@
 
 pub mod embedded;
 pub mod redis;
+mod redis_feed;
 
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::feed::{FeedError, LogEvent, Page, Position, Types};
 use crate::model::{Chat, ChatMessage, Department, StoredOperator};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -18,14 +21,18 @@ pub enum StoreError {
     Closed,
 }
 
-/// Everything persisted, read once at start.
+/// Everything live that is persisted, read once at start. Closed chats stay in the store
+/// (for `chats.retention`) but are not part of it.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub operators: Vec<StoredOperator>,
     pub departments: Vec<Department>,
+    /// Chats not closed.
     pub chats: Vec<Chat>,
     /// Chat id and message, oldest first within a chat.
     pub messages: Vec<(u64, ChatMessage)>,
+    /// Above every chat id ever stored (closed chats included): allocated ids never repeat.
+    pub next_chat_id: u64,
 }
 
 /// One change to persist.
@@ -41,6 +48,21 @@ pub enum Write {
         chat: u64,
         below: u64,
     },
+    /// Appends to the event feed, in the same step as the records of its change.
+    Event(LogEvent),
+    /// A small named value of the hub's own (the webhook position).
+    Meta { key: &'static str, value: String },
+}
+
+/// What the periodic clean-up drops (Unix milliseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Closed chats closed before this go, with their messages.
+    pub chats_before_ms: u64,
+    /// Events made before this go.
+    pub events_before_ms: u64,
+    /// At most this many events are kept.
+    pub max_events: u64,
 }
 
 /// Resolves once the writes it stands for are durable (or failed).
@@ -55,6 +77,29 @@ pub trait Store: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// Makes every queued write durable and stops; later writes fail.
     fn close(&self);
+
+    /// Up to `limit` events from `from`, oldest first, of the `types` asked for.
+    fn read_events(&self, from: Position, limit: usize, types: Types)
+    -> BoxFuture<'_, Result<Page, FeedError>>;
+    /// The newest event's id (`after=$`).
+    fn last_event_id(&self) -> BoxFuture<'_, Result<Option<String>, StoreError>>;
+    /// Changes whenever events were added (by this node or, on Redis, any node).
+    fn event_signal(&self) -> watch::Receiver<u64>;
+    /// A chat as stored, also a closed one (until its retention ends).
+    fn stored_chat(&self, id: u64) -> BoxFuture<'_, Result<Option<Chat>, StoreError>>;
+    /// Kept messages of a chat with an id above `after`, oldest first.
+    fn stored_messages(
+        &self,
+        chat: u64,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<ChatMessage>, StoreError>>;
+    /// Closed chats with an id above `after`, in id order, `limit` at most.
+    fn closed_chats(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Chat>, StoreError>>;
+    /// A value written with [`Write::Meta`].
+    fn meta(&self, key: &'static str) -> BoxFuture<'_, Result<Option<String>, StoreError>>;
+    /// Drops what retention no longer keeps.
+    fn clean(&self, r: Retention) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
 /// Waits for a ticket.

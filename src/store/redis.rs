@@ -2,7 +2,8 @@
 //! (schema in docs/redis.md). One writer task applies queued writes in order, each group
 //! as one MULTI/EXEC. While Redis is unreachable, writes are answered with an error at
 //! once (never acknowledged) and kept, in order, to be applied when it is back, so Redis
-//! converges to what the hub holds.
+//! converges to what the hub holds. The event feed is a Redis Stream appended to in the same
+//! MULTI/EXEC as the records of its changes (read code in `redis_feed.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,10 +11,11 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
-use redis::{Client, Commands};
+use redis::{AsyncCommands, Client, Commands};
 use tokio::sync::mpsc;
 
 use super::{Job, Queue, Snapshot, Store, StoreError, Ticket, Write};
+use crate::model::ChatStatus;
 
 /// Writes taken into one MULTI/EXEC at most.
 const MAX_GROUP: usize = 1024;
@@ -24,6 +26,11 @@ pub struct RedisStore {
     queue: Queue,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     healthy: Arc<AtomicBool>,
+    /// For reads (feed, closed chats); shared with the writer, multiplexed.
+    pub(super) conn: ConnectionManager,
+    /// Bumped whenever the stream grew (any node's events), for waiters of the feed.
+    pub(super) events: tokio::sync::watch::Receiver<u64>,
+    pub(super) max_events: u64,
 }
 
 /// Key names, in one place (docs/redis.md lists them).
@@ -55,15 +62,64 @@ impl Keys {
     pub fn node(&self, node: &str) -> String {
         format!("{}node:{node}", self.0)
     }
+    /// The event feed (a Stream) and the digest of the last state logged per subject.
+    pub fn events(&self) -> String {
+        format!("{}events", self.0)
+    }
+    pub fn event_digests(&self) -> String {
+        format!("{}events:last", self.0)
+    }
+    /// Closed chats: id → Unix ms of the close (retention), and id → id (paging).
+    pub fn closed_chats(&self) -> String {
+        format!("{}chats:closed", self.0)
+    }
+    pub fn closed_ids(&self) -> String {
+        format!("{}chats:closed:ids", self.0)
+    }
+    /// Above every chat id ever stored: allocated ids never repeat.
+    pub fn next_chat(&self) -> String {
+        format!("{}chats:next", self.0)
+    }
+    pub fn meta(&self) -> String {
+        format!("{}meta", self.0)
+    }
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
+/// Appends one event to the stream, skipping a state event equal to the last one logged
+/// for its subject (several nodes publish the same operator's state).
+const LOG_EVENT: &str = r"
+if ARGV[1] ~= '' then
+  local d = redis.sha1hex(ARGV[5])
+  if redis.call('HGET', KEYS[2], ARGV[1]) == d then return false end
+  redis.call('HSET', KEYS[2], ARGV[1], d)
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', ARGV[3], 'at', ARGV[4], 'f', ARGV[5])
+";
+
+/// Raises the chat id high-water mark.
+const RAISE: &str = r"
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+";
+
+pub(super) fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("redis: {e}"))
 }
 
 impl RedisStore {
     /// Connects (and fails if Redis cannot be reached now) and starts the writer.
     pub async fn open(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        Self::open_with(url, prefix, crate::config::Events::default().max_events).await
+    }
+
+    /// Like [`RedisStore::open`], with the feed's bound on its length.
+    pub async fn open_with(
+        url: &str,
+        prefix: &str,
+        max_events: u64,
+    ) -> Result<RedisStore, StoreError> {
         let client = Client::open(url).map_err(backend)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -81,14 +137,24 @@ impl RedisStore {
             Keys(prefix.to_string()),
             rx,
             healthy.clone(),
+            max_events,
         ));
-        tokio::spawn(health_loop(conn, healthy.clone()));
+        tokio::spawn(health_loop(conn.clone(), healthy.clone()));
+        let (signal, events) = tokio::sync::watch::channel(0);
+        tokio::spawn(super::redis_feed::follow(
+            client.clone(),
+            Keys(prefix.to_string()),
+            signal,
+        ));
         Ok(RedisStore {
             client,
             prefix: prefix.to_string(),
             queue,
             writer: Mutex::new(Some(writer)),
             healthy,
+            conn,
+            events,
+            max_events,
         })
     }
 
@@ -117,6 +183,7 @@ async fn writer_loop(
     keys: Keys,
     mut rx: mpsc::UnboundedReceiver<Job>,
     healthy: Arc<AtomicBool>,
+    max_events: u64,
 ) {
     // Writes that failed: kept in order and applied before anything newer.
     let mut backlog: Vec<Write> = Vec::new();
@@ -134,7 +201,7 @@ async fn writer_loop(
             writes.extend(w);
             acks.push(ack);
         }
-        match apply(&mut conn, &keys, &writes).await {
+        match apply(&mut conn, &keys, &writes, max_events).await {
             Ok(()) => {
                 healthy.store(true, Ordering::Relaxed);
                 for a in acks {
@@ -162,7 +229,7 @@ async fn writer_loop(
                             None => return,
                         },
                     }
-                    if apply(&mut conn, &keys, &backlog).await.is_ok() {
+                    if apply(&mut conn, &keys, &backlog, max_events).await.is_ok() {
                         tracing::info!(writes = backlog.len(), "redis is back; backlog applied");
                         healthy.store(true, Ordering::Relaxed);
                         backlog.clear();
@@ -179,6 +246,7 @@ async fn apply(
     conn: &mut ConnectionManager,
     keys: &Keys,
     writes: &[Write],
+    max_events: u64,
 ) -> Result<(), StoreError> {
     if writes.is_empty() {
         return Ok(());
@@ -201,7 +269,24 @@ async fn apply(
             }
             Write::Chat(c) => {
                 pipe.set(keys.chat(c.id), json(c)).ignore();
-                pipe.sadd(keys.chats(), c.id).ignore();
+                pipe.cmd("EVAL")
+                    .arg(RAISE)
+                    .arg(1)
+                    .arg(keys.next_chat())
+                    .arg(c.id + 1)
+                    .ignore();
+                if c.status == ChatStatus::Closed {
+                    pipe.srem(keys.chats(), c.id).ignore();
+                    pipe.cmd("ZADD")
+                        .arg(keys.closed_chats())
+                        .arg("NX")
+                        .arg(crate::feed::unix_ms())
+                        .arg(c.id)
+                        .ignore();
+                    pipe.zadd(keys.closed_ids(), c.id, c.id).ignore();
+                } else {
+                    pipe.sadd(keys.chats(), c.id).ignore();
+                }
             }
             Write::Message(chat, m) => {
                 pipe.zadd(keys.messages(*chat), json(m), m.id).ignore();
@@ -209,6 +294,22 @@ async fn apply(
             Write::TrimMessages { chat, below } => {
                 pipe.zrembyscore(keys.messages(*chat), "-inf", format!("({below}"))
                     .ignore();
+            }
+            Write::Event(e) => {
+                pipe.cmd("EVAL")
+                    .arg(LOG_EVENT)
+                    .arg(2)
+                    .arg(keys.events())
+                    .arg(keys.event_digests())
+                    .arg(e.subject.as_deref().unwrap_or(""))
+                    .arg(max_events)
+                    .arg(e.kind.as_str())
+                    .arg(e.at_ms)
+                    .arg(e.frame.as_str())
+                    .ignore();
+            }
+            Write::Meta { key, value } => {
+                pipe.hset(keys.meta(), *key, value).ignore();
             }
         }
     }
@@ -219,7 +320,7 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("records serialize")
 }
 
-fn parse<T: serde::de::DeserializeOwned>(key: &str, raw: &str) -> Result<T, StoreError> {
+pub(super) fn parse<T: serde::de::DeserializeOwned>(key: &str, raw: &str) -> Result<T, StoreError> {
     serde_json::from_str(raw).map_err(|e| backend(format!("corrupt record {key}: {e}")))
 }
 
@@ -265,11 +366,26 @@ impl Store for RedisStore {
                 messages.push((c.id, parse(&key, &m)?));
             }
         }
+        let next: Option<u64> = conn.get(keys.next_chat()).map_err(backend)?;
+        let next_chat_id = chats
+            .iter()
+            .map(|c| c.id + 1)
+            .chain(next)
+            .max()
+            .unwrap_or(1);
+        // Chats closed by a node that stopped before its set update: not live.
+        let chats: Vec<crate::model::Chat> = chats
+            .into_iter()
+            .filter(|c| c.status != ChatStatus::Closed)
+            .collect();
+        let live: std::collections::HashSet<u64> = chats.iter().map(|c| c.id).collect();
+        messages.retain(|(chat, _)| live.contains(chat));
         Ok(Snapshot {
             operators,
             departments,
             chats,
             messages,
+            next_chat_id,
         })
     }
 
@@ -290,6 +406,64 @@ impl Store for RedisStore {
             let _ = handle
                 .block_on(async { tokio::time::timeout(Duration::from_secs(5), writer).await });
         }
+    }
+
+    fn read_events(
+        &self,
+        from: crate::feed::Position,
+        limit: usize,
+        types: crate::feed::Types,
+    ) -> futures::future::BoxFuture<'_, Result<crate::feed::Page, crate::feed::FeedError>> {
+        Box::pin(self.read_events_impl(from, limit, types))
+    }
+
+    fn last_event_id(&self) -> futures::future::BoxFuture<'_, Result<Option<String>, StoreError>> {
+        Box::pin(self.last_event_id_impl())
+    }
+
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events.clone()
+    }
+
+    fn stored_chat(
+        &self,
+        id: u64,
+    ) -> futures::future::BoxFuture<'_, Result<Option<crate::model::Chat>, StoreError>> {
+        Box::pin(self.stored_chat_impl(id))
+    }
+
+    fn stored_messages(
+        &self,
+        chat: u64,
+        after: u64,
+        limit: usize,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<crate::model::ChatMessage>, StoreError>> {
+        Box::pin(self.stored_messages_impl(chat, after, limit))
+    }
+
+    fn closed_chats(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<crate::model::Chat>, StoreError>> {
+        Box::pin(self.closed_chats_impl(after, limit))
+    }
+
+    fn meta(
+        &self,
+        key: &'static str,
+    ) -> futures::future::BoxFuture<'_, Result<Option<String>, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            conn.hget(self.keys().meta(), key).await.map_err(backend)
+        })
+    }
+
+    fn clean(
+        &self,
+        r: super::Retention,
+    ) -> futures::future::BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.clean_impl(r))
     }
 }
 

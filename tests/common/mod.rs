@@ -450,11 +450,22 @@ impl TestHub {
     }
 
     /// A visitor socket, with its first `chat` frame already read.
+    /// A visitor's socket, after its `chat` frame and `history` frame (returned: the chat).
     pub async fn visitor(&self, chat: u64, token: &str) -> (Client, Value) {
+        let (c, first, history) = self.visitor_with_history(chat, token).await;
+        assert_eq!(history["messages"], serde_json::json!([]), "{history}");
+        (c, first)
+    }
+
+    /// A visitor's socket with its first two frames: the chat and its history.
+    pub async fn visitor_with_history(&self, chat: u64, token: &str) -> (Client, Value, Value) {
         let mut c = Client::connect(&self.visitor_url(chat, token)).await;
         let first = c.next().await;
         assert_eq!(first["type"], "chat", "{first}");
-        (c, first)
+        let history = c.next().await;
+        assert_eq!(history["type"], "history", "{history}");
+        assert_eq!(history["chat"], chat, "{history}");
+        (c, first, history)
     }
 
     /// Polls the HTTP API until `pred` holds for `path`'s answer (for changes no socket
