@@ -384,7 +384,9 @@ impl Config {
         }
         if !self.webhooks.url.is_empty() {
             if !self.webhooks.url.starts_with("http://") {
-                return bad("webhooks.url must start with http:// (put TLS in front of the receiver)");
+                return bad(
+                    "webhooks.url must start with http:// (put TLS in front of the receiver)",
+                );
             }
             if !(1..=1000).contains(&self.webhooks.batch) {
                 return bad("webhooks.batch must be between 1 and 1000");

@@ -451,7 +451,10 @@ impl Core {
             .filter(|e| e.chat.id > after && f.admits(&e.chat))
             .collect();
         out.sort_by_key(|e| e.chat.id);
-        out.into_iter().take(limit).map(|e| e.chat.clone()).collect()
+        out.into_iter()
+            .take(limit)
+            .map(|e| e.chat.clone())
+            .collect()
     }
 
     /// Checks a visitor's token before the upgrade.
@@ -1385,6 +1388,32 @@ impl Core {
         self.last_closed = Some(e.chat);
     }
 
+    /// A node that starts assigning in a cluster logs the state of every operator and
+    /// department: what changed while no node was assigning (an election after a node was
+    /// lost) reaches the feed; what did not is dropped by the store (same as last logged).
+    fn log_every_state(&mut self) {
+        let ids: Vec<u64> = self.operators.keys().copied().collect();
+        for id in ids {
+            let view = raw(&self.view_of(&self.operators[&id]));
+            let frame = Event::OperatorStatus { operator: &view }.frame();
+            self.log(
+                EventType::OperatorStatus,
+                &frame,
+                Some(format!("operator:{id}")),
+            );
+        }
+        let depts: Vec<u64> = self.known_departments().collect();
+        for d in depts {
+            let state = self.dept_state(d);
+            let frame = Event::DepartmentStatus(&state).frame();
+            self.log(
+                EventType::DepartmentStatus,
+                &frame,
+                Some(format!("department:{d}")),
+            );
+        }
+    }
+
     /// Appends an event to the feed with the change's writes. The assigning node writes the
     /// feed: alone it is this node; in a cluster it is the single writer of chats and hears
     /// every other node's changes, so the log has one order and no duplicates.
@@ -1881,6 +1910,9 @@ impl Core {
     /// whatever waits is assigned (always-online operators are candidates right away).
     pub fn start_assigning(&mut self, now: Instant) {
         self.assigner = true;
+        if self.cluster {
+            self.log_every_state();
+        }
         let unaccepted: Vec<(u64, Option<u64>)> = self
             .chats
             .values()

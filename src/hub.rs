@@ -293,7 +293,9 @@ impl Hub {
             && let Ok(Some(c)) = self.store.stored_chat(id).await
             && c.status == crate::model::ChatStatus::Closed
         {
-            return Err(crate::error::Error::Conflict(format!("chat {id} is closed")));
+            return Err(crate::error::Error::Conflict(format!(
+                "chat {id} is closed"
+            )));
         }
         result
     }

@@ -21,4 +21,5 @@ pub mod protocol;
 pub mod rules;
 pub mod server;
 pub mod store;
+pub mod webhooks;
 pub mod ws;

@@ -77,6 +77,8 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
     let app = crate::api::router(hub.clone());
     let sweeper = tokio::spawn(hub.clone().sweep());
     let cleaner = tokio::spawn(hub.clone().clean());
+    let webhooks =
+        (!hub.cfg.webhooks.url.is_empty()).then(|| tokio::spawn(crate::webhooks::run(hub.clone())));
     let handshake = hub.cfg.limits.handshake_timeout;
     tokio::pin!(shutdown);
     loop {
@@ -132,6 +134,9 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
     }
     let _ = sweeper.await;
     let _ = cleaner.await;
+    if let Some(w) = webhooks {
+        let _ = w.await;
+    }
     let store_hub = hub.clone();
     let _ = tokio::task::spawn_blocking(move || store_hub.close_store()).await;
     hub.leave().await;

@@ -993,8 +993,19 @@ async fn chats_owners_and_history_survive_a_restart() {
     assert_eq!(in_hello, vec![a, b]);
     let ack = op.request(json!({"type": "open_chat", "chat": a})).await;
     assert_eq!(ack["messages"], history, "history as before the restart");
-    let (mut visitor, first) = hub.visitor(a, &token_a).await;
+    let (mut visitor, first, kept) = hub.visitor_with_history(a, &token_a).await;
     assert_eq!(first["chat"]["owner_name"], "op1");
+    let texts: Vec<&Value> = kept["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["text"])
+        .collect();
+    assert_eq!(
+        texts,
+        ["hi", "hello Ann"],
+        "the visitor's history, whisper left out"
+    );
     let ack = visitor
         .request(json!({"type": "send_message", "text": "still there?"}))
         .await;

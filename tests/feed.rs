@@ -155,7 +155,12 @@ async fn feed_types_filter_and_bad_queries() {
         assert_eq!(status, 400, "{bad}: {body}");
         assert_eq!(body["error"]["code"], "bad_request", "{bad}");
     }
-    let res = hub.http.get(hub.url("/api/v1/events")).send().await.unwrap();
+    let res = hub
+        .http
+        .get(hub.url("/api/v1/events"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 401, "the feed needs the API key");
 }
 
@@ -187,7 +192,11 @@ async fn feed_after_dollar_long_polls_until_the_next_change() {
     assert_eq!(v["events"][0]["department"], 7);
     assert!(took < Duration::from_secs(5), "answered at once: {took:?}");
     let (_, empty) = events(&hub, "?after=$&wait=200ms").await;
-    assert_eq!(empty["events"], json!([]), "an empty answer when the wait ends");
+    assert_eq!(
+        empty["events"],
+        json!([]),
+        "an empty answer when the wait ends"
+    );
 }
 
 /// Reads SSE frames until `n` events came; returns (id, event, data) of each.
@@ -274,7 +283,10 @@ async fn feed_position_dropped_by_retention_is_410_gone() {
             break;
         }
         assert_eq!(status, 200);
-        assert!(Instant::now() < deadline, "retention never dropped the events");
+        assert!(
+            Instant::now() < deadline,
+            "retention never dropped the events"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // `after=$` goes on from now.
@@ -312,14 +324,20 @@ async fn history_for_the_back_end_and_a_reconnecting_visitor() {
     hub.put_department(1, json!({"assignment": "off"})).await;
     hub.operator(1, &[1]).await;
     let (mut op, _) = hub.connect(1).await;
-    let (chat, token) = hub.create_chat(json!({"department": 1, "visitor": {"name": "Ann"}})).await;
+    let (chat, token) = hub
+        .create_chat(json!({"department": 1, "visitor": {"name": "Ann"}}))
+        .await;
     let id = chat["id"].as_u64().unwrap();
     let (mut visitor, _) = hub.visitor(id, &token).await;
     let ack = visitor
         .request(json!({"type": "send_message", "text": "hi, my order?"}))
         .await;
     assert_eq!(ack["type"], "ack", "{ack}");
-    for (text, whisper) in [("on it", false), ("angry one", true), ("shipped today", false)] {
+    for (text, whisper) in [
+        ("on it", false),
+        ("angry one", true),
+        ("shipped today", false),
+    ] {
         let ack = op
             .request(json!({"type": "send_message", "chat": id, "text": text, "whisper": whisper}))
             .await;
@@ -333,11 +351,16 @@ async fn history_for_the_back_end_and_a_reconnecting_visitor() {
         .iter()
         .map(|m| m["text"].as_str().unwrap())
         .collect();
-    assert_eq!(texts, ["hi, my order?", "on it", "angry one", "shipped today"]);
+    assert_eq!(
+        texts,
+        ["hi, my order?", "on it", "angry one", "shipped today"]
+    );
     assert_eq!(h["messages"][2]["whisper"], true);
     let second = h["messages"][1]["id"].as_u64().unwrap();
     let (_, later) = hub
-        .get(&format!("/api/v1/chats/{id}/messages?after={second}&limit=1"))
+        .get(&format!(
+            "/api/v1/chats/{id}/messages?after={second}&limit=1"
+        ))
         .await;
     assert_eq!(later["messages"].as_array().unwrap().len(), 1);
     assert_eq!(later["messages"][0]["text"], "angry one");
@@ -351,7 +374,11 @@ async fn history_for_the_back_end_and_a_reconnecting_visitor() {
         .iter()
         .map(|m| m["text"].as_str().unwrap())
         .collect();
-    assert_eq!(seen, ["hi, my order?", "on it", "shipped today"], "no whisper");
+    assert_eq!(
+        seen,
+        ["hi, my order?", "on it", "shipped today"],
+        "no whisper"
+    );
     let (status, _) = hub.get("/api/v1/chats/999/messages").await;
     assert_eq!(status, 404);
 }
@@ -373,7 +400,10 @@ async fn chats_retention_keeps_a_closed_chat_then_deletes_it() {
     let (status, c) = hub.get(&format!("/api/v1/chats/{id}")).await;
     assert_eq!((status, c["status"].clone()), (200, json!("closed")));
     let (_, m) = hub.get(&format!("/api/v1/chats/{id}/messages")).await;
-    assert_eq!(m["messages"][0]["text"], "bye", "history kept with the chat");
+    assert_eq!(
+        m["messages"][0]["text"], "bye",
+        "history kept with the chat"
+    );
     let (status, again) = hub
         .post(&format!("/api/v1/chats/{id}/close"), json!({}))
         .await;
@@ -403,7 +433,9 @@ async fn chats_list_paging_visits_every_chat_exactly_once() {
         let id = chat["id"].as_u64().unwrap();
         made.insert(id);
         if i % 4 == 0 {
-            let (s, _) = hub.post(&format!("/api/v1/chats/{id}/close"), json!({})).await;
+            let (s, _) = hub
+                .post(&format!("/api/v1/chats/{id}/close"), json!({}))
+                .await;
             assert_eq!(s, 200);
         }
     }
@@ -484,8 +516,10 @@ async fn cluster_feed_same_ids_in_the_same_order_from_every_node() {
     a.put_department(1, json!({"name": "Sales"})).await;
     a.operator(1, &[1]).await;
     b.operator(2, &[1]).await;
-    b.poll_until("/api/v1/operators/1", "operator 1 on node b", |v| v["id"] == 1)
-        .await;
+    b.poll_until("/api/v1/operators/1", "operator 1 on node b", |v| {
+        v["id"] == 1
+    })
+    .await;
     let (mut op1, _) = a.connect(1).await;
     let (_op2, _) = b.connect(2).await;
     let (chat, _) = b.create_chat(json!({"department": 1})).await;
@@ -496,10 +530,14 @@ async fn cluster_feed_same_ids_in_the_same_order_from_every_node() {
     if owner == 1 {
         op1.next_of("chat_assigned").await;
     }
-    let (s, _) = a.post(&format!("/api/v1/chats/{id}/close"), json!({})).await;
-    assert_eq!(s, 200);
-    event_where(&b, "the close", |e| e["type"] == "chat" && e["chat"]["status"] == "closed")
+    let (s, _) = a
+        .post(&format!("/api/v1/chats/{id}/close"), json!({}))
         .await;
+    assert_eq!(s, 200);
+    event_where(&b, "the close", |e| {
+        e["type"] == "chat" && e["chat"]["status"] == "closed"
+    })
+    .await;
     let from_a = all_events(&a).await;
     let from_b = all_events(&b).await;
     assert_eq!(from_a, from_b, "one log, served by both nodes");

@@ -78,7 +78,10 @@ pub async fn poll(State(hub): State<Hub>, RawQuery(raw): RawQuery) -> Response {
         let mut signal = hub.store().event_signal();
         loop {
             signal.borrow_and_update();
-            let page = hub.store().read_events(from.clone(), limit, types.clone()).await?;
+            let page = hub
+                .store()
+                .read_events(from.clone(), limit, types.clone())
+                .await?;
             let now = tokio::time::Instant::now();
             if !page.events.is_empty() || now >= deadline {
                 return Ok(page_json(&page, &from));
@@ -131,7 +134,9 @@ pub async fn stream(
     let run = async {
         let q: FeedQuery = query(raw.as_deref())?;
         if q.limit.is_some() || q.wait.is_some() {
-            return Err(Error::bad("limit and wait are for GET /api/v1/events, not the stream"));
+            return Err(Error::bad(
+                "limit and wait are for GET /api/v1/events, not the stream",
+            ));
         }
         let resume = headers
             .get("last-event-id")
@@ -140,7 +145,10 @@ pub async fn stream(
         let types = types(q.types.as_deref())?;
         let from = position(&hub, resume.or(q.after)).await?;
         // A position retention dropped is a 410 now, not a stream that skips.
-        let first = hub.store().read_events(from.clone(), PAGE, types.clone()).await?;
+        let first = hub
+            .store()
+            .read_events(from.clone(), PAGE, types.clone())
+            .await?;
         Ok::<_, Error>(events(hub.clone(), from, first, types))
     };
     match run.await {

@@ -68,7 +68,10 @@ impl Embedded {
             let last = {
                 let events = txn.open_table(EVENTS).map_err(backend)?;
                 let meta = txn.open_table(META).map_err(backend)?;
-                let last = events.last().map_err(backend)?.map_or(0, |(k, _)| k.value());
+                let last = events
+                    .last()
+                    .map_err(backend)?
+                    .map_or(0, |(k, _)| k.value());
                 last.max(meta_u64(&meta, EVENTS_DROPPED)?)
             };
             txn.commit().map_err(backend)?;
@@ -180,7 +183,8 @@ fn commit<'a>(
                 }
                 Write::Chat(c) => {
                     chats.insert(c.id, json(c).as_slice()).map_err(backend)?;
-                    if c.status == ChatStatus::Closed && closed.get(c.id).map_err(backend)?.is_none()
+                    if c.status == ChatStatus::Closed
+                        && closed.get(c.id).map_err(backend)?.is_none()
                     {
                         closed.insert(c.id, now).map_err(backend)?;
                         closed_at.insert((now, c.id), ()).map_err(backend)?;
@@ -391,7 +395,11 @@ impl Store for Embedded {
             let table = txn.open_table(MESSAGES).map_err(backend)?;
             let mut out = Vec::new();
             let from = (chat, after.saturating_add(1));
-            for row in table.range(from..=(chat, u64::MAX)).map_err(backend)?.take(limit) {
+            for row in table
+                .range(from..=(chat, u64::MAX))
+                .map_err(backend)?
+                .take(limit)
+            {
                 let (_, v) = row.map_err(backend)?;
                 out.push(parse(v.value())?);
             }
@@ -399,13 +407,21 @@ impl Store for Embedded {
         }))
     }
 
-    fn closed_chats(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Chat>, StoreError>> {
+    fn closed_chats(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Chat>, StoreError>> {
         ready(self.db().and_then(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let closed = txn.open_table(CLOSED).map_err(backend)?;
             let chats = txn.open_table(CHATS).map_err(backend)?;
             let mut out = Vec::new();
-            for row in closed.range(after.saturating_add(1)..).map_err(backend)?.take(limit) {
+            for row in closed
+                .range(after.saturating_add(1)..)
+                .map_err(backend)?
+                .take(limit)
+            {
                 let (k, _) = row.map_err(backend)?;
                 if let Some(v) = chats.get(k.value()).map_err(backend)? {
                     out.push(parse(v.value())?);
@@ -422,6 +438,23 @@ impl Store for Embedded {
             let v = meta.get(key).map_err(backend)?;
             Ok(v.map(|v| String::from_utf8_lossy(v.value()).into_owned()))
         }))
+    }
+
+    fn hold_role(
+        &self,
+        _name: &'static str,
+        _token: &str,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        ready(self.db().map(|_| true))
+    }
+
+    fn release_role(
+        &self,
+        _name: &'static str,
+        _token: &str,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        ready(Ok(()))
     }
 
     fn clean(&self, r: Retention) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -468,7 +501,10 @@ fn clean(db: &Database, r: Retention) -> Result<(), StoreError> {
             let Some((k, v)) = events.first().map_err(backend)? else {
                 break;
             };
-            let (id, at) = (k.value(), decode_event(k.value(), v.value()).map_or(0, |e| e.at_ms));
+            let (id, at) = (
+                k.value(),
+                decode_event(k.value(), v.value()).map_or(0, |e| e.at_ms),
+            );
             drop((k, v));
             if over == 0 && at >= r.events_before_ms {
                 break;

@@ -51,7 +51,10 @@ pub enum Write {
     /// Appends to the event feed, in the same step as the records of its change.
     Event(LogEvent),
     /// A small named value of the hub's own (the webhook position).
-    Meta { key: &'static str, value: String },
+    Meta {
+        key: &'static str,
+        value: String,
+    },
 }
 
 /// What the periodic clean-up drops (Unix milliseconds).
@@ -79,8 +82,12 @@ pub trait Store: Send + Sync + 'static {
     fn close(&self);
 
     /// Up to `limit` events from `from`, oldest first, of the `types` asked for.
-    fn read_events(&self, from: Position, limit: usize, types: Types)
-    -> BoxFuture<'_, Result<Page, FeedError>>;
+    fn read_events(
+        &self,
+        from: Position,
+        limit: usize,
+        types: Types,
+    ) -> BoxFuture<'_, Result<Page, FeedError>>;
     /// The newest event's id (`after=$`).
     fn last_event_id(&self) -> BoxFuture<'_, Result<Option<String>, StoreError>>;
     /// Changes whenever events were added (by this node or, on Redis, any node).
@@ -95,12 +102,33 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<ChatMessage>, StoreError>>;
     /// Closed chats with an id above `after`, in id order, `limit` at most.
-    fn closed_chats(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<Chat>, StoreError>>;
+    fn closed_chats(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Chat>, StoreError>>;
     /// A value written with [`Write::Meta`].
     fn meta(&self, key: &'static str) -> BoxFuture<'_, Result<Option<String>, StoreError>>;
     /// Drops what retention no longer keeps.
     fn clean(&self, r: Retention) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Takes or renews the role `name` for `ttl` while no other holder has it (one
+    /// webhook deliverer in a cluster); always true on the embedded store (one process).
+    fn hold_role(
+        &self,
+        name: &'static str,
+        token: &str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Gives the role up if `token` still holds it.
+    fn release_role(
+        &self,
+        name: &'static str,
+        token: &str,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
 }
+
+/// The webhook deliverer's position: the id of the last event delivered.
+pub const WEBHOOK_POSITION: &str = "webhook_position";
 
 /// Waits for a ticket.
 pub async fn durable(ticket: Ticket) -> Result<(), StoreError> {

@@ -83,6 +83,10 @@ impl Keys {
     pub fn meta(&self) -> String {
         format!("{}meta", self.0)
     }
+    /// A role one node holds at a time (`webhooks`).
+    pub fn role(&self, name: &str) -> String {
+        format!("{}role:{name}", self.0)
+    }
 }
 
 /// Appends one event to the stream, skipping a state event equal to the last one logged
@@ -94,6 +98,36 @@ if ARGV[1] ~= '' then
   redis.call('HSET', KEYS[2], ARGV[1], d)
 end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', ARGV[3], 'at', ARGV[4], 'f', ARGV[5])
+";
+
+/// Takes a free role or renews one's own: 1 when held.
+const HOLD_ROLE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+const RELEASE_ROLE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Moves the webhook position forward only: a deliverer that lost its role while a POST
+/// was under way cannot set it back (which would re-send delivered batches).
+const ADVANCE: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local a, b = string.match(cur, '^(%d+)-(%d+)$')
+  local c, d = string.match(ARGV[2], '^(%d+)-(%d+)$')
+  if a and c and (tonumber(a) > tonumber(c) or (a == c and tonumber(b) >= tonumber(d))) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
 ";
 
 /// Raises the chat id high-water mark.
@@ -308,6 +342,15 @@ async fn apply(
                     .arg(e.frame.as_str())
                     .ignore();
             }
+            Write::Meta { key, value } if *key == super::WEBHOOK_POSITION => {
+                pipe.cmd("EVAL")
+                    .arg(ADVANCE)
+                    .arg(1)
+                    .arg(keys.meta())
+                    .arg(*key)
+                    .arg(value)
+                    .ignore();
+            }
             Write::Meta { key, value } => {
                 pipe.hset(keys.meta(), *key, value).ignore();
             }
@@ -459,11 +502,46 @@ impl Store for RedisStore {
         })
     }
 
-    fn clean(
-        &self,
-        r: super::Retention,
-    ) -> futures::future::BoxFuture<'_, Result<(), StoreError>> {
+    fn clean(&self, r: super::Retention) -> futures::future::BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.clean_impl(r))
+    }
+
+    fn hold_role(
+        &self,
+        name: &'static str,
+        token: &str,
+        ttl: Duration,
+    ) -> futures::future::BoxFuture<'_, Result<bool, StoreError>> {
+        let (key, token) = (self.keys().role(name), token.to_string());
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let held: i64 = redis::Script::new(HOLD_ROLE)
+                .key(key)
+                .arg(token)
+                .arg(ttl.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(backend)?;
+            Ok(held == 1)
+        })
+    }
+
+    fn release_role(
+        &self,
+        name: &'static str,
+        token: &str,
+    ) -> futures::future::BoxFuture<'_, Result<(), StoreError>> {
+        let (key, token) = (self.keys().role(name), token.to_string());
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let _: i64 = redis::Script::new(RELEASE_ROLE)
+                .key(key)
+                .arg(token)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(backend)?;
+            Ok(())
+        })
     }
 }
 

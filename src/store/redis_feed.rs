@@ -71,7 +71,10 @@ fn entry(v: &Value) -> Option<(String, Option<StoredEvent>)> {
 fn max_deleted(info: &Value) -> Option<(u64, u64)> {
     let pairs: Vec<(&Value, &Value)> = match info {
         Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
-        Value::Array(a) => a.chunks(2).filter_map(|p| Some((p.first()?, p.get(1)?))).collect(),
+        Value::Array(a) => a
+            .chunks(2)
+            .filter_map(|p| Some((p.first()?, p.get(1)?)))
+            .collect(),
         _ => return None,
     };
     pairs
@@ -90,9 +93,7 @@ impl RedisStore {
         let keys = self.keys();
         let after = match &from {
             Position::Start => None,
-            Position::After(id) => {
-                Some(stream_id(id).ok_or_else(|| FeedError::BadId(id.clone()))?)
-            }
+            Position::After(id) => Some(stream_id(id).ok_or_else(|| FeedError::BadId(id.clone()))?),
         };
         let mut conn = self.conn.clone();
         let mut page = Page {
@@ -118,7 +119,9 @@ impl RedisStore {
             let Value::Array(entries) = reply else { break };
             let n = entries.len();
             for e in &entries {
-                let Some((id, event)) = entry(e) else { continue };
+                let Some((id, event)) = entry(e) else {
+                    continue;
+                };
                 scanned += 1;
                 if page.events.len() >= limit {
                     break;
