@@ -25,7 +25,7 @@ use crate::ws;
 
 pub fn router(hub: Hub) -> Router {
     let api = Router::new()
-        .route("/operators", get(operators::list))
+        .route("/operators", get(operators::list).put(operators::put_many))
         .route(
             "/operators/{id}",
             put(operators::put)

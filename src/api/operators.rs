@@ -37,6 +37,32 @@ struct PutOperator {
     always_online: Option<bool>,
 }
 
+/// The record and settings change a `PutOperator` stands for.
+fn record(oid: u64, p: PutOperator) -> (OperatorRecord, SettingsChange) {
+    let mut departments = p.departments;
+    departments.sort_unstable();
+    departments.dedup();
+    let mut watch = p.watch_departments;
+    watch.sort_unstable();
+    watch.dedup();
+    let record = OperatorRecord {
+        id: oid,
+        name: p.name,
+        departments,
+        watch_departments: watch,
+        permissions: p.permissions,
+        max_chats: p.max_chats,
+        exclude_autoassign: p.exclude_autoassign,
+        auto_accept: p.auto_accept,
+    };
+    let change = SettingsChange {
+        online: p.online,
+        invisible: p.invisible,
+        always_online: p.always_online,
+    };
+    (record, change)
+}
+
 pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) -> Response {
     let run = async {
         let oid = id(&raw)?;
@@ -44,27 +70,7 @@ pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) 
         if p.id.is_some_and(|i| i != oid) {
             return Err(Error::bad("id in the body differs from the path"));
         }
-        let mut departments = p.departments;
-        departments.sort_unstable();
-        departments.dedup();
-        let mut watch = p.watch_departments;
-        watch.sort_unstable();
-        watch.dedup();
-        let record = OperatorRecord {
-            id: oid,
-            name: p.name,
-            departments,
-            watch_departments: watch,
-            permissions: p.permissions,
-            max_chats: p.max_chats,
-            exclude_autoassign: p.exclude_autoassign,
-            auto_accept: p.auto_accept,
-        };
-        let change = SettingsChange {
-            online: p.online,
-            invisible: p.invisible,
-            always_online: p.always_online,
-        };
+        let (record, change) = record(oid, p);
         hub.commit(|c, now| Ok(c.put_operator(record, change, now)))
             .await
     };
@@ -77,6 +83,53 @@ pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) 
             },
             view,
         ),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Operators one bulk `PUT /api/v1/operators` takes at most.
+const MAX_BULK: usize = 1000;
+
+/// `PUT /api/v1/operators` with an array of records (each with its `id`): a platform syncs
+/// thousands of operators in a few requests. All or nothing: one bad record is a 400 that
+/// names it and nothing is applied; the rest is one change, durable at once.
+pub async fn put_many(State(hub): State<Hub>, bytes: Bytes) -> Response {
+    let run = async {
+        let list: Vec<PutOperator> = body(&bytes)?;
+        if list.len() > MAX_BULK {
+            return Err(Error::bad(format!(
+                "at most {MAX_BULK} operators per request, got {}",
+                list.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut records = Vec::with_capacity(list.len());
+        for (i, p) in list.into_iter().enumerate() {
+            let oid =
+                p.id.ok_or_else(|| Error::bad(format!("operator at index {i} has no id")))?;
+            if !seen.insert(oid) {
+                return Err(Error::bad(format!("operator {oid} is listed twice")));
+            }
+            records.push(record(oid, p));
+        }
+        hub.commit(|c, now| {
+            let mut created = 0;
+            let mut views = Vec::with_capacity(records.len());
+            for (record, change) in records {
+                let (view, new) = c.put_operator(record, change, now);
+                created += usize::from(new);
+                views.push(view);
+            }
+            Ok(json!({
+                "operators": views,
+                "created": created,
+                "updated": views.len() - created,
+            }))
+        })
+        .await
+    };
+    match run.await {
+        Ok(v) => ok(StatusCode::OK, v),
         Err(e) => e.into_response(),
     }
 }

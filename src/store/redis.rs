@@ -249,16 +249,22 @@ async fn writer_loop(
                     let _ = a.send(Err(e.clone()));
                 }
                 backlog = writes;
-                // Retry the backlog; writes arriving meanwhile fail at once and join it.
+                // Retry the backlog; a write arriving meanwhile fails at once and joins it,
+                // unless Redis answers pings again: then the backlog is tried with it at once
+                // (a steady stream of writes must not keep the backoff from ever ending).
                 let mut delay = Duration::from_millis(100);
                 loop {
+                    let mut waiting = None;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         job = rx.recv() => match job {
                             Some((w, ack)) => {
-                                let _ = ack.send(Err(StoreError::Backend("redis unavailable".into())));
                                 backlog.extend(w);
-                                continue;
+                                if !healthy.load(Ordering::Relaxed) {
+                                    let _ = ack.send(Err(StoreError::Backend("redis unavailable".into())));
+                                    continue;
+                                }
+                                waiting = Some(ack);
                             }
                             None => return,
                         },
@@ -267,7 +273,13 @@ async fn writer_loop(
                         tracing::info!(writes = backlog.len(), "redis is back; backlog applied");
                         healthy.store(true, Ordering::Relaxed);
                         backlog.clear();
+                        if let Some(ack) = waiting {
+                            let _ = ack.send(Ok(()));
+                        }
                         break;
+                    }
+                    if let Some(ack) = waiting {
+                        let _ = ack.send(Err(StoreError::Backend("redis unavailable".into())));
                     }
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
