@@ -64,10 +64,10 @@ impl Keys {
     }
     /// The event feed (a Stream) and the digest of the last state logged per subject.
     pub fn events(&self) -> String {
-        format!("{}events", self.0)
+        format!("{}feed", self.0)
     }
     pub fn event_digests(&self) -> String {
-        format!("{}events:last", self.0)
+        format!("{}feed:last", self.0)
     }
     /// Closed chats: id → Unix ms of the close (retention), and id → id (paging).
     pub fn closed_chats(&self) -> String {
