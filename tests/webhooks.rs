@@ -127,17 +127,23 @@ fn hooks(cfg: &mut Config, url: &str) {
     cfg.webhooks.types = vec![presence_hub::feed::EventType::DepartmentStatus];
 }
 
-/// Every event id of the hub's feed of department changes.
+/// Every event id of the hub's feed of department changes, page by page.
 async fn feed_ids(hub: &TestHub) -> Vec<String> {
-    let (_, page) = hub
-        .get("/api/v1/events?types=department_status&limit=1000")
-        .await;
-    page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].as_str().unwrap().to_string())
-        .collect()
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (_, page) = hub
+            .get(&format!(
+                "/api/v1/events?types=department_status&limit=1000{after}"
+            ))
+            .await;
+        let events = page["events"].as_array().unwrap();
+        if events.is_empty() {
+            return out;
+        }
+        out.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_string()));
+        after = format!("&after={}", page["last_id"].as_str().unwrap());
+    }
 }
 
 fn check_signatures(r: &Receiver) {
@@ -333,4 +339,45 @@ async fn cluster_webhooks_fail_over_when_the_deliverer_is_killed() {
         "in order, nothing skipped, nothing again"
     );
     check_signatures(&r);
+}
+
+/// A receiver that was down while N events happened (N = `PH_WEBHOOK_EVENTS`, default 1000)
+/// gets every one, in order, once it is back; prints how long the catch-up took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_catch_up_after_an_outage_of_the_receiver() {
+    let n: usize = std::env::var("PH_WEBHOOK_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let (r, url) = Receiver::start(&[]).await;
+    // Down: every answer is 503 until the plan says otherwise.
+    r.plan
+        .lock()
+        .unwrap()
+        .extend(std::iter::repeat_n(Answer::Status(503), 1_000_000));
+    let hub = TestHub::start_with(|c| {
+        hooks(c, &url);
+        c.webhooks.batch = 100;
+        c.webhooks.max_backoff = Duration::from_secs(1);
+    })
+    .await;
+    for i in 0..n {
+        hub.put_department(1, json!({"bot": i % 2 == 0})).await;
+    }
+    let made = feed_ids(&hub).await.len();
+    assert_eq!(made, n, "one department_status per change");
+    let back = Instant::now();
+    r.plan.lock().unwrap().clear();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ids = loop {
+        let ids = r.delivered_ids();
+        if ids.len() >= n {
+            break ids;
+        }
+        assert!(Instant::now() < deadline, "{} of {n} delivered", ids.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = back.elapsed();
+    println!("webhook catch-up: {n} events in {took:?} after the receiver came back");
+    assert_eq!(ids, feed_ids(&hub).await, "in order, once");
 }

@@ -256,7 +256,7 @@ impl Target {
     }
 }
 
-fn proc_rss_kib(pid: u32) -> Option<u64> {
+pub fn proc_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
@@ -550,17 +550,41 @@ impl Api {
             .ok_or_else(|| anyhow!("POST /api/v1/chats: no chat id in {v}"))
     }
 
-    /// `GET path`, then the array under `field` (or the body itself if it is an array).
+    /// `GET path`, then the array under `field` (or the body itself if it is an array),
+    /// following `next` through every page of a paged list.
     async fn list(&self, path: &str, field: &str) -> Result<Vec<Value>> {
-        let v = self.call(Method::GET, path, None).await?;
-        match v {
-            Value::Array(a) => Ok(a),
-            Value::Object(mut o) => match o.remove(field) {
-                Some(Value::Array(a)) => Ok(a),
-                _ => bail!("GET {path}: no `{field}` array in the answer"),
-            },
-            other => bail!("GET {path}: unexpected answer {other}"),
+        let mut out = Vec::new();
+        let mut page_path = path.to_string();
+        loop {
+            let v = self.call(Method::GET, &page_path, None).await?;
+            let next = v.get("next").and_then(Value::as_u64);
+            match v {
+                Value::Array(a) => return Ok(a),
+                Value::Object(mut o) => match o.remove(field) {
+                    Some(Value::Array(a)) => out.extend(a),
+                    _ => bail!("GET {path}: no `{field}` array in the answer"),
+                },
+                other => bail!("GET {path}: unexpected answer {other}"),
+            }
+            match next {
+                Some(after) => {
+                    let sep = if path.contains('?') { '&' } else { '?' };
+                    page_path = format!("{path}{sep}limit=1000&after={after}");
+                }
+                None => return Ok(out),
+            }
         }
+    }
+
+    /// Closes a chat (`POST /api/v1/chats/{id}/close`).
+    pub async fn close_chat(&self, id: u64) -> Result<()> {
+        self.call(
+            Method::POST,
+            &format!("/api/v1/chats/{id}/close"),
+            Some(json!({})),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn chats(&self, department: u64) -> Result<Vec<Value>> {

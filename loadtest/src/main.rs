@@ -57,6 +57,14 @@ enum Command {
         #[command(flatten)]
         args: scenarios::churn::ChurnArgs,
     },
+    /// Create and close N chats over HTTP: RSS before, at the peak and after (closed chats
+    /// leave live state, so memory must come back).
+    Chats {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenarios::chats::ChatsArgs,
+    },
     /// C queued chats, O operators flipping online at once: decision rate and latency,
     /// no double owner, no operator over capacity.
     Assign {
@@ -129,6 +137,13 @@ async fn run(cli: Cli) -> Result<i32> {
             (
                 common,
                 Box::pin(async move { scenarios::churn::run(&c, &args).await }),
+            )
+        }
+        Command::Chats { common, args } => {
+            let c = common.clone();
+            (
+                common,
+                Box::pin(async move { scenarios::chats::run(&c, &args).await }),
             )
         }
         Command::Assign { common, args } => {

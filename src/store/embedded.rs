@@ -37,6 +37,11 @@ const CLEAN_BATCH: usize = 10_000;
 /// Rows one feed read scans at most (a narrow `types` filter over a long log).
 const SCAN_LIMIT: usize = 10_000;
 
+/// redb's page cache. Its default (1 GiB) grows with the file: the closed chats and the
+/// events the store keeps would show up as the hub's memory. The OS page cache still keeps
+/// hot pages close.
+const CACHE_BYTES: usize = 8 << 20;
+
 /// Writes taken into one transaction at most.
 const MAX_GROUP: usize = 4096;
 
@@ -54,8 +59,10 @@ impl Embedded {
     pub fn open(dir: &Path) -> Result<Embedded, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| backend(format!("{}: {e}", dir.display())))?;
         let path = dir.join("presence-hub.redb");
-        let db =
-            Database::create(&path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| backend(format!("{}: {e}", path.display())))?;
         let db = Arc::new(db);
         let last_event = {
             let txn = db.begin_write().map_err(backend)?;

@@ -1,6 +1,7 @@
 //! The scenarios, one file each, and what they share.
 
 pub mod assign;
+pub mod chats;
 pub mod churn;
 pub mod fanout;
 pub mod idle;
