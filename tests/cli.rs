@@ -126,3 +126,39 @@ fn check_config_says_what_it_checked() {
         "the override is what was checked: {out}"
     );
 }
+
+#[test]
+fn cluster_sample_configs_are_two_valid_nodes_of_one_cluster() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut listens = Vec::new();
+    for node in ["cluster-a.toml", "cluster-b.toml"] {
+        let path = dir.join(node);
+        let (code, out) = output(&mut command(&[
+            "check-config",
+            "--config",
+            path.to_str().unwrap(),
+        ]));
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("store redis"), "{out}");
+        let cfg = presence_hub::config::Config::from_toml_and_env(
+            &std::fs::read_to_string(&path).unwrap(),
+            [],
+        )
+        .unwrap();
+        listens.push((
+            cfg.server.listen,
+            cfg.server.node_id,
+            cfg.auth.jwt_secret.0,
+            cfg.auth.api_key.0,
+            cfg.store.redis_url.0,
+        ));
+    }
+    let (a, b) = (&listens[0], &listens[1]);
+    assert_ne!(a.0, b.0, "own ports");
+    assert_ne!(a.1, b.1, "own node ids");
+    assert_eq!(
+        (&a.2, &a.3, &a.4),
+        (&b.2, &b.3, &b.4),
+        "same secrets and Redis"
+    );
+}
