@@ -4,7 +4,11 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import net from 'node:net';
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
 import { readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { startHub, until } from './hub.js';
 import { operator, widget, visitor, backoffDelay, HubError } from '../presence-hub.js';
 
@@ -181,9 +185,11 @@ test('widget_socket_pushes_the_department_flip', async () => {
   }
 });
 
-/** An HTTP proxy in front of the hub that refuses WebSocket upgrades (as some do). */
+/** An HTTP proxy in front of the hub that refuses WebSocket upgrades (as some do) while
+ * `refuse` is set, and passes them through otherwise. */
 async function upgradeRefusingProxy(target) {
   const seen = [];
+  const control = { refuse: true };
   const server = http.createServer(async (req, res) => {
     const upstream = await fetch(target + req.url, { headers: req.headers['if-none-match'] ? { 'If-None-Match': req.headers['if-none-match'] } : {} });
     seen.push({ url: req.url, ifNoneMatch: req.headers['if-none-match'] ?? null, status: upstream.status });
@@ -192,11 +198,36 @@ async function upgradeRefusingProxy(target) {
     res.writeHead(upstream.status, headers);
     res.end(upstream.status === 304 ? undefined : Buffer.from(await upstream.arrayBuffer()));
   });
-  server.on('upgrade', (_req, socket) => {
-    socket.end('HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+  const sockets = new Set();
+  server.on('upgrade', (req, socket, head) => {
+    if (control.refuse) {
+      socket.end('HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+      return;
+    }
+    const { hostname, port } = new URL(target);
+    const up = net.connect(Number(port), hostname, () => {
+      const lines = [`${req.method} ${req.url} HTTP/1.1`];
+      for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+      up.write(lines.join('\r\n') + '\r\n\r\n');
+      up.write(head);
+      socket.pipe(up).pipe(socket);
+    });
+    for (const s of [socket, up]) {
+      sockets.add(s);
+      s.on('error', () => {});
+      s.on('close', () => sockets.delete(s));
+    }
   });
   await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  return { url: `http://127.0.0.1:${server.address().port}`, seen, close: () => new Promise((r) => server.close(r)) };
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    seen,
+    control,
+    close: () => {
+      for (const s of sockets) s.destroy();
+      return new Promise((r) => server.close(r));
+    },
+  };
 }
 
 test('widget_falls_back_to_polling_with_etag_when_the_upgrade_is_refused', async () => {
@@ -219,6 +250,49 @@ test('widget_falls_back_to_polling_with_etag_when_the_upgrade_is_refused', async
     op?.close();
     w.close();
     await proxy.close();
+  }
+});
+
+test('widget_goes_back_to_the_socket_once_upgrades_get_through_again', async () => {
+  const me = await newOperator();
+  const proxy = await upgradeRefusingProxy(hub.url);
+  const w = widget(proxy.url, [me.dept], { ...fast, pollInterval: 50, socketRetry: 200 });
+  let op;
+  try {
+    await until(() => w.mode === 'polling' && w.state.get(me.dept), 5000, 'polling');
+    proxy.control.refuse = false;
+    await until(() => w.mode === 'socket', 5000, 'back on the socket');
+    const polls = proxy.seen.length;
+    const online = w.once('status', (s) => s.online, 5000);
+    op = operator(hub.url, { token: me.token, ...fast });
+    assert.equal((await online).reason, 'operators');
+    // Pushed, not polled: at most a poll that was already under way.
+    assert.ok(proxy.seen.length <= polls + 1, `${proxy.seen.length - polls} polls after the socket opened`);
+  } finally {
+    op?.close();
+    w.close();
+    await proxy.close();
+  }
+});
+
+test('cli_example_prints_frames_as_json_lines', async () => {
+  const me = await newOperator();
+  const cli = fileURLToPath(new URL('../examples/cli.mjs', import.meta.url));
+  const child = spawn(process.execPath, ['--no-warnings', '--experimental-websocket', cli, 'operator', hub.url, me.token, '{"type":"set_status","online":false}'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  try {
+    const lines = [];
+    const rl = createInterface({ input: child.stdout });
+    const done = new Promise((resolve) => rl.on('line', (l) => {
+      lines.push(JSON.parse(l));
+      if (lines.some((f) => f.type === 'ack')) resolve();
+    }));
+    await Promise.race([done, new Promise((_, reject) => setTimeout(() => reject(new Error(`no ack; got ${JSON.stringify(lines)}`)), 5000))]);
+    assert.equal(lines[0].type, 'hello');
+    assert.equal(lines[0].operator.id, me.id);
+    const ack = lines.find((f) => f.type === 'ack');
+    assert.equal(ack.operator.status_reason, 'set_offline');
+  } finally {
+    child.kill('SIGTERM');
   }
 });
 
