@@ -81,6 +81,8 @@ test('console_scenario_admin_operator_widget_visitor_supervisor_in_chromium', as
   await admin.fill('#op-id', '1');
   await admin.fill('#op-name', 'Ann');
   await admin.fill('#op-departments', '1');
+  // Ann may not switch "always online" herself: her view shows that control disabled.
+  await admin.uncheck('[data-perm="change_always_online"]');
   await admin.click('#operator-form button[type=submit]');
   await admin.waitForSelector('#operators tr[data-operator="1"]', { timeout: WAIT });
   await admin.fill('#op-id', '2');
@@ -113,6 +115,16 @@ test('console_scenario_admin_operator_widget_visitor_supervisor_in_chromium', as
   await widget.waitForSelector('#widget-status [data-status="online"]', { timeout: 1000 });
   const flipMs = Date.now() - flip;
   assert.equal(await widget.textContent('#widget-status [data-reason]'), 'operators online');
+  assert.ok(await operator.isEnabled('#set-online'));
+  assert.ok(await operator.isDisabled('#set-always_online'), 'a setting without its permission is disabled');
+
+  // Ann sets herself offline and back: her view says why, the widget follows.
+  await operator.uncheck('#set-online');
+  await operator.waitForSelector('#me-status [data-reason="set_offline"]', { timeout: WAIT });
+  await widget.waitForSelector('#widget-status [data-status="offline"]', { timeout: WAIT });
+  await operator.check('#set-online');
+  await operator.waitForSelector('#me-status [data-status="online"]', { timeout: WAIT });
+  await widget.waitForSelector('#widget-status [data-status="online"]', { timeout: WAIT });
 
   // A chat created from the admin view is assigned to Ann and shows at once in her view.
   await admin.fill('#chat-department', '1');
