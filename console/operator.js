@@ -70,8 +70,14 @@ function start(token) {
     fill($('#departments'), [...s.departments.values()].sort((a, b) => a.department - b.department).map((d) =>
       el('tr', { 'data-department': d.department }, el('td', {}, String(d.department), me.watch_departments.includes(d.department) ? el('span', { class: 'muted' }, ' (watched)') : null),
         el('td', {}, statusBadge(d.online, d.reason), d.opens_at ? el('span', { class: 'muted' }, ` opens ${new Date(d.opens_at).toLocaleString()}`) : null))));
+    // A notice stays while its chat waits for Ann's accept; it goes once she took it (or lost it).
+    for (const n of [...$('#notices').children]) {
+      const c = s.chats.get(Number(n.dataset.assigned));
+      if (!c || c.status !== 'pending' || c.owner !== me.id) n.remove();
+    }
+    const watcherOnly = (o) => !o.departments.some((d) => me.departments.includes(d) || me.watch_departments.includes(d));
     fill($('#colleagues'), [...s.operators.values()].sort((a, b) => a.name.localeCompare(b.name)).map((o) =>
-      el('tr', { 'data-operator': o.id }, el('td', {}, o.name), el('td', {}, statusBadge(o.status, o.status_reason)), el('td', {}, String(o.connections)), el('td', {}, `${o.active_chats}+${o.pending_chats}`))));
+      el('tr', { 'data-operator': o.id }, el('td', {}, o.name, watcherOnly(o) ? el('span', { class: 'muted' }, ' (supervisor)') : null), el('td', {}, statusBadge(o.status, o.status_reason)), el('td', {}, String(o.connections)), el('td', {}, `${o.active_chats}+${o.pending_chats}`))));
     const chats = [...s.chats.values()].sort((a, b) => (a.status === 'pending' ? 0 : 1) - (b.status === 'pending' ? 0 : 1) || b.priority - a.priority || a.id - b.id);
     fill($('#chats'), chats.length ? chats.map((c) =>
       el('tr', { 'data-chat': c.id, class: c.owner === me.id ? 'mine' : '' },
