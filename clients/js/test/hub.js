@@ -9,7 +9,8 @@ import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
-export const binary = process.env.PRESENCE_HUB_BIN ?? join(root, 'target', 'debug', 'presence-hub');
+// Not PRESENCE_HUB_*: the hub reads every such variable as a config override.
+export const binary = process.env.HUB_BINARY ?? join(root, 'target', 'debug', 'presence-hub');
 
 export const API_KEY = 'test-api-key-0123456789';
 const JWT_SECRET = 'test-jwt-secret-0123456789abcdef';
@@ -40,8 +41,8 @@ ${extra.rest ?? ''}
 `,
   );
   // RUST_LOG would override the config's level and could hide the line giving the address.
-  const env = { ...process.env };
-  delete env.RUST_LOG;
+  // Nor may the caller's PRESENCE_HUB_* overrides change the test's config.
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== 'RUST_LOG' && !k.startsWith('PRESENCE_HUB_')));
   const child = spawn(binary, ['--config', config], { stdio: ['ignore', 'pipe', 'pipe'], env });
   let stderr = '';
   child.stderr.on('data', (d) => (stderr += d));
