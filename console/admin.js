@@ -232,7 +232,10 @@ async function toggleFeed() {
   $('#feed-toggle').textContent = 'Stop';
   fill($('#feed-state'), 'connecting…');
   try {
-    const res = await fetch(`${hub}/api/v1/events/stream?after=$`, { headers: { Authorization: `Bearer ${key}`, Accept: 'text/event-stream' }, signal });
+    const open = (query) => fetch(`${hub}/api/v1/events/stream${query}`, { headers: { Authorization: `Bearer ${key}`, Accept: 'text/event-stream' }, signal });
+    // From now on (`after=$`); a hub that does not take `$` on the stream gets the plain form.
+    let res = await open('?after=$');
+    if (res.status === 400) res = await open('');
     if (res.status === 404) {
       fill($('#feed-state'), el('span', { id: 'feed-unavailable' }, 'Not available on this hub (no GET /api/v1/events/stream).'));
       return;

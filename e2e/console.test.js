@@ -125,6 +125,11 @@ test('console_scenario_admin_operator_widget_visitor_supervisor_in_chromium', as
   await operator.check('#set-online');
   await operator.waitForSelector('#me-status [data-status="online"]', { timeout: WAIT });
   await widget.waitForSelector('#widget-status [data-status="online"]', { timeout: WAIT });
+  // Online & Invisible is a misconfiguration: the view warns while it lasts.
+  await operator.check('#set-invisible');
+  await operator.waitForSelector('#warnings [data-warning="online_invisible"]', { timeout: WAIT });
+  await operator.uncheck('#set-invisible');
+  await operator.waitForSelector('#warnings [data-warning]', { state: 'detached', timeout: WAIT });
 
   // A chat created from the admin view is assigned to Ann and shows at once in her view.
   await admin.fill('#chat-department', '1');
@@ -179,7 +184,11 @@ test('console_scenario_admin_operator_widget_visitor_supervisor_in_chromium', as
   // The admin view's other parts answer (or say plainly that this hub lacks them).
   await admin.waitForSelector('#report table, #report-unavailable', { timeout: WAIT });
   await admin.click('#feed-toggle');
-  await admin.waitForSelector('#feed-live, #feed-unavailable', { timeout: WAIT });
+  const feed = await admin.waitForSelector('#feed-live, #feed-unavailable', { timeout: WAIT });
+  const feedLive = (await feed.getAttribute('id')) === 'feed-live';
+  if (await admin.$('#report table')) {
+    await admin.waitForSelector('#report tr[data-operator="1"]', { timeout: WAIT });
+  }
   await admin.waitForSelector('#chats tr[data-chat="1"] [data-chat-status="active"]', { timeout: WAIT });
 
   await Promise.all([shot(admin, 'admin.png'), shot(operator, 'operator.png'), shot(supervisor, 'supervisor.png'), shot(visitor, 'widget.png')]);
@@ -191,8 +200,40 @@ test('console_scenario_admin_operator_widget_visitor_supervisor_in_chromium', as
   const offlineMs = Date.now() - closed;
   assert.ok(offlineMs >= GRACE_MS - 200, `offline after ${offlineMs} ms, before the ${GRACE_MS} ms grace`);
   await supervisor.waitForSelector(`section[data-department="1"] tr[data-operator="1"] [data-reason="disconnected"]`, { timeout: WAIT });
+  if (feedLive) {
+    // The feed shows what the hub decided, as it happens.
+    await admin.waitForSelector('#feed [data-event="operator_status"]', { timeout: WAIT });
+  }
 
   assert.deepEqual(problems.filter((p) => /Content Security Policy|Refused to/i.test(p)), [], 'CSP violations');
   assert.deepEqual(problems, [], 'errors in the pages');
   console.log(`widget flipped online ${flipMs} ms after the operator's page showed online; offline ${offlineMs} ms after the tab closed (grace ${GRACE_MS} ms)`);
+});
+
+test('console_admin_feed_reads_server_sent_events_with_fetch', async () => {
+  // The page's own SSE reading (fetch with the key, since EventSource cannot send one), fed a
+  // fixed stream so that comments, CRLF line ends and events split across chunks are covered
+  // whatever this hub's feed holds.
+  const admin = await page('admin-feed');
+  let auth = null;
+  await admin.route('**/api/v1/events/stream*', (route) => {
+    auth = route.request().headers().authorization;
+    route.fulfill({
+      status: 200,
+      headers: { 'content-type': 'text/event-stream' },
+      body: ': ping\r\n\r\nid: 7\r\nevent: chat\r\ndata: {"id":"7","type":"chat"}\r\n\r\nid: 8\nevent: operator_status\ndata: {"id":"8",\ndata: "type":"operator_status"}\n\n',
+    });
+  });
+  await admin.goto(`${hub.url}/console/admin.html`);
+  await admin.fill('#api-key', API_KEY);
+  await admin.click('#key-form button');
+  await admin.click('#feed-toggle');
+  await admin.waitForSelector('#feed [data-event="operator_status"]', { timeout: WAIT });
+  assert.equal(auth, `Bearer ${API_KEY}`);
+  const rows = await admin.$$eval('#feed [data-event]', (es) => es.map((e) => [e.dataset.event, e.textContent]));
+  assert.deepEqual(rows, [
+    ['operator_status', 'operator_status {"id":"8",\n"type":"operator_status"}'],
+    ['chat', 'chat {"id":"7","type":"chat"}'],
+  ]);
+  await admin.context().close();
 });
