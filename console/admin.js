@@ -279,9 +279,38 @@ function showEvent(block) {
     else if (field === 'data') data.push(value);
   }
   if (!data.length) return;
+  const raw = data.join('\n');
+  let ev = null;
+  try {
+    ev = JSON.parse(raw);
+  } catch {
+    // shown raw
+  }
   const box = $('#feed');
-  box.prepend(el('div', { 'data-event': type }, `${type} ${data.join('\n')}`));
+  box.prepend(el('div', { 'data-event': type, 'data-json': raw, title: raw },
+    el('span', { class: 'muted' }, ev?.at ? `${time(ev.at)} ` : ''), el('strong', {}, type), ' ', ev ? summary(type, ev) : raw));
   while (box.children.length > 200) box.lastChild.remove();
+}
+
+/** One readable line per event; the whole JSON is the row's tooltip. */
+function summary(type, e) {
+  const reason = (r) => (r ? ` (${r})` : '');
+  switch (type) {
+    case 'operator_status':
+      return e.operator ? `${e.operator.name} #${e.operator.id} ${e.operator.status}${reason(e.operator.status_reason)}` : '';
+    case 'department_status':
+      return `department ${e.department} ${e.online ? 'online' : 'offline'}${reason(e.reason)}`;
+    case 'chat':
+      return e.chat ? `chat #${e.chat.id} ${e.chat.status}, owner ${e.chat.owner ?? 'none'}` : '';
+    case 'chat_assigned':
+      return e.chat ? `chat #${e.chat.id} to operator ${e.chat.owner}${reason(e.reason)}` : '';
+    case 'message':
+      return e.message ? `chat #${e.chat} ${e.message.from?.name ?? e.message.from?.kind}${e.message.whisper ? ' (whisper)' : ''}: ${e.message.text}` : '';
+    case 'session':
+      return `operator ${e.operator} was online ${e.seconds ?? '?'} s${reason(e.end_reason)}`;
+    default:
+      return JSON.stringify(e);
+  }
 }
 
 if (!key) {
