@@ -153,7 +153,9 @@ pub fn csp(host: Option<&str>) -> String {
 
 /// True when a browser's `Origin` is the hub's own (the console's pages): same host and port
 /// as the request's `Host`. Such a request is allowed whatever `server.allowed_origins` says,
-/// since the page was served by the hub itself.
+/// since the page was served by the hub itself. Trusting `Host` gives a page nothing it could
+/// not do without a browser (a rebinding DNS name included): the hub keeps no ambient
+/// credentials, no cookie; every socket and API call carries its token or key.
 pub fn same_origin(origin: &str, headers: &HeaderMap) -> bool {
     let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
         return false;
