@@ -27,6 +27,10 @@ js_setup() {
         $SUDO apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
     fi
+    if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
+        echo "Node.js 20 or newer is needed for the JS tests (found $(node --version))" >&2
+        exit 1
+    fi
     if [ ! -x /usr/bin/chromium ]; then
         echo "== installing chromium (Debian package)"
         $SUDO apt-get update -qq

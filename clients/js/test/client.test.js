@@ -336,3 +336,24 @@ test('visitor_and_operator_exchange_messages', async () => {
     op.close();
   }
 });
+
+test('visitor_history_on_connect_fills_the_messages', async () => {
+  const me = await newOperator();
+  const op = operator(hub.url, { token: me.token, ...fast });
+  let v;
+  try {
+    await op.once('hello', () => true, 5000);
+    const created = await hub.api('POST', '/api/v1/chats', { department: me.dept, visitor: { name: 'Ida' } });
+    const chat = created.body.chat.id;
+    await op.openChat(chat);
+    await op.sendMessage(chat, 'Written before you came');
+    await op.sendMessage(chat, 'For operators only', { whisper: true });
+    // A visitor who connects (or reloads the page) gets what was said, whispers left out.
+    v = visitor(hub.url, { chat, token: created.body.visitor_token, ...fast });
+    await v.once('history', () => true, 5000);
+    assert.deepEqual(v.state.messages.map((m) => m.text), ['Written before you came']);
+  } finally {
+    v?.close();
+    op.close();
+  }
+});
