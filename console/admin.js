@@ -128,8 +128,11 @@ async function refresh() {
   refreshing = true;
   try {
     const filter = $('#chat-filter').value;
-    const [ops, chats] = await Promise.all([api('GET', '/operators'), api('GET', `/chats${filter && filter !== 'open' ? `?status=${filter}` : ''}`)]);
-    const open = filter === 'open' ? chats.chats.filter((c) => c.status !== 'closed') : chats.chats;
+    // "open" asks for each open status: the list is paged and closed chats are kept for a day.
+    const statuses = filter === 'open' ? ['bot', 'pending', 'active'] : [filter];
+    const [ops, ...lists] = await Promise.all([api('GET', '/operators'), ...statuses.map((st) => api('GET', `/chats${st ? `?status=${st}` : ''}`))]);
+    const chats = { chats: lists.flatMap((l) => l.chats).sort((a, b) => a.id - b.id) };
+    const open = chats.chats;
     for (const o of ops.operators) [...o.departments, ...o.watch_departments].forEach((d) => knownDepartments.add(d));
     for (const c of chats.chats) knownDepartments.add(c.department);
     const deps = await Promise.all([...knownDepartments].sort((a, b) => a - b).map((d) => api('GET', `/departments/${d}`)));
