@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startHub, API_KEY } from '../clients/js/test/hub.js';
+import { startHub, API_KEY, upgradeRefusingProxy } from '../clients/js/test/hub.js';
 
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 // The README's pictures: `SCREENSHOTS=1 npm test` writes them to docs/img/; otherwise they go
@@ -240,4 +240,30 @@ test('console_admin_feed_reads_server_sent_events_with_fetch', async () => {
     ['chat', '{"id":"7","type":"chat","chat":{"id":3,"status":"pending","owner":null}}', 'chat chat #3 pending, owner none'],
   ]);
   await admin.context().close();
+});
+
+test('console_widget_demo_polls_when_websockets_are_refused', async () => {
+  // The console served through a proxy that refuses WebSocket upgrades: the widget demo falls
+  // back to polling the status (with its ETag) and still shows the department flip.
+  const proxy = await upgradeRefusingProxy(hub.url);
+  try {
+    const r = await hub.api('PUT', '/api/v1/operators/30', { name: 'Cleo', departments: [30] });
+    assert.ok(r.status === 201 || r.status === 200, JSON.stringify(r.body));
+    const w = await page('widget-polling');
+    await w.goto(`${proxy.url}/console/widget.html?department=30`);
+    await w.waitForSelector('#widget-status [data-status="offline"]', { timeout: WAIT });
+    await w.waitForSelector('#mode:has-text("polling")', { timeout: WAIT });
+    const cleo = await page('cleo');
+    await cleo.goto(`${hub.url}/console/operator.html#token=${await hub.token(30)}`);
+    await cleo.waitForSelector('#me-status [data-status="online"]', { timeout: WAIT });
+    // Polled every 5 s: the flip shows by the next poll.
+    await w.waitForSelector('#widget-status [data-status="online"]', { timeout: 5000 + WAIT });
+    const polls = proxy.seen.filter((s) => s.url === '/api/v1/widget/status?department=30');
+    assert.ok(polls.length >= 2, `${polls.length} polls`);
+    assert.ok(polls.slice(1).every((s) => s.ifNoneMatch), 'every poll after the first sends If-None-Match');
+    await cleo.context().close();
+    await w.context().close();
+  } finally {
+    await proxy.close();
+  }
 });

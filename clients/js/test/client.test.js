@@ -4,12 +4,11 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
-import net from 'node:net';
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { startHub, until } from './hub.js';
+import { startHub, until, upgradeRefusingProxy } from './hub.js';
 import { operator, widget, visitor, backoffDelay, HubError } from '../presence-hub.js';
 
 const WebSocket = globalThis.WebSocket;
@@ -184,51 +183,6 @@ test('widget_socket_pushes_the_department_flip', async () => {
     w.close();
   }
 });
-
-/** An HTTP proxy in front of the hub that refuses WebSocket upgrades (as some do) while
- * `refuse` is set, and passes them through otherwise. */
-async function upgradeRefusingProxy(target) {
-  const seen = [];
-  const control = { refuse: true };
-  const server = http.createServer(async (req, res) => {
-    const upstream = await fetch(target + req.url, { headers: req.headers['if-none-match'] ? { 'If-None-Match': req.headers['if-none-match'] } : {} });
-    seen.push({ url: req.url, ifNoneMatch: req.headers['if-none-match'] ?? null, status: upstream.status });
-    const headers = {};
-    for (const h of ['content-type', 'etag']) if (upstream.headers.get(h)) headers[h] = upstream.headers.get(h);
-    res.writeHead(upstream.status, headers);
-    res.end(upstream.status === 304 ? undefined : Buffer.from(await upstream.arrayBuffer()));
-  });
-  const sockets = new Set();
-  server.on('upgrade', (req, socket, head) => {
-    if (control.refuse) {
-      socket.end('HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
-      return;
-    }
-    const { hostname, port } = new URL(target);
-    const up = net.connect(Number(port), hostname, () => {
-      const lines = [`${req.method} ${req.url} HTTP/1.1`];
-      for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
-      up.write(lines.join('\r\n') + '\r\n\r\n');
-      up.write(head);
-      socket.pipe(up).pipe(socket);
-    });
-    for (const s of [socket, up]) {
-      sockets.add(s);
-      s.on('error', () => {});
-      s.on('close', () => sockets.delete(s));
-    }
-  });
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  return {
-    url: `http://127.0.0.1:${server.address().port}`,
-    seen,
-    control,
-    close: () => {
-      for (const s of sockets) s.destroy();
-      return new Promise((r) => server.close(r));
-    },
-  };
-}
 
 test('widget_falls_back_to_polling_with_etag_when_the_upgrade_is_refused', async () => {
   const me = await newOperator();

@@ -2,6 +2,8 @@
 // config and data dir, a free port (the hub binds 127.0.0.1:0 and logs its address).
 
 import { spawn } from 'node:child_process';
+import http from 'node:http';
+import net from 'node:net';
 import { mkdtempSync, writeFileSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -106,4 +108,55 @@ export async function until(cond, ms = 5000, what = 'condition') {
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/**
+ * An HTTP proxy in front of the hub that refuses WebSocket upgrades (as some proxies do)
+ * while `control.refuse` is set and passes them through otherwise. Plain requests go through
+ * untouched (the hub sees the proxy's Host); `seen` lists them with their `If-None-Match`.
+ */
+export async function upgradeRefusingProxy(target) {
+  const { hostname, port } = new URL(target);
+  const seen = [];
+  const control = { refuse: true };
+  const sockets = new Set();
+  const track = (s) => {
+    sockets.add(s);
+    s.on('error', () => {});
+    s.on('close', () => sockets.delete(s));
+  };
+  const server = http.createServer((req, res) => {
+    const up = http.request({ host: hostname, port: Number(port), method: req.method, path: req.url, headers: req.headers }, (answer) => {
+      seen.push({ url: req.url, ifNoneMatch: req.headers['if-none-match'] ?? null, status: answer.statusCode });
+      res.writeHead(answer.statusCode, answer.headers);
+      answer.pipe(res);
+    });
+    up.on('error', () => res.destroy());
+    req.pipe(up);
+  });
+  server.on('connection', track);
+  server.on('upgrade', (req, socket, head) => {
+    if (control.refuse) {
+      socket.end('HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+      return;
+    }
+    const up = net.connect(Number(port), hostname, () => {
+      const lines = [`${req.method} ${req.url} HTTP/1.1`];
+      for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+      up.write(lines.join('\r\n') + '\r\n\r\n');
+      up.write(head);
+      socket.pipe(up).pipe(socket);
+    });
+    track(up);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    seen,
+    control,
+    close: () => {
+      for (const s of sockets) s.destroy();
+      return new Promise((r) => server.close(r));
+    },
+  };
 }
