@@ -93,6 +93,7 @@ test('console_scenario_admin_operator_widget_visitor_supervisor_in_chromium', as
   await admin.fill('#op-name', 'Sue');
   await admin.fill('#op-departments', '');
   await admin.fill('#op-watch', '1');
+  await admin.check('[data-perm="set_operator_status"]');
   await admin.click('#operator-form button[type=submit]');
   await admin.waitForSelector('#operators tr[data-operator="2"]', { timeout: WAIT });
   const offline = await admin.textContent('#operators tr[data-operator="1"] [data-status]');
@@ -180,6 +181,15 @@ test('console_scenario_admin_operator_widget_visitor_supervisor_in_chromium', as
   await operator.click('#send-form button[type=submit]');
   await visitor.waitForSelector('#messages .msg:has-text("shipping is free")', { timeout: WAIT });
   await supervisor.waitForSelector('#messages .msg:has-text("shipping is free")', { timeout: WAIT });
+  // Sue (set_operator_status) sets Ann offline and back from her view; Ann's view says why.
+  await supervisor.click('button[data-set-online="1"]');
+  await operator.waitForSelector('#me-status [data-reason="set_offline"]', { timeout: WAIT });
+  await supervisor.waitForSelector('section[data-department="1"] tr[data-operator="1"] [data-reason="set_offline"]', { timeout: WAIT });
+  await widget.waitForSelector('#widget-status [data-status="offline"]', { timeout: WAIT });
+  await supervisor.click('button[data-set-online="1"]:has-text("Set online")');
+  await operator.waitForSelector('#me-status [data-status="online"]', { timeout: WAIT });
+  await widget.waitForSelector('#widget-status [data-status="online"]', { timeout: WAIT });
+
   const seen = await visitor.textContent('body');
   assert.ok(!seen.includes('Sue'), 'the visitor page shows the supervisor');
   assert.ok(!seen.includes('Offer the free shipping'), 'the visitor page shows a whisper');
