@@ -16,56 +16,30 @@ struct Asset {
     body: &'static str,
 }
 
+/// A file of `console/`, embedded under its own name.
+macro_rules! console_file {
+    ($name:literal) => {
+        Asset {
+            name: $name,
+            body: include_str!(concat!("../console/", $name)),
+        }
+    };
+}
+
 /// Every file of the console. The client module is `clients/js`'s own file, not a copy.
 const ASSETS: &[Asset] = &[
-    Asset {
-        name: "index.html",
-        body: include_str!("../console/index.html"),
-    },
-    Asset {
-        name: "operator.html",
-        body: include_str!("../console/operator.html"),
-    },
-    Asset {
-        name: "supervisor.html",
-        body: include_str!("../console/supervisor.html"),
-    },
-    Asset {
-        name: "widget.html",
-        body: include_str!("../console/widget.html"),
-    },
-    Asset {
-        name: "admin.html",
-        body: include_str!("../console/admin.html"),
-    },
-    Asset {
-        name: "console.css",
-        body: include_str!("../console/console.css"),
-    },
-    Asset {
-        name: "common.js",
-        body: include_str!("../console/common.js"),
-    },
-    Asset {
-        name: "operator.js",
-        body: include_str!("../console/operator.js"),
-    },
-    Asset {
-        name: "supervisor.js",
-        body: include_str!("../console/supervisor.js"),
-    },
-    Asset {
-        name: "widget.js",
-        body: include_str!("../console/widget.js"),
-    },
-    Asset {
-        name: "admin.js",
-        body: include_str!("../console/admin.js"),
-    },
-    Asset {
-        name: "chatpanel.js",
-        body: include_str!("../console/chatpanel.js"),
-    },
+    console_file!("index.html"),
+    console_file!("operator.html"),
+    console_file!("supervisor.html"),
+    console_file!("widget.html"),
+    console_file!("admin.html"),
+    console_file!("console.css"),
+    console_file!("common.js"),
+    console_file!("chatpanel.js"),
+    console_file!("operator.js"),
+    console_file!("supervisor.js"),
+    console_file!("widget.js"),
+    console_file!("admin.js"),
     Asset {
         name: "presence-hub.js",
         body: include_str!("../clients/js/presence-hub.js"),
@@ -206,6 +180,18 @@ mod tests {
     fn console_host_refuses_header_injection() {
         assert_eq!(host(&with_host("a.example:1")), Some("a.example:1"));
         assert_eq!(host(&with_host("a.example; script-src *")), None);
+    }
+
+    #[test]
+    fn console_embeds_every_file_of_the_console_folder() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/console");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            assert!(
+                ASSETS.iter().any(|a| a.name == name),
+                "console/{name} is not embedded"
+            );
+        }
     }
 
     #[test]
