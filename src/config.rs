@@ -335,15 +335,19 @@ impl Config {
         let mut doc: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        // The file alone first, then each override on top of it: an error names its source
+        // (a key of the file, or the variable that brought a bad key or value).
+        let mut config = typed(&doc).map_err(ConfigError::Parse)?;
         for (var, raw) in env {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
             apply_env(&mut doc, &var, rest, &raw)?;
+            config = typed(&doc).map_err(|reason| ConfigError::Env {
+                var: var.clone(),
+                reason,
+            })?;
         }
-        let config: Config = toml::Value::Table(doc)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -512,6 +516,13 @@ fn apply_env(doc: &mut toml::Table, var: &str, rest: &str, raw: &str) -> Result<
     Ok(())
 }
 
+/// The typed config of a TOML document, or the deserializer's message.
+fn typed(doc: &toml::Table) -> Result<Config, String> {
+    toml::Value::Table(doc.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| e.to_string())
+}
+
 /// Parses `"5s"`, `"250ms"`, `"1h"`; a bare `0` is accepted as zero.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -608,6 +619,27 @@ mod tests {
         assert!(e.to_string().contains("nope"), "{e}");
         let e = load("", &[("PRESENCE_HUB_BOGUS_X", "1")]).unwrap_err();
         assert!(e.to_string().contains("PRESENCE_HUB_BOGUS_X"), "{e}");
+    }
+
+    #[test]
+    fn config_env_override_errors_name_the_variable() {
+        let e = load("", &[("PRESENCE_HUB_SERVER_LISEN", "0.0.0.0:1")]).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::Env { .. }), "{msg}");
+        assert!(
+            msg.contains("PRESENCE_HUB_SERVER_LISEN") && msg.contains("lisen"),
+            "{msg}"
+        );
+        let e = load("", &[("PRESENCE_HUB_SERVER_LISTEN", "127.0.0.1:99999")]).unwrap_err();
+        assert!(e.to_string().contains("PRESENCE_HUB_SERVER_LISTEN"), "{e}");
+        // A bad key of the file is the file's error, whatever the environment says.
+        let e = load(
+            "[server]\nlisen = 1\n",
+            &[("PRESENCE_HUB_SERVER_LISTEN", "127.0.0.1:1")],
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::Parse(_)), "{e}");
+        assert!(!e.to_string().contains("PRESENCE_HUB"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod assign;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod core;
 pub mod error;
 pub mod feed;

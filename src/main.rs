@@ -1,6 +1,7 @@
 //! The `presence-hub` binary: parses the CLI, loads the config, sets up logging, binds and
 //! calls `server::run`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -49,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
-            println!("{}: ok", cli.config.display());
+            println!("{}", checked(&cli.config, &cfg));
             Ok(())
         }
         Command::Token { operator, ttl } => {
@@ -60,6 +61,27 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve => serve(cfg),
     }
+}
+
+/// What `check-config` checked: the file, the environment overrides applied on top of it,
+/// and the validation of the result.
+fn checked(path: &std::path::Path, cfg: &Config) -> String {
+    let mut vars: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(presence_hub::config::ENV_PREFIX))
+        .collect();
+    vars.sort();
+    let overrides = if vars.is_empty() {
+        "no PRESENCE_HUB_* environment overrides".to_string()
+    } else {
+        format!("environment overrides {}", vars.join(", "))
+    };
+    format!(
+        "{}: ok (file read, {overrides}, validated; listen {}, store {})",
+        path.display(),
+        cfg.server.listen,
+        format!("{:?}", cfg.store.backend).to_lowercase()
+    )
 }
 
 fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -107,7 +129,11 @@ fn init_tracing(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour codes only for a person at a terminal: a file or a log collector gets plain text.
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match cfg.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -74,7 +74,7 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Hub> {
 /// connection tasks and makes the store durable.
 pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output = ()>) {
     crate::metrics::init();
-    let app = crate::api::router(hub.clone());
+    let app = crate::api::router(hub.clone()).merge(crate::console::router());
     let sweeper = tokio::spawn(hub.clone().sweep());
     let cleaner = tokio::spawn(hub.clone().clean());
     let webhooks =

@@ -89,7 +89,13 @@ fn department(query: Option<&str>) -> Result<u64> {
 fn cors_origin(hub: &Hub, headers: &HeaderMap) -> Result<Option<HeaderValue>> {
     match headers.get(header::ORIGIN) {
         None => Ok(None),
-        Some(v) if v.to_str().is_ok_and(|o| hub.cfg.origin_allowed(o)) => Ok(Some(v.clone())),
+        Some(v)
+            if v.to_str().is_ok_and(|o| {
+                hub.cfg.origin_allowed(o) || crate::console::same_origin(o, headers)
+            }) =>
+        {
+            Ok(Some(v.clone()))
+        }
         Some(_) => Err(Error::Forbidden(
             "origin not allowed (server.allowed_origins)".into(),
         )),

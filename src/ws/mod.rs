@@ -116,11 +116,12 @@ fn check_capacity(hub: &Hub) -> Result<(), Error> {
     Ok(())
 }
 
-/// True when a browser's `Origin` is allowed (no `Origin`: not a browser, not refused).
+/// True when a browser's `Origin` is allowed (no `Origin`: not a browser, not refused; the
+/// hub's own origin, the console's pages: allowed whatever `allowed_origins` says).
 fn origin_ok(hub: &Hub, headers: &HeaderMap) -> bool {
     match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         None => true,
-        Some(o) => hub.cfg.origin_allowed(o),
+        Some(o) => hub.cfg.origin_allowed(o) || crate::console::same_origin(o, headers),
     }
 }
 
