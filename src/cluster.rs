@@ -219,7 +219,9 @@ impl Cluster {
             leader = self.elect_once(leader, &hub).await;
         }
         if leader {
-            // Hand over at once rather than after the lease.
+            // Stop deciding first, then hand over at once rather than after the lease: no
+            // moment with two deciders.
+            hub.run(|c, _| c.stop_assigning());
             let release = redis::Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
             );

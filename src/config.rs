@@ -411,6 +411,12 @@ impl Config {
             if self.cluster.node_lease < Duration::from_millis(100) {
                 return bad("cluster.node_lease must be at least 100ms");
             }
+            if !self.webhooks.url.is_empty() && self.webhooks.timeout * 2 > self.cluster.node_lease
+            {
+                return bad(
+                    "webhooks.timeout must be at most half of cluster.node_lease (the delivering node's role outlives every POST)",
+                );
+            }
         }
         for origin in &self.server.allowed_origins {
             if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {

@@ -225,6 +225,9 @@ pub struct Core {
     last_chat_view: Option<(u64, Box<RawValue>)>,
     /// The last chat that closed (it leaves live state at once), for the answer to the close.
     last_closed: Option<Chat>,
+    /// Ids of the chats closed most recently, oldest first: a stale open copy that arrives
+    /// after the close (a resync racing the close's note) must not bring one back.
+    recently_closed: (VecDeque<u64>, std::collections::HashSet<u64>),
     /// Frames pushed and peers dropped as slow consumers, for the metrics.
     pub sent: u64,
     pub dropped: u64,
@@ -273,8 +276,9 @@ impl Core {
         if core.assigner {
             core.start_assigning(now);
         }
+        // What the boot settled (assignments of always-online operators, the state of every
+        // operator and department in the feed) is written like any change.
         core.settle(now);
-        core.writes.clear();
         core
     }
 
@@ -324,6 +328,11 @@ impl Core {
             .get(&id)
             .cloned()
             .unwrap_or_else(|| Department::with_defaults(id, &self.cfg.assignment))
+    }
+
+    /// An operator's display name (a closed chat's owner, for its visitor).
+    pub fn operator_name(&self, id: u64) -> Option<String> {
+        self.operators.get(&id).map(|o| o.record.name.clone())
     }
 
     pub fn has_operator(&self, id: u64) -> bool {
@@ -1385,7 +1394,21 @@ impl Core {
         {
             self.open_chats.remove(&e.chat.department);
         }
+        let (order, set) = &mut self.recently_closed;
+        if set.insert(id) {
+            order.push_back(id);
+        }
+        while order.len() > RECENTLY_CLOSED {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
+            }
+        }
         self.last_closed = Some(e.chat);
+    }
+
+    /// True for a chat this node saw close lately.
+    pub(crate) fn closed_lately(&self, id: u64) -> bool {
+        self.recently_closed.1.contains(&id)
     }
 
     /// A node that starts assigning in a cluster logs the state of every operator and
@@ -1776,6 +1799,9 @@ impl Core {
     }
 }
 
+/// Closed chat ids remembered against stale copies (a few hundred KiB at most).
+const RECENTLY_CLOSED: usize = 10_000;
+
 /// Largest chat id: the largest integer JavaScript clients read exactly.
 const MAX_CHAT_ID: u64 = (1 << 53) - 1;
 
@@ -1823,7 +1849,7 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -59,7 +59,11 @@ impl Hub {
         let cfg = Arc::new(cfg);
         let snapshot = store.load()?;
         let mut core = Core::new(cfg.clone(), snapshot);
-        let (_, timers) = core.take_effects();
+        let (writes, timers) = core.take_effects();
+        if !writes.is_empty() {
+            // Queued before any request can be served: ordered before every later change.
+            drop(store.write(writes));
+        }
         let hub = Hub(Arc::new(Shared {
             cfg,
             core: Mutex::new(core),
@@ -259,8 +263,17 @@ impl Hub {
                 events_before_ms: before(self.cfg.events.retention),
                 max_events: self.cfg.events.max_events,
             };
-            if let Err(e) = self.store.clean(r).await {
-                tracing::warn!(cause = %e, "retention clean-up failed; retrying next round");
+            // Batches back to back while there is more: a busy hub's log and closed chats
+            // are dropped as fast as they come, not a batch a minute.
+            loop {
+                match self.store.clean(r).await {
+                    Ok(true) if !self.shutdown.is_cancelled() => tokio::task::yield_now().await,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "retention clean-up failed; retrying next round");
+                        break;
+                    }
+                }
             }
         }
     }

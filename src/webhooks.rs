@@ -165,7 +165,15 @@ async fn deliver(hub: &Hub, cfg: &Webhooks, http: &reqwest::Client, token: &str,
         // The same batch, byte for byte, until it is answered 2xx.
         let body = body(batch);
         let mut failures = 0u32;
-        while !post(http, cfg, &body, &last).await {
+        loop {
+            // Renewed before each attempt: a POST never outlives the role (its timeout is
+            // below `cluster.node_lease`), so two nodes never deliver at once.
+            if !matches!(hub.store().hold_role(ROLE, token, ttl).await, Ok(true)) {
+                return;
+            }
+            if post(http, cfg, &body, &last).await {
+                break;
+            }
             counter!("presence_hub_webhook_failed_attempts_total").increment(1);
             let wait = backoff(failures, cfg.max_backoff);
             failures = failures.saturating_add(1);

@@ -426,23 +426,29 @@ async fn chats_list_paging_visits_every_chat_exactly_once() {
     hub.put_department(1, json!({"assignment": "off"})).await;
     hub.put_department(2, json!({"assignment": "off"})).await;
     let mut made = BTreeSet::new();
+    let mut in_two = BTreeSet::new();
+    let mut closed = BTreeSet::new();
     for i in 0..23 {
         let (chat, _) = hub
             .create_chat(json!({"department": 1 + i % 2, "bot": i % 3 == 0}))
             .await;
         let id = chat["id"].as_u64().unwrap();
         made.insert(id);
+        if i % 2 == 1 {
+            in_two.insert(id);
+        }
         if i % 4 == 0 {
             let (s, _) = hub
                 .post(&format!("/api/v1/chats/{id}/close"), json!({}))
                 .await;
             assert_eq!(s, 200);
+            closed.insert(id);
         }
     }
     for (query, want) in [
         ("", made.clone()),
-        ("department=2&", BTreeSet::new()),
-        ("status=closed&", BTreeSet::new()),
+        ("department=2&", in_two.clone()),
+        ("status=closed&", closed.clone()),
     ] {
         let mut seen = Vec::new();
         let mut after = 0;
@@ -453,15 +459,7 @@ async fn chats_list_paging_visits_every_chat_exactly_once() {
             assert_eq!(status, 200, "{page}");
             let chats = page["chats"].as_array().unwrap();
             assert!(chats.len() <= 5);
-            for c in chats {
-                if query.contains("department=2") {
-                    assert_eq!(c["department"], 2);
-                }
-                if query.contains("closed") {
-                    assert_eq!(c["status"], "closed");
-                }
-                seen.push(c["id"].as_u64().unwrap());
-            }
+            seen.extend(chats.iter().map(|c| c["id"].as_u64().unwrap()));
             match page["next"].as_u64() {
                 Some(n) => after = n,
                 None => break,
@@ -470,14 +468,68 @@ async fn chats_list_paging_visits_every_chat_exactly_once() {
         let unique: BTreeSet<u64> = seen.iter().copied().collect();
         assert_eq!(unique.len(), seen.len(), "{query}: no chat twice: {seen:?}");
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "{query}: id order");
-        if !want.is_empty() {
-            assert_eq!(unique, want, "{query}: every chat");
-        } else {
-            assert!(!unique.is_empty(), "{query}: some chats");
-        }
+        assert_eq!(
+            unique, want,
+            "{query}: every chat that matches, and only those"
+        );
     }
     let (status, body) = hub.get("/api/v1/chats?limit=1001").await;
     assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test]
+async fn history_of_a_closed_chat_for_its_reloading_visitor() {
+    let hub = TestHub::start().await;
+    hub.put_department(1, json!({"assignment": "off"})).await;
+    let (chat, token) = hub
+        .create_chat(json!({"department": 1, "visitor": {"name": "Ann"}}))
+        .await;
+    let id = chat["id"].as_u64().unwrap();
+    let (mut visitor, _) = hub.visitor(id, &token).await;
+    let ack = visitor
+        .request(json!({"type": "send_message", "text": "thanks, bye"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let (s, _) = hub
+        .post(&format!("/api/v1/chats/{id}/close"), json!({}))
+        .await;
+    assert_eq!(s, 200);
+    visitor.close().await;
+    let (mut again, first, history) = hub.visitor_with_history(id, &token).await;
+    assert_eq!(first["chat"]["status"], "closed");
+    assert_eq!(history["messages"][0]["text"], "thanks, bye");
+    let err = again
+        .request(json!({"type": "send_message", "text": "hello?"}))
+        .await;
+    assert_eq!(err["code"], "conflict", "{err}");
+    let refused = common::Client::refused(&hub.visitor_url(id, "wrong")).await;
+    assert_eq!(refused, 403);
+}
+
+#[tokio::test]
+async fn chats_allocated_ids_never_repeat_after_retention_and_a_restart() {
+    let hub = TestHub::start_with(|c| c.chats.retention = Duration::from_millis(300)).await;
+    hub.put_department(1, json!({"assignment": "off"})).await;
+    let (chat, _) = hub.create_chat(json!({"department": 1})).await;
+    let id = chat["id"].as_u64().unwrap();
+    hub.post(&format!("/api/v1/chats/{id}/close"), json!({}))
+        .await;
+    hub.poll_until(&format!("/api/v1/chats/{id}"), "the chat's deletion", |v| {
+        v["error"]["code"] == "not_found"
+    })
+    .await;
+    let dir = hub.stop_keep_dir().await;
+    let hub = TestHub::start_in(dir.path(), |_| {}).await;
+    let (chat, _) = hub.create_chat(json!({"department": 1})).await;
+    assert!(chat["id"].as_u64().unwrap() > id, "{chat}");
+}
+
+#[tokio::test]
+async fn feed_position_beyond_the_newest_is_410_gone() {
+    let hub = TestHub::start().await;
+    hub.put_department(1, json!({"bot": true})).await;
+    let (status, body) = events(&hub, "?after=999999").await;
+    assert_eq!(status, 410, "a position this log never had: {body}");
 }
 
 #[tokio::test]
@@ -554,4 +606,43 @@ async fn cluster_feed_same_ids_in_the_same_order_from_every_node() {
         let before = last.insert(e["operator"]["id"].as_u64().unwrap(), view.clone());
         assert_ne!(before, Some(view), "logged twice: {e}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_feed_position_dropped_by_retention_is_410_on_redis() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let hub = TestHub::start_with(move |cfg| {
+        cfg.store.backend = Backend::Redis;
+        cfg.store.redis_url.0 = url;
+        cfg.server.node_id = "a".into();
+        cfg.cluster.node_lease = Duration::from_millis(600);
+        // `MAXLEN ~` trims whole stream nodes (100 entries): 250 events keep ~100–200.
+        cfg.events.max_events = 10;
+    })
+    .await;
+    // The node logs once it assigns (elected).
+    let deadline = Instant::now() + WAIT;
+    let first = loop {
+        hub.put_department(1, json!({"bot": true})).await;
+        hub.put_department(1, json!({"bot": false})).await;
+        let (_, page) = events(&hub, "?limit=1").await;
+        if let Some(id) = page["events"][0]["id"].as_str() {
+            break id.to_string();
+        }
+        assert!(Instant::now() < deadline, "the node never wrote the feed");
+    };
+    for i in 0..250 {
+        hub.put_department(1, json!({"bot": i % 2 == 0})).await;
+    }
+    let (status, body) = events(&hub, &format!("?after={first}")).await;
+    assert_eq!(status, 410, "{body}");
+    assert_eq!(body["error"]["code"], "gone");
+    let (status, page) = events(&hub, "?limit=1000").await;
+    assert_eq!(status, 200);
+    let kept = page["events"].as_array().unwrap().len();
+    assert!(
+        (10..250).contains(&kept),
+        "bounded, never below max_events: {kept}"
+    );
 }

@@ -260,7 +260,7 @@ async fn cluster_webhooks_fail_over_when_the_deliverer_is_killed() {
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nnode_id = \"b\"\n[auth]\njwt_secret = \"{JWT_SECRET}\"\napi_key = \"{API_KEY}\"\n\
              [store]\nbackend = \"redis\"\nredis_url = \"{}\"\ndata_dir = \"{}\"\n[cluster]\nnode_lease = \"1s\"\n\
-             [webhooks]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nbatch = 2\ntypes = [\"department_status\"]\n",
+             [webhooks]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nbatch = 2\ntimeout = \"300ms\"\ntypes = [\"department_status\"]\n",
             redis.url(),
             dir.path().display()
         ),

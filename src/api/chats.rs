@@ -97,10 +97,10 @@ pub async fn list(State(hub): State<Hub>, RawQuery(raw_query): RawQuery) -> Resp
             let mut scanned = 0;
             loop {
                 let batch = hub.store().closed_chats(from, limit).await?;
-                let full = batch.len() == limit;
-                scanned += batch.len();
-                from = batch.last().map_or(from, |c| c.id);
-                closed.extend(batch.into_iter().filter(|c| f.admits(c)));
+                let full = batch.scanned == limit;
+                scanned += batch.scanned;
+                from = batch.last.unwrap_or(from);
+                closed.extend(batch.chats.into_iter().filter(|c| f.admits(c)));
                 if closed.len() >= limit || !full {
                     break;
                 }

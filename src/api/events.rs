@@ -87,7 +87,13 @@ pub async fn poll(State(hub): State<Hub>, RawQuery(raw): RawQuery) -> Response {
                 return Ok(page_json(&page, &from));
             }
             if let Some(id) = &page.last_id {
+                // The scan stopped short (only events the filter leaves out): read on at
+                // once rather than wait for new events.
+                let advanced = Some(id.as_str()) != from.id();
                 from = Position::After(id.clone());
+                if advanced {
+                    continue;
+                }
             }
             tokio::select! {
                 r = signal.changed() => if r.is_err() {
@@ -207,7 +213,16 @@ fn events(
                     c.take(page);
                     continue;
                 }
-                Ok(page) => c.take(page),
+                Ok(page) => {
+                    let advanced = page
+                        .last_id
+                        .as_deref()
+                        .is_some_and(|l| Some(l) != c.from.id());
+                    c.take(page);
+                    if advanced {
+                        continue;
+                    }
+                }
                 Err(e) => {
                     // Fell behind retention, or the store failed: say so and end; the client
                     // resumes with Last-Event-ID and gets a 410 or the rest.

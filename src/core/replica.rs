@@ -224,8 +224,9 @@ impl Core {
                 }
                 self.settle(now);
             }
-            // A closed chat this node never saw open: nothing live to change.
-            None if chat.status == ChatStatus::Closed => {
+            // A closed chat this node never saw open, or an open copy of one it saw close
+            // (older than the close): nothing live to change.
+            None if chat.status == ChatStatus::Closed || self.closed_lately(id) => {
                 self.next_chat_id = self.next_chat_id.max(id.saturating_add(1));
             }
             None => {

@@ -32,6 +32,9 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Highest event id retention dropped: a read after an id below it would skip events.
 const EVENTS_DROPPED: &str = "events_dropped";
+/// Above every chat id ever written: allocated ids never repeat after retention deleted the
+/// newest closed chats.
+const NEXT_CHAT: &str = "next_chat_id";
 /// Rows one clean-up transaction removes at most, so writes never wait long for it.
 const CLEAN_BATCH: usize = 10_000;
 /// Rows one feed read scans at most (a narrow `types` filter over a long log).
@@ -173,6 +176,7 @@ fn commit<'a>(
         let mut events = txn.open_table(EVENTS).map_err(backend)?;
         let mut meta = txn.open_table(META).map_err(backend)?;
         let now = unix_ms();
+        let mut next_chat = 0;
         for w in writes {
             match w {
                 Write::Operator(o) => {
@@ -189,6 +193,7 @@ fn commit<'a>(
                         .map_err(backend)?;
                 }
                 Write::Chat(c) => {
+                    next_chat = next_chat.max(c.id.saturating_add(1));
                     chats.insert(c.id, json(c).as_slice()).map_err(backend)?;
                     if c.status == ChatStatus::Closed
                         && closed.get(c.id).map_err(backend)?.is_none()
@@ -219,6 +224,10 @@ fn commit<'a>(
                     meta.insert(*key, value.as_bytes()).map_err(backend)?;
                 }
             }
+        }
+        if next_chat > meta_u64(&meta, NEXT_CHAT)? {
+            meta.insert(NEXT_CHAT, next_chat.to_string().as_bytes())
+                .map_err(backend)?;
         }
     }
     txn.commit().map_err(backend)?;
@@ -276,7 +285,8 @@ impl Store for Embedded {
         let closed = txn.open_table(CLOSED).map_err(backend)?;
         let is_closed = |id: u64| closed.get(id).map(|v| v.is_some()).unwrap_or(false);
         let mut chats = Vec::new();
-        let mut next_chat_id = 1;
+        let meta = txn.open_table(META).map_err(backend)?;
+        let mut next_chat_id = meta_u64(&meta, NEXT_CHAT)?.max(1);
         {
             let table = txn.open_table(CHATS).map_err(backend)?;
             for row in table.iter().map_err(backend)? {
@@ -346,12 +356,19 @@ impl Store for Embedded {
             let txn = db.begin_read().map_err(backend)?;
             let meta = txn.open_table(META).map_err(backend)?;
             let dropped = meta_u64(&meta, EVENTS_DROPPED)?;
+            let table = txn.open_table(EVENTS).map_err(backend)?;
+            // Before what retention dropped, or beyond the newest id (a wiped or restored
+            // data dir): either way events would be skipped.
+            let newest = table
+                .last()
+                .map_err(backend)?
+                .map_or(0, |(k, _)| k.value())
+                .max(dropped);
             if let Some(a) = after
-                && a < dropped
+                && (a < dropped || a > newest)
             {
                 return Err(FeedError::Gone(a.to_string()));
             }
-            let table = txn.open_table(EVENTS).map_err(backend)?;
             let start = after.map_or(0, |a| a + 1);
             let mut page = Page {
                 events: Vec::new(),
@@ -418,23 +435,25 @@ impl Store for Embedded {
         &self,
         after: u64,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Chat>, StoreError>> {
+    ) -> BoxFuture<'_, Result<super::ClosedPage, StoreError>> {
         ready(self.db().and_then(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let closed = txn.open_table(CLOSED).map_err(backend)?;
             let chats = txn.open_table(CHATS).map_err(backend)?;
-            let mut out = Vec::new();
+            let mut page = super::ClosedPage::default();
             for row in closed
                 .range(after.saturating_add(1)..)
                 .map_err(backend)?
                 .take(limit)
             {
                 let (k, _) = row.map_err(backend)?;
+                page.scanned += 1;
+                page.last = Some(k.value());
                 if let Some(v) = chats.get(k.value()).map_err(backend)? {
-                    out.push(parse(v.value())?);
+                    page.chats.push(parse(v.value())?);
                 }
             }
-            Ok(out)
+            Ok(page)
         }))
     }
 
@@ -464,7 +483,7 @@ impl Store for Embedded {
         ready(Ok(()))
     }
 
-    fn clean(&self, r: Retention) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn clean(&self, r: Retention) -> BoxFuture<'_, Result<bool, StoreError>> {
         let db = self.db();
         Box::pin(async move {
             let db = db?;
@@ -477,8 +496,9 @@ impl Store for Embedded {
 
 /// One clean-up round: closed chats past retention (with their messages), then events
 /// past their age or beyond the count; each bounded to [`CLEAN_BATCH`] rows.
-fn clean(db: &Database, r: Retention) -> Result<(), StoreError> {
+fn clean(db: &Database, r: Retention) -> Result<bool, StoreError> {
     let txn = db.begin_write().map_err(backend)?;
+    let mut more;
     {
         let mut closed = txn.open_table(CLOSED).map_err(backend)?;
         let mut closed_at = txn.open_table(CLOSED_AT).map_err(backend)?;
@@ -491,6 +511,7 @@ fn clean(db: &Database, r: Retention) -> Result<(), StoreError> {
             .map(|row| row.map(|(k, _)| k.value()))
             .collect::<Result<_, _>>()
             .map_err(backend)?;
+        more = expired.len() == CLEAN_BATCH;
         for (at, id) in expired {
             closed_at.remove((at, id)).map_err(backend)?;
             closed.remove(id).map_err(backend)?;
@@ -504,6 +525,7 @@ fn clean(db: &Database, r: Retention) -> Result<(), StoreError> {
         let mut meta = txn.open_table(META).map_err(backend)?;
         let mut over = events.len().map_err(backend)?.saturating_sub(r.max_events);
         let mut dropped = None;
+        let mut removed = 0;
         for _ in 0..CLEAN_BATCH {
             let Some((k, v)) = events.first().map_err(backend)? else {
                 break;
@@ -519,13 +541,16 @@ fn clean(db: &Database, r: Retention) -> Result<(), StoreError> {
             events.remove(id).map_err(backend)?;
             over = over.saturating_sub(1);
             dropped = Some(id);
+            removed += 1;
         }
+        more |= removed == CLEAN_BATCH;
         if let Some(id) = dropped {
             meta.insert(EVENTS_DROPPED, id.to_string().as_bytes())
                 .map_err(backend)?;
         }
     }
-    txn.commit().map_err(backend)
+    txn.commit().map_err(backend)?;
+    Ok(more)
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {

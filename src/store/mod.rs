@@ -57,6 +57,15 @@ pub enum Write {
     },
 }
 
+/// A page of closed chats. A chat retention deleted while the page was read is scanned but
+/// missing: `scanned` and `last` tell where the scan really got to.
+#[derive(Debug, Default)]
+pub struct ClosedPage {
+    pub chats: Vec<Chat>,
+    pub scanned: usize,
+    pub last: Option<u64>,
+}
+
 /// What the periodic clean-up drops (Unix milliseconds).
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
@@ -101,16 +110,17 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<ChatMessage>, StoreError>>;
-    /// Closed chats with an id above `after`, in id order, `limit` at most.
+    /// Closed chats with an id above `after`, in id order, `limit` ids scanned at most.
     fn closed_chats(
         &self,
         after: u64,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Chat>, StoreError>>;
+    ) -> BoxFuture<'_, Result<ClosedPage, StoreError>>;
     /// A value written with [`Write::Meta`].
     fn meta(&self, key: &'static str) -> BoxFuture<'_, Result<Option<String>, StoreError>>;
-    /// Drops what retention no longer keeps.
-    fn clean(&self, r: Retention) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Drops what retention no longer keeps, a bounded batch per call; true when more is
+    /// left to drop (the caller goes on at once).
+    fn clean(&self, r: Retention) -> BoxFuture<'_, Result<bool, StoreError>>;
     /// Takes or renews the role `name` for `ttl` while no other holder has it (one
     /// webhook deliverer in a cluster); always true on the embedded store (one process).
     fn hold_role(

@@ -500,7 +500,7 @@ impl Store for RedisStore {
         &self,
         after: u64,
         limit: usize,
-    ) -> futures::future::BoxFuture<'_, Result<Vec<crate::model::Chat>, StoreError>> {
+    ) -> futures::future::BoxFuture<'_, Result<super::ClosedPage, StoreError>> {
         Box::pin(self.closed_chats_impl(after, limit))
     }
 
@@ -514,7 +514,10 @@ impl Store for RedisStore {
         })
     }
 
-    fn clean(&self, r: super::Retention) -> futures::future::BoxFuture<'_, Result<(), StoreError>> {
+    fn clean(
+        &self,
+        r: super::Retention,
+    ) -> futures::future::BoxFuture<'_, Result<bool, StoreError>> {
         Box::pin(self.clean_impl(r))
     }
 

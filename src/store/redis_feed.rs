@@ -67,8 +67,32 @@ fn entry(v: &Value) -> Option<(String, Option<StoredEvent>)> {
     Some((id, event))
 }
 
-/// `max-deleted-entry-id` of `XINFO STREAM` (Redis 7): the newest id trimming dropped.
-fn max_deleted(info: &Value) -> Option<(u64, u64)> {
+/// Whether events after `a` were dropped, per `XINFO STREAM` (Redis 7): trimming removes
+/// the oldest entries (fewer kept than ever added), so a position before the oldest kept one
+/// has lost what followed it; `max-deleted-entry-id` covers deletions; a position beyond the
+/// last id ever generated belongs to a log that was deleted. (The one position just before
+/// the oldest kept entry also answers 410: the stream does not tell whether it was the last
+/// one dropped.)
+fn dropped_after(info: &Value, a: (u64, u64)) -> bool {
+    let last = info_id(info, "last-generated-id");
+    if last.is_some_and(|l| a > l) {
+        return true;
+    }
+    if info_id(info, "max-deleted-entry-id").is_some_and(|d| d > a) {
+        return true;
+    }
+    let added = info_int(info, "entries-added").unwrap_or(0);
+    let length = info_int(info, "length").unwrap_or(0);
+    if added <= length {
+        return false;
+    }
+    match info_id(info, "recorded-first-entry-id").filter(|f| *f != (0, 0)) {
+        Some(first) if length > 0 => a < first,
+        _ => last.is_some_and(|l| a < l),
+    }
+}
+
+fn info_field<'a>(info: &'a Value, field: &str) -> Option<&'a Value> {
     let pairs: Vec<(&Value, &Value)> = match info {
         Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
         Value::Array(a) => a
@@ -79,8 +103,17 @@ fn max_deleted(info: &Value) -> Option<(u64, u64)> {
     };
     pairs
         .into_iter()
-        .find(|(k, _)| text(k).as_deref() == Some("max-deleted-entry-id"))
-        .and_then(|(_, v)| stream_id(&text(v)?))
+        .find(|(k, _)| text(k).as_deref() == Some(field))
+        .map(|(_, v)| v)
+}
+
+fn info_int(info: &Value, field: &str) -> Option<u64> {
+    text(info_field(info, field)?)?.parse().ok()
+}
+
+/// A stream id field of `XINFO STREAM`.
+fn info_id(info: &Value, field: &str) -> Option<(u64, u64)> {
+    stream_id(&text(info_field(info, field)?)?)
 }
 
 impl RedisStore {
@@ -138,17 +171,23 @@ impl RedisStore {
                 break;
             }
         }
-        // Checked after reading: trimming that ran meanwhile is seen too.
+        // Checked after reading: trimming that ran meanwhile is seen too. A position beyond
+        // the newest id (the stream was deleted or restored) would skip events as well.
         if let Some(a) = after {
-            let info: Result<Value, _> = redis::cmd("XINFO")
+            let gone = || FeedError::Gone(format!("{}-{}", a.0, a.1));
+            let info: Result<Value, redis::RedisError> = redis::cmd("XINFO")
                 .arg("STREAM")
                 .arg(keys.events())
                 .query_async(&mut conn)
                 .await;
-            if let Ok(info) = info
-                && max_deleted(&info).is_some_and(|d| d > a)
-            {
-                return Err(FeedError::Gone(format!("{}-{}", a.0, a.1)));
+            match info {
+                Ok(info) => {
+                    if dropped_after(&info, a) {
+                        return Err(gone());
+                    }
+                }
+                Err(e) if e.to_string().contains("no such key") => return Err(gone()),
+                Err(e) => return Err(FeedError::Store(backend(e))),
             }
         }
         Ok(page)
@@ -204,7 +243,7 @@ impl RedisStore {
         &self,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Chat>, StoreError> {
+    ) -> Result<super::ClosedPage, StoreError> {
         let keys = self.keys();
         let mut conn = self.conn.clone();
         let ids: Vec<u64> = redis::cmd("ZRANGE")
@@ -219,7 +258,7 @@ impl RedisStore {
             .await
             .map_err(backend)?;
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(super::ClosedPage::default());
         }
         let names: Vec<String> = ids.iter().map(|id| keys.chat(*id)).collect();
         let values: Vec<Option<String>> = redis::cmd("MGET")
@@ -227,18 +266,22 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
-        let mut out = Vec::with_capacity(ids.len());
+        let mut page = super::ClosedPage {
+            chats: Vec::with_capacity(ids.len()),
+            scanned: ids.len(),
+            last: ids.last().copied(),
+        };
         for (name, v) in names.iter().zip(values) {
             if let Some(v) = v {
-                out.push(parse(name, &v)?);
+                page.chats.push(parse(name, &v)?);
             }
         }
-        Ok(out)
+        Ok(page)
     }
 
     /// Deletes closed chats past retention (record, messages, indexes) and trims the
     /// stream by age; its length is bounded by every `XADD` (`MAXLEN ~`).
-    pub(super) async fn clean_impl(&self, r: Retention) -> Result<(), StoreError> {
+    pub(super) async fn clean_impl(&self, r: Retention) -> Result<bool, StoreError> {
         let keys = self.keys();
         let mut conn = self.conn.clone();
         let expired: Vec<u64> = redis::cmd("ZRANGE")
@@ -280,7 +323,7 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
-        Ok(())
+        Ok(expired.len() == CLEAN_BATCH)
     }
 }
 

@@ -10,19 +10,30 @@ use super::{Flow, Handler};
 use crate::core::ChatOp;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::model::{ChatMessage, ChatStatus, VisitorChatView};
 use crate::peer::{Kind, Peer};
-use crate::protocol::{VisitorRequest, ack_frame, error_frame, parse_request};
+use crate::protocol::{Event, Frame, VisitorRequest, ack_frame, error_frame, parse_request};
 
 pub async fn upgrade(State(hub): State<Hub>, req: Request) -> Response {
-    let chat = match authenticate(&hub, req.uri().query()) {
-        Ok(c) => c,
+    let (chat, token) = match params(req.uri().query()) {
+        Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    super::upgrade(hub, req, Kind::Visitor(chat), Visitor { chat })
+    let closed = match hub.read(|c| c.check_visitor(chat, &token)) {
+        Ok(()) => None,
+        // A closed chat has left live state; its visitor (a reload) still gets the chat
+        // and its history from the store while it is kept.
+        Err(Error::NotFound(_)) => match closed_chat(&hub, chat, &token).await {
+            Ok(frames) => Some(frames),
+            Err(e) => return e.into_response(),
+        },
+        Err(e) => return e.into_response(),
+    };
+    super::upgrade(hub, req, Kind::Visitor(chat), Visitor { chat, closed })
 }
 
-/// 401 without a token, 403 with a wrong one, 400 without a chat id.
-fn authenticate(hub: &Hub, query: Option<&str>) -> Result<u64> {
+/// 401 without a token, 400 without a chat id.
+fn params(query: Option<&str>) -> Result<(u64, String)> {
     let mut chat = None;
     let mut token = None;
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -39,20 +50,53 @@ fn authenticate(hub: &Hub, query: Option<&str>) -> Result<u64> {
     }
     let chat = chat.ok_or_else(|| Error::bad("missing chat query parameter"))?;
     let token = token.ok_or_else(|| Error::Unauthorized("missing visitor token".into()))?;
-    hub.read(|c| c.check_visitor(chat, &token))
-        .map_err(|e| match e {
-            Error::NotFound(_) => Error::Forbidden("wrong visitor token for this chat".into()),
-            other => other,
-        })?;
-    Ok(chat)
+    Ok((chat, token))
+}
+
+/// The `chat` and `history` frames of a closed chat the store keeps; 403 for a wrong token
+/// or an unknown chat (which ids exist is not told).
+async fn closed_chat(hub: &Hub, chat: u64, token: &str) -> Result<[Frame; 2]> {
+    let refused = || Error::Forbidden("wrong visitor token for this chat".into());
+    let stored = hub.store().stored_chat(chat).await?.ok_or_else(refused)?;
+    if stored.status != ChatStatus::Closed
+        || !crate::core::constant_time_eq(stored.visitor_token.as_bytes(), token.as_bytes())
+    {
+        return Err(refused());
+    }
+    let kept = hub.cfg.chats.history.max(1);
+    let messages = hub.store().stored_messages(chat, 0, kept).await?;
+    let shown: Vec<&ChatMessage> = messages.iter().filter(|m| !m.whisper).collect();
+    let owner = stored.owner.and_then(|o| hub.read(|c| c.operator_name(o)));
+    let first = Event::VisitorChat {
+        chat: VisitorChatView {
+            id: chat,
+            status: ChatStatus::Closed,
+            owner_name: owner.as_deref(),
+        },
+    }
+    .frame();
+    let history = Event::History {
+        chat,
+        messages: &shown,
+    }
+    .frame();
+    Ok([first, history])
 }
 
 struct Visitor {
     chat: u64,
+    /// A closed chat: its last frames, sent once; nothing more happens in it.
+    closed: Option<[Frame; 2]>,
 }
 
 impl Handler for Visitor {
     fn start(&mut self, hub: &Hub, peer: &Arc<Peer>) -> Result<()> {
+        if let Some(frames) = &self.closed {
+            for f in frames {
+                let _ = peer.send(f);
+            }
+            return Ok(());
+        }
         hub.run(|core, _| core.connect_visitor(self.chat, peer.clone()))
             .0
     }
@@ -60,6 +104,9 @@ impl Handler for Visitor {
     async fn on_text(&mut self, hub: &Hub, peer: &Arc<Peer>, text: &str) -> Flow {
         let (r, req) = parse_request::<VisitorRequest>(text);
         let result = match req {
+            Ok(VisitorRequest::SendMessage { .. }) if self.closed.is_some() => {
+                Err(Error::Conflict(format!("chat {} is closed", self.chat)))
+            }
             Ok(VisitorRequest::SendMessage { text }) => {
                 let chat = self.chat;
                 let origin = Some(hub.origin(peer.id));
@@ -77,6 +124,9 @@ impl Handler for Visitor {
     }
 
     fn stop(&mut self, hub: &Hub, peer: &Arc<Peer>) {
+        if self.closed.is_some() {
+            return;
+        }
         hub.run(|core, _| core.disconnect_visitor(self.chat, peer.id));
     }
 }
