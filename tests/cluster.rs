@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{API_KEY, Client, JWT_SECRET, TestHub};
+use common::{Client, TestHub};
 use presence_hub::config::Backend;
 use serde_json::json;
 
@@ -14,16 +14,7 @@ async fn node(
     id: &str,
     tweak: impl FnOnce(&mut presence_hub::config::Config),
 ) -> TestHub {
-    let url = redis.url();
-    let id = id.to_string();
-    TestHub::start_with(move |cfg| {
-        cfg.store.backend = Backend::Redis;
-        cfg.store.redis_url.0 = url;
-        cfg.server.node_id = id;
-        cfg.cluster.node_lease = Duration::from_millis(600);
-        tweak(cfg);
-    })
-    .await
+    common::node::redis_node(redis, id, tweak).await
 }
 
 /// Waits until `hub` knows operator `id` (records reach other nodes through Redis).
@@ -233,45 +224,13 @@ async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
     )
     .await;
     // Node B: the real binary, in its own process, so that it can be killed.
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = dir.path().join("b.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nnode_id = \"b\"\n[auth]\njwt_secret = \"{JWT_SECRET}\"\napi_key = \"{API_KEY}\"\n\
-             [store]\nbackend = \"redis\"\nredis_url = \"{}\"\ndata_dir = \"{}\"\n[cluster]\nnode_lease = \"1s\"\n[presence]\ndisconnect_grace = \"500ms\"\n",
-            redis.url(),
-            dir.path().display()
-        ),
+    let mut b = common::node::NodeProcess::start(
+        &redis,
+        "b",
+        "[cluster]\nnode_lease = \"1s\"\n[presence]\ndisconnect_grace = \"500ms\"\n",
     )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_presence-hub"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let http = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..200 {
-        if http
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(up, "node b started");
+    .await;
+    let port = b.port;
     let token = a.token(1);
     let mut op = Client::connect(&format!("ws://127.0.0.1:{port}/ws/operator?token={token}")).await;
     assert_eq!(op.next().await["type"], "hello");
@@ -286,8 +245,7 @@ async fn cluster_node_killed_stops_counting_within_lease_and_grace() {
     let id = chat["id"].as_u64().unwrap();
     chat_where(&a, id, "assigned", |c| c["owner"] == 1).await;
     let killed = Instant::now();
-    let _ = child.kill(); // SIGKILL
-    let _ = child.wait();
+    b.kill(); // SIGKILL
     let off = widget
         .next_where("offline after the kill", |v| v["type"] == "widget_status")
         .await;

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
 use common::{API_KEY, TestHub, WAIT};
-use presence_hub::config::Backend;
 use serde_json::{Value, json};
 
 async fn events(hub: &TestHub, query: &str) -> (u16, Value) {
@@ -549,15 +548,7 @@ async fn chats_allocated_ids_never_repeat_after_a_restart() {
 }
 
 async fn redis_node(redis: &RedisServer, id: &str) -> TestHub {
-    let url = redis.url();
-    let id = id.to_string();
-    TestHub::start_with(move |cfg| {
-        cfg.store.backend = Backend::Redis;
-        cfg.store.redis_url.0 = url;
-        cfg.server.node_id = id;
-        cfg.cluster.node_lease = Duration::from_millis(600);
-    })
-    .await
+    common::node::redis_node(redis, id, |_| {}).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -611,12 +602,7 @@ async fn cluster_feed_same_ids_in_the_same_order_from_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_feed_position_dropped_by_retention_is_410_on_redis() {
     let redis = RedisServer::start().await;
-    let url = redis.url();
-    let hub = TestHub::start_with(move |cfg| {
-        cfg.store.backend = Backend::Redis;
-        cfg.store.redis_url.0 = url;
-        cfg.server.node_id = "a".into();
-        cfg.cluster.node_lease = Duration::from_millis(600);
+    let hub = common::node::redis_node(&redis, "a", |cfg| {
         // `MAXLEN ~` trims whole stream nodes (100 entries): 250 events keep ~100–200.
         cfg.events.max_events = 10;
     })

@@ -11,8 +11,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use common::redis::RedisServer;
-use common::{API_KEY, JWT_SECRET, TestHub, WAIT};
-use presence_hub::config::{Backend, Config};
+use common::{API_KEY, TestHub, WAIT};
+use presence_hub::config::Config;
 use serde_json::{Value, json};
 
 const SECRET: &str = "webhook-secret";
@@ -248,47 +248,16 @@ async fn cluster_webhooks_fail_over_when_the_deliverer_is_killed() {
     let redis = RedisServer::start().await;
     let (r, url) = Receiver::start(&[]).await;
     // Node B first, as a real process: it takes the role.
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = dir.path().join("b.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nnode_id = \"b\"\n[auth]\njwt_secret = \"{JWT_SECRET}\"\napi_key = \"{API_KEY}\"\n\
-             [store]\nbackend = \"redis\"\nredis_url = \"{}\"\ndata_dir = \"{}\"\n[cluster]\nnode_lease = \"1s\"\n\
-             [webhooks]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nbatch = 2\ntimeout = \"300ms\"\ntypes = [\"department_status\"]\n",
-            redis.url(),
-            dir.path().display()
+    let mut node_b = common::node::NodeProcess::start(
+        &redis,
+        "b",
+        &format!(
+            "[cluster]\nnode_lease = \"1s\"\n[webhooks]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nbatch = 2\ntimeout = \"300ms\"\ntypes = [\"department_status\"]\n"
         ),
     )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_presence-hub"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    .await;
     let http = reqwest::Client::new();
-    let b = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..400 {
-        if http
-            .get(format!("{b}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(up, "node b started");
+    let b = node_b.base.clone();
     for d in 1..=3 {
         let res = http
             .put(format!("{b}/api/v1/departments/{d}"))
@@ -318,17 +287,12 @@ async fn cluster_webhooks_fail_over_when_the_deliverer_is_killed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let url_a = url.clone();
-    let redis_url = redis.url();
-    let a = TestHub::start_with(move |cfg| {
-        cfg.store.backend = Backend::Redis;
-        cfg.store.redis_url.0 = redis_url;
-        cfg.server.node_id = "a".into();
+    let a = common::node::redis_node(&redis, "a", move |cfg| {
         cfg.cluster.node_lease = Duration::from_secs(1);
         hooks(cfg, &url_a);
     })
     .await;
-    let _ = child.kill(); // SIGKILL: the role is released by its expiry only
-    let _ = child.wait();
+    node_b.kill(); // SIGKILL: the role is released by its expiry only
     for d in 4..=6 {
         a.put_department(d, json!({"bot": true})).await;
     }

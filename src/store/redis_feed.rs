@@ -116,6 +116,19 @@ fn info_id(info: &Value, field: &str) -> Option<(u64, u64)> {
     stream_id(&text(info_field(info, field)?)?)
 }
 
+/// `ZRANGE key (after +inf BYSCORE LIMIT 0 limit`: members scored above `after`, in order.
+fn scores_above(key: &str, after: u64, limit: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("ZRANGE");
+    cmd.arg(key)
+        .arg(format!("({after}"))
+        .arg("+inf")
+        .arg("BYSCORE")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(limit);
+    cmd
+}
+
 impl RedisStore {
     pub(super) async fn read_events_impl(
         &self,
@@ -225,14 +238,7 @@ impl RedisStore {
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let key = self.keys().messages(chat);
         let mut conn = self.conn.clone();
-        let raw: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&key)
-            .arg(format!("({after}"))
-            .arg("+inf")
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
+        let raw: Vec<String> = scores_above(&key, after, limit)
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
@@ -246,14 +252,7 @@ impl RedisStore {
     ) -> Result<super::ClosedPage, StoreError> {
         let keys = self.keys();
         let mut conn = self.conn.clone();
-        let ids: Vec<u64> = redis::cmd("ZRANGE")
-            .arg(keys.closed_ids())
-            .arg(format!("({after}"))
-            .arg("+inf")
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
+        let ids: Vec<u64> = scores_above(&keys.closed_ids(), after, limit)
             .query_async(&mut conn)
             .await
             .map_err(backend)?;

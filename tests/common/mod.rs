@@ -3,6 +3,7 @@
 //! hanging it.
 #![allow(dead_code)]
 
+pub mod node;
 pub mod redis;
 
 use std::net::SocketAddr;
