@@ -110,7 +110,8 @@ function start() {
 
   refresh();
   report();
-  setInterval(() => document.visibilityState === 'visible' && refresh(), REFRESH_MS);
+  // The report moves with the clock (running sessions) and with new operators: refreshed too.
+  setInterval(() => document.visibilityState === 'visible' && (refresh(), report()), REFRESH_MS);
 }
 
 function visitorLink(chat) {

@@ -25,6 +25,7 @@ pub struct Config {
     pub events: Events,
     pub webhooks: Webhooks,
     pub log: Log,
+    pub audit: Audit,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -278,6 +279,23 @@ impl Default for Log {
     }
 }
 
+/// Online sessions and the status log (`[audit]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Audit {
+    /// Sessions that ended, and log entries, older than this are deleted.
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            retention: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
 /// A secret that prints as `***` (rathole's `MaskedString`).
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -371,6 +389,11 @@ impl Config {
         if durations.iter().any(|d| *d > year) {
             return bad("durations must be at most 365 days");
         }
+        if self.audit.retention < Duration::from_secs(1)
+            || self.audit.retention > Duration::from_secs(100 * year.as_secs())
+        {
+            return bad("audit.retention must be between 1s and 100 years");
+        }
         if self.presence.ping_interval.is_zero() {
             return bad("presence.ping_interval must be greater than 0");
         }
@@ -437,7 +460,7 @@ impl Config {
     }
 }
 
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "server",
     "auth",
     "store",
@@ -449,6 +472,7 @@ const SECTIONS: [&str; 11] = [
     "events",
     "webhooks",
     "log",
+    "audit",
 ];
 
 /// Keys whose value is a string even when it looks like a number (`node_id=1`, `"0"`).
@@ -646,6 +670,20 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, ConfigError::Parse(_)), "{e}");
         assert!(!e.to_string().contains("PRESENCE_HUB"), "{e}");
+    }
+
+    #[test]
+    fn config_audit_retention_default_env_and_bounds() {
+        assert_eq!(
+            load("", &[]).unwrap().audit.retention,
+            Duration::from_secs(90 * 24 * 3600)
+        );
+        let c = load("[audit]\nretention = \"7d\"\n", &[]).unwrap();
+        assert_eq!(c.audit.retention, Duration::from_secs(7 * 24 * 3600));
+        let c = load("", &[("PRESENCE_HUB_AUDIT_RETENTION", "2h")]).unwrap();
+        assert_eq!(c.audit.retention, Duration::from_secs(7200));
+        let e = load("[audit]\nretention = \"10ms\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("audit.retention"), "{e}");
     }
 
     #[test]

@@ -20,8 +20,7 @@ use crate::error::{Error, Result};
 use crate::feed::{EventType, LogEvent};
 use crate::model::{
     Chat, ChatMessage, ChatStatus, ChatView, Department, DeptReason, DeptState, OperatorRecord,
-    OperatorView, Permission, Sender, SenderKind, StoredOperator, VisitorChatView, next_version,
-    now_rfc3339,
+    OperatorView, Sender, SenderKind, StoredOperator, VisitorChatView, next_version, now_rfc3339,
 };
 use crate::peer::{Kind, Peer};
 use crate::presence::{ConnId, Presence, Settings, Status};
@@ -29,6 +28,8 @@ use crate::protocol::{AssignReason, Event, Frame};
 use crate::rules;
 use crate::store::{Snapshot, Write};
 
+mod audit;
+mod hours;
 mod replica;
 
 /// Who asks for a change: the back end (API key, may change anything) or an operator.
@@ -47,6 +48,16 @@ pub struct SettingsChange {
     pub always_online: Option<bool>,
 }
 
+impl SettingsChange {
+    pub fn touches(&self) -> rules::Touches {
+        rules::Touches {
+            online: self.online.is_some(),
+            invisible: self.invisible.is_some(),
+            always_online: self.always_online.is_some(),
+        }
+    }
+}
+
 /// A timer a change asked for; the hub sleeps until `at` and calls back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timer {
@@ -61,6 +72,12 @@ pub enum Timer {
     },
     /// One grace after assigning starts: see [`Core::requeue_offline_owners`].
     OfflineOwners {
+        at: Instant,
+    },
+    /// A department's online hours start or end (see `core/hours.rs`).
+    HoursBoundary {
+        department: u64,
+        generation: u64,
         at: Instant,
     },
 }
@@ -198,6 +215,11 @@ pub struct Core {
     widgets: HashMap<u64, HashMap<ConnId, Arc<Peer>>>,
     /// Department states as last published.
     published: HashMap<u64, DeptState>,
+    /// Operators' open sessions as this node saw them start (ms), see `core/audit.rs`.
+    session_started: HashMap<u64, u64>,
+    /// Departments with online hours (`core/hours.rs`).
+    hours: HashMap<u64, hours::DeptHours>,
+    hours_generation: u64,
     next_chat_id: u64,
     next_seq: u64,
     assign_clock: u64,
@@ -244,8 +266,11 @@ impl Core {
             next_chat_id: snap.next_chat_id.max(1),
             ..Default::default()
         };
+        let now = Instant::now();
         for d in snap.departments {
-            core.departments.insert(d.id, d);
+            let id = d.id;
+            core.departments.insert(id, d);
+            core.set_hours(id, now);
         }
         for o in snap.operators {
             core.insert_operator(o.record, o.settings, o.version);
@@ -260,7 +285,6 @@ impl Core {
             let history = messages.remove(&chat.id).unwrap_or_default().into();
             core.add_chat(chat, history);
         }
-        let now = Instant::now();
         let depts: Vec<u64> = core.known_departments().collect();
         for d in depts {
             let state = core.dept_state(d);
@@ -279,6 +303,7 @@ impl Core {
         // What the boot settled (assignments of always-online operators, the state of every
         // operator and department in the feed) is written like any change.
         core.settle(now);
+        core.boot_sessions(snap.open_sessions);
         core
     }
 
@@ -349,8 +374,11 @@ impl Core {
     pub fn dept_state(&self, d: u64) -> DeptState {
         let dept = self.departments.get(&d);
         let pending = self.counts.get(&d).map_or(0, |c| c.pending);
+        let closed = self.closed_by_hours(d);
         let (online, reason) = if dept.is_some_and(|x| x.disabled) {
             (false, DeptReason::Disabled)
+        } else if closed.is_some() {
+            (false, DeptReason::Closed)
         } else if dept.is_some_and(|x| x.pending_max > 0 && pending >= x.pending_max) {
             (false, DeptReason::QueueFull)
         } else if self
@@ -368,6 +396,7 @@ impl Core {
             department: d,
             online,
             reason,
+            opens_at: closed.flatten().filter(|_| reason == DeptReason::Closed),
         }
     }
 
@@ -438,6 +467,9 @@ impl Core {
         });
         if let (Some(obj), Value::Object(more)) = (v.as_object_mut(), extra) {
             obj.extend(more);
+            if state.reason == DeptReason::Closed {
+                obj.insert("opens_at".into(), json!(state.opens_at_rfc3339()));
+            }
         }
         v
     }
@@ -590,7 +622,15 @@ impl Core {
         now: Instant,
     ) -> (OperatorView, bool) {
         let version = next_version(self.operators.get(&record.id).map_or(0, |o| o.version));
-        self.put_operator_at(record, change, version, now)
+        let (id, before) = (
+            record.id,
+            self.operators.get(&record.id).map(|o| o.settings),
+        );
+        let put = self.put_operator_at(record, change, version, now);
+        if let Some(before) = before {
+            self.log_change(Actor::Backend, id, before, put.0.settings, version);
+        }
+        put
     }
 
     fn put_operator_at(
@@ -709,46 +749,17 @@ impl Core {
                 .operators
                 .get(&me)
                 .ok_or_else(|| unknown_operator(me))?;
-            let mut missing = Vec::new();
-            if me != target && !mine.record.can(Permission::SetOperatorStatus) {
-                missing.push("set_operator_status");
-            }
-            let need = [
-                (
-                    change.online,
-                    Permission::ChangeOnlineStatus,
-                    "change_online_status",
-                ),
-                (
-                    change.invisible,
-                    Permission::ChangeVisibility,
-                    "change_visibility",
-                ),
-                (
-                    change.always_online,
-                    Permission::ChangeAlwaysOnline,
-                    "change_always_online",
-                ),
-            ];
-            for (field, perm, name) in need {
-                if field.is_some() && !mine.record.can(perm) {
-                    missing.push(name);
-                }
-            }
-            if !missing.is_empty() {
-                return Err(Error::Forbidden(format!(
-                    "missing permission: {}",
-                    missing.join(", ")
-                )));
-            }
+            rules::may_change_settings(&mine.record, &op.record, change.touches())?;
         }
         let settings = apply_change(op.settings, change);
         if settings != op.settings {
             let record = op.record.clone();
+            let before = op.settings;
             let op = self.operators.get_mut(&target).expect("present");
             op.settings = settings;
             op.version = next_version(op.version);
             let version = op.version;
+            self.log_change(actor, target, before, settings, version);
             self.writes.push(Write::Operator(StoredOperator {
                 record,
                 settings,
@@ -900,6 +911,7 @@ impl Core {
         }
         self.writes.push(Write::Department(dept.clone()));
         self.departments.insert(id, dept);
+        self.set_hours(id, now);
         self.dirty_depts.insert(id);
         self.to_assign.insert(id);
         self.settle(now);
@@ -1625,11 +1637,12 @@ impl Core {
                 }
                 op.was_online = online;
                 let depts: Vec<u64> = op.record.departments.clone();
+                let unaccepted: Vec<u64> = op.pending.iter().copied().collect();
+                self.session_transition(id, online);
                 self.dirty_depts.extend(depts.iter().copied());
                 if online {
                     self.to_assign.extend(depts);
                 } else if self.assigner {
-                    let unaccepted: Vec<u64> = op.pending.iter().copied().collect();
                     for chat in unaccepted {
                         self.transition(chat, |c| {
                             c.owner = None;

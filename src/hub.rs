@@ -162,7 +162,8 @@ impl Hub {
         let at = match t {
             Timer::GraceEnd { at, .. }
             | Timer::AcceptDeadline { at, .. }
-            | Timer::OfflineOwners { at } => at,
+            | Timer::OfflineOwners { at }
+            | Timer::HoursBoundary { at, .. } => at,
         };
         tokio::spawn(async move {
             tokio::select! {
@@ -173,6 +174,11 @@ impl Hub {
                 Timer::GraceEnd { operator, .. } => core.grace_ended(operator, now),
                 Timer::AcceptDeadline { chat, round, .. } => core.accept_deadline(chat, round, now),
                 Timer::OfflineOwners { .. } => core.requeue_offline_owners(now),
+                Timer::HoursBoundary {
+                    department,
+                    generation,
+                    ..
+                } => core.hours_boundary(department, generation, now),
             });
         });
     }
@@ -247,7 +253,12 @@ impl Hub {
     /// `events.retention` or beyond `events.max_events`. Every node may run it: each round
     /// is idempotent.
     pub async fn clean(self) {
-        let shortest = self.cfg.chats.retention.min(self.cfg.events.retention);
+        let shortest = self
+            .cfg
+            .chats
+            .retention
+            .min(self.cfg.events.retention)
+            .min(self.cfg.audit.retention);
         let period = (shortest / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -262,6 +273,7 @@ impl Hub {
                 chats_before_ms: before(self.cfg.chats.retention),
                 events_before_ms: before(self.cfg.events.retention),
                 max_events: self.cfg.events.max_events,
+                audit_before_ms: before(self.cfg.audit.retention),
             };
             // Batches back to back while there is more: a busy hub's log and closed chats
             // are dropped as fast as they come, not a batch a minute.
@@ -372,8 +384,10 @@ impl Hub {
         }
     }
 
-    /// Makes every queued write durable and closes the store.
+    /// Makes every queued write durable and closes the store (ending the sessions a hub
+    /// that runs alone ends at shutdown, `Core::end_sessions_at_shutdown`).
     pub fn close_store(&self) {
+        self.run(|core, _| core.end_sessions_at_shutdown());
         self.store.close();
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod assign;
+pub mod audit;
 pub mod auth;
 pub mod cluster;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod console;
 pub mod core;
 pub mod error;
 pub mod feed;
+pub mod hours;
 pub mod hub;
 pub mod metrics;
 pub mod model;

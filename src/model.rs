@@ -104,6 +104,9 @@ pub struct Department {
     pub pending_max: u32,
     /// A bot answers when no operator is online.
     pub bot: bool,
+    /// Online hours; None = always open. Validated before it is accepted.
+    #[serde(default)]
+    pub hours: Option<crate::hours::Hours>,
     /// Grows with every change, like [`StoredOperator::version`].
     #[serde(default)]
     pub version: u64,
@@ -121,6 +124,7 @@ impl Department {
             accept_timeout: a.accept_timeout,
             pending_max: 0,
             bot: false,
+            hours: None,
             version: 0,
         }
     }
@@ -131,17 +135,46 @@ impl Department {
 #[serde(rename_all = "snake_case")]
 pub enum DeptReason {
     Disabled,
+    /// Outside its online hours.
+    Closed,
     QueueFull,
     Operators,
     Bot,
     None,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A department's state for the widget. `opens_at` is on the wire only with reason `closed`
+/// (RFC 3339, or null when it never opens again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeptState {
     pub department: u64,
     pub online: bool,
     pub reason: DeptReason,
+    /// Closed only: the next opening in milliseconds since the epoch; None = never.
+    pub opens_at: Option<i64>,
+}
+
+impl DeptState {
+    /// `opens_at` as RFC 3339 (closed departments only).
+    pub fn opens_at_rfc3339(&self) -> Option<String> {
+        let ms = u64::try_from(self.opens_at?).ok()?;
+        Some(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)))
+    }
+}
+
+impl Serialize for DeptState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let closed = self.reason == DeptReason::Closed;
+        let mut st = s.serialize_struct("DeptState", 3 + usize::from(closed))?;
+        st.serialize_field("department", &self.department)?;
+        st.serialize_field("online", &self.online)?;
+        st.serialize_field("reason", &self.reason)?;
+        if closed {
+            st.serialize_field("opens_at", &self.opens_at_rfc3339())?;
+        }
+        st.end()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

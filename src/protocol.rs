@@ -125,6 +125,10 @@ pub enum Event<'a> {
         code: &'a str,
         message: &'a str,
     },
+    /// An online session that ended (the event feed only).
+    Session {
+        session: &'a crate::audit::SessionView,
+    },
     Ack {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         r: Option<&'a Value>,

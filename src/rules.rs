@@ -1,8 +1,75 @@
-//! The seed's rules for opening and writing in a chat (SPEC.md section 4), as plain data.
+//! The seed's rules for opening and writing in a chat (SPEC.md section 4) and who may change
+//! an operator's settings (section 2), as plain data.
 
 use crate::error::{Error, Result};
 use crate::model::{Chat, ChatStatus, OperatorRecord, Permission};
 use crate::presence::Settings;
+
+/// Which settings a change touches (the fields it gives).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Touches {
+    pub online: bool,
+    pub invisible: bool,
+    pub always_online: bool,
+}
+
+/// May operator `me` change `target`'s settings as `touches` says? One's own settings need
+/// each field's permission; another operator's need `set_operator_status` alone, and only
+/// for someone who shares a department or a watched department with `me`. All or nothing:
+/// the error names every missing permission.
+pub fn may_change_settings(
+    me: &OperatorRecord,
+    target: &OperatorRecord,
+    touches: Touches,
+) -> Result<()> {
+    if me.id != target.id {
+        if !me.can(Permission::SetOperatorStatus) {
+            return Err(Error::Forbidden(
+                "missing permission: set_operator_status".into(),
+            ));
+        }
+        let shared = me
+            .all_departments()
+            .any(|d| target.works_in(d) || target.watches(d));
+        if !shared {
+            return Err(Error::Forbidden(format!(
+                "operator {} shares no department with you",
+                target.id
+            )));
+        }
+        return Ok(());
+    }
+    let need = [
+        (
+            touches.online,
+            Permission::ChangeOnlineStatus,
+            "change_online_status",
+        ),
+        (
+            touches.invisible,
+            Permission::ChangeVisibility,
+            "change_visibility",
+        ),
+        (
+            touches.always_online,
+            Permission::ChangeAlwaysOnline,
+            "change_always_online",
+        ),
+    ];
+    let missing: Vec<&str> = need
+        .iter()
+        .filter(|(touched, perm, _)| *touched && !me.can(*perm))
+        .map(|(_, _, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "missing permission: {}",
+            missing.join(", ")
+        )))
+    }
+}
 
 /// How an operator relates to a chat's department.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +164,77 @@ mod tests {
             invisible,
             always_online: false,
         }
+    }
+
+    fn rec(id: u64, depts: Vec<u64>, watch: Vec<u64>, perms: Vec<Permission>) -> OperatorRecord {
+        OperatorRecord {
+            id,
+            departments: depts,
+            watch_departments: watch,
+            permissions: perms,
+            ..op(vec![])
+        }
+    }
+
+    const ONLINE: Touches = Touches {
+        online: true,
+        invisible: false,
+        always_online: false,
+    };
+
+    #[test]
+    fn permissions_supervisor_needs_set_operator_status_alone() {
+        let sup = rec(9, vec![], vec![1], vec![Permission::SetOperatorStatus]);
+        let ann = rec(7, vec![1], vec![], vec![]);
+        let all = Touches {
+            online: true,
+            invisible: true,
+            always_online: true,
+        };
+        assert!(
+            may_change_settings(&sup, &ann, all).is_ok(),
+            "a watched department is shared"
+        );
+        let member = rec(9, vec![1], vec![], vec![Permission::SetOperatorStatus]);
+        assert!(may_change_settings(&member, &ann, ONLINE).is_ok());
+        // Both only watch department 1: still shared.
+        let watcher = rec(7, vec![], vec![1], vec![]);
+        assert!(may_change_settings(&sup, &watcher, ONLINE).is_ok());
+    }
+
+    #[test]
+    fn permissions_supervisor_forbidden_without_a_shared_department() {
+        let sup = rec(9, vec![2], vec![3], vec![Permission::SetOperatorStatus]);
+        let ann = rec(7, vec![1], vec![4], vec![]);
+        let e = may_change_settings(&sup, &ann, ONLINE).unwrap_err();
+        assert!(
+            matches!(e, Error::Forbidden(ref m) if m.contains("shares no department")),
+            "{e}"
+        );
+        let field_perms = rec(
+            9,
+            vec![1],
+            vec![],
+            vec![Permission::ChangeOnlineStatus, Permission::ChangeVisibility],
+        );
+        let e = may_change_settings(&field_perms, &ann, ONLINE).unwrap_err();
+        assert!(e.to_string().contains("set_operator_status"), "{e}");
+    }
+
+    #[test]
+    fn permissions_own_settings_need_each_field_permission() {
+        let me = rec(7, vec![1], vec![], vec![Permission::ChangeOnlineStatus]);
+        assert!(may_change_settings(&me, &me, ONLINE).is_ok());
+        let both = Touches {
+            online: true,
+            invisible: true,
+            always_online: false,
+        };
+        let e = may_change_settings(&me, &me, both).unwrap_err();
+        assert_eq!(e.to_string(), "missing permission: change_visibility");
+        // set_operator_status does not stand in for one's own field permissions.
+        let sup = rec(9, vec![1], vec![], vec![Permission::SetOperatorStatus]);
+        assert!(may_change_settings(&sup, &sup, ONLINE).is_err());
     }
 
     #[test]

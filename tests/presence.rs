@@ -1000,14 +1000,15 @@ async fn permissions_one_forbidden_field_changes_nothing() {
 async fn permissions_other_operator_needs_set_operator_status() {
     let hub = TestHub::start().await;
     hub.operator(1, &[1]).await; // every field permission, not set_operator_status
+    // A supervisor: set_operator_status alone, watching department 1 only.
     hub.operator_with(
         2,
-        json!({"name":"admin","departments":[1],"permissions":ALL_PERMISSIONS}),
+        json!({"name":"sup","watch_departments":[1],"permissions":["set_operator_status"]}),
     )
     .await;
     hub.operator(3, &[1]).await;
     let (mut one, _) = hub.connect(1).await;
-    let (mut admin, _) = hub.connect(2).await;
+    let (mut sup, _) = hub.connect(2).await;
     let (mut target, _) = hub.connect(3).await;
 
     let err = one
@@ -1021,24 +1022,52 @@ async fn permissions_other_operator_needs_set_operator_status() {
     assert_eq!(hub.view(3).await["online"], true);
     fence(&mut target, "a change of 3", status_of(3, |_| true)).await;
 
-    let ack = admin
-        .request(json!({"type":"set_status","operator":3,"online":false}))
+    // No change_online_status needed to set a colleague offline.
+    let ack = sup
+        .request(json!({"type":"set_status","operator":3,"online":false,"invisible":true}))
         .await;
     assert_eq!(ack["type"], "ack", "{ack}");
     assert_eq!(ack["operator"]["id"], 3);
     assert_eq!(ack["operator"]["status_reason"], "set_offline");
-    let v = await_status(&mut target, 3, "3 set offline by the admin", offline).await;
+    let v = await_status(&mut target, 3, "3 set offline by the supervisor", offline).await;
     assert_eq!(v["status_reason"], "set_offline");
+    assert_eq!(v["invisible"], true);
     assert_eq!(
         hub.view(2).await["online"],
         true,
-        "the admin's own setting is untouched"
+        "the supervisor's own setting is untouched"
     );
 
-    let err = admin
+    let err = sup
         .request(json!({"type":"set_status","operator":999,"online":false}))
         .await;
     assert_eq!(err["code"], "not_found", "{err}");
+}
+
+#[tokio::test]
+async fn permissions_supervisor_forbidden_without_a_shared_department() {
+    let hub = TestHub::start().await;
+    hub.operator_with(
+        2,
+        json!({"name":"sup","departments":[5],"watch_departments":[6],"permissions":ALL_PERMISSIONS}),
+    )
+    .await;
+    hub.operator(3, &[1]).await;
+    let (mut sup, _) = hub.connect(2).await;
+    let (mut target, _) = hub.connect(3).await;
+    let before = hub.view(3).await;
+    let err = sup
+        .request(json!({"type":"set_status","operator":3,"online":false}))
+        .await;
+    assert_eq!(err["code"], "forbidden", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("shares no department")),
+        "{err}"
+    );
+    assert_eq!(hub.view(3).await, before, "nothing changed");
+    fence(&mut target, "a change of 3", status_of(3, |_| true)).await;
 }
 
 #[tokio::test]

@@ -46,6 +46,12 @@ fn department(id: u64) -> Department {
         accept_timeout: Duration::from_secs(30),
         pending_max: 5,
         bot: true,
+        // Hours persist with the department.
+        hours: Some(presence_hub::hours::Hours {
+            timezone: "Europe/Vilnius".into(),
+            weekly: [("mon".to_string(), vec!["09:00-13:00".to_string()])].into(),
+            closed_dates: vec!["2026-12-25".into()],
+        }),
         version: 1,
     }
 }
@@ -172,4 +178,116 @@ async fn store_contract_redis() {
         .unwrap()
         .unwrap();
     assert!(snap.operators.is_empty());
+}
+
+fn log(op: u64, seq: u64, online: [bool; 2]) -> presence_hub::audit::StoredLog {
+    presence_hub::audit::StoredLog {
+        seq,
+        entry: presence_hub::audit::LogEntry {
+            at: "2026-11-25T12:00:00.000Z".into(),
+            operator: op,
+            actor: presence_hub::audit::LogActor::Api,
+            changes: [("online".to_string(), online)].into(),
+        },
+    }
+}
+
+/// A clean-up round that drops only audit records older than `before_ms`.
+fn audit_only(before_ms: u64) -> presence_hub::store::Retention {
+    presence_hub::store::Retention {
+        chats_before_ms: 0,
+        events_before_ms: 0,
+        max_events: u64::MAX,
+        audit_before_ms: before_ms,
+    }
+}
+
+/// Sessions and the status log: the same on both stores, reports of one transition by two
+/// nodes count once, and retention drops what is old. Times are ms (log seqs µs).
+async fn audit_contract(store: Arc<dyn Store>) {
+    use presence_hub::presence::Reason;
+    let end = |at, reason| Write::SessionEnd {
+        operator: 1,
+        at,
+        reason,
+    };
+    let start = |at| Write::SessionStart { operator: 1, at };
+    durable(store.write(vec![
+        Write::Log(log(1, 1_000_000, [true, false])),
+        Write::Log(log(1, 3_000_000, [false, true])),
+        Write::Log(log(2, 2_000_000, [true, false])),
+        // Two nodes report the same session: 1000..5000.
+        start(1_000),
+        start(1_003),
+        end(5_000, Reason::SetOffline),
+        end(5_002, Reason::SetOffline),
+        // A late start of that session does nothing; a new one runs from 8000.
+        start(1_003),
+        start(8_000),
+        end(7_000, Reason::Inactive),
+    ]))
+    .await
+    .unwrap();
+    let log1 = store.read_log(1, 10).await.unwrap();
+    let sessions = store.read_sessions(vec![1, 2], 0, 100_000).await.unwrap();
+    let early = store.read_sessions(vec![1], 0, 3_000).await.unwrap();
+    assert_eq!(
+        log1,
+        vec![
+            log(1, 3_000_000, [false, true]).entry,
+            log(1, 1_000_000, [true, false]).entry
+        ],
+        "newest first, only operator 1"
+    );
+    let got: Vec<(u64, Option<u64>, Option<Reason>)> = sessions
+        .iter()
+        .map(|s| (s.started_ms, s.ended_ms, s.end_reason))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1_000, Some(5_000), Some(Reason::SetOffline)),
+            (8_000, None, None)
+        ],
+        "one session per transition, the open one included"
+    );
+    assert_eq!(early.len(), 1, "only what overlaps the window");
+    // Retention at 2.5 s: log entries before it go; the session ended at 5 s stays.
+    store.clean(audit_only(2_500)).await.unwrap();
+    let log1 = store.read_log(1, 10).await.unwrap();
+    let log2 = store.read_log(2, 10).await.unwrap();
+    let sessions = store.read_sessions(vec![1], 0, 100_000).await.unwrap();
+    assert_eq!(log1.len(), 1, "entries before 2.5 s dropped");
+    assert!(log2.is_empty());
+    assert_eq!(sessions.len(), 2, "the session ended at 5 s is kept");
+    store.clean(audit_only(6_000)).await.unwrap();
+    let sessions = store.read_sessions(vec![1], 0, 100_000).await.unwrap();
+    let s = store.clone();
+    let snap = tokio::task::spawn_blocking(move || s.load().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(sessions.len(), 1, "only the open one is left");
+    assert_eq!(
+        snap.open_sessions,
+        vec![(1, 8_000)],
+        "open sessions load at start"
+    );
+}
+
+#[tokio::test]
+async fn store_contract_audit_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(Embedded::open(dir.path()).unwrap());
+    audit_contract(store.clone()).await;
+    store.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_contract_audit_redis() {
+    let redis = RedisServer::start().await;
+    let store: Arc<dyn Store> = Arc::new(RedisStore::open(&redis.url(), "a:").await.unwrap());
+    audit_contract(store.clone()).await;
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .unwrap();
 }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::{body, id, ok};
 use crate::config::{Strategy, parse_duration};
 use crate::error::Error;
+use crate::hours::{Hours, Schedule};
 use crate::hub::Hub;
 use crate::model::Department;
 
@@ -33,6 +34,7 @@ struct PutDepartment {
     pending_max: u32,
     #[serde(default)]
     bot: bool,
+    hours: Option<Hours>,
 }
 
 pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) -> Response {
@@ -50,6 +52,9 @@ pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) 
         if accept_timeout > MAX_ACCEPT_TIMEOUT {
             return Err(Error::bad("accept_timeout must be at most 7 days"));
         }
+        if let Some(h) = &p.hours {
+            Schedule::parse(h).map_err(|e| Error::BadRequest(e.0))?;
+        }
         let dept = Department {
             id: did,
             name: p.name,
@@ -59,6 +64,7 @@ pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) 
             accept_timeout,
             pending_max: p.pending_max,
             bot: p.bot,
+            hours: p.hours,
             version: 0,
         };
         hub.commit(|c, now| Ok(c.put_department(dept, now))).await

@@ -1,6 +1,7 @@
 //! The HTTP side: the back-end API (API key), the public widget status, health, readiness
 //! and metrics, and the three WebSocket upgrades, all on one router.
 
+mod audit;
 mod chats;
 mod departments;
 mod events;
@@ -36,6 +37,9 @@ pub fn router(hub: Hub) -> Router {
             "/operators/{id}/status",
             axum::routing::patch(operators::patch_status),
         )
+        .route("/operators/{id}/sessions", get(audit::sessions))
+        .route("/operators/{id}/log", get(audit::log))
+        .route("/reports/online", get(audit::report))
         .route(
             "/departments/{id}",
             put(departments::put).get(departments::get),

@@ -72,7 +72,13 @@ pub fn etag(s: &DeptState) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
-    format!("\"{}-{}-{}\"", s.department, u8::from(s.online), reason)
+    let opens = s.opens_at.map_or(String::new(), |t| format!("-{t}"));
+    format!(
+        "\"{}-{}-{}{opens}\"",
+        s.department,
+        u8::from(s.online),
+        reason
+    )
 }
 
 fn department(query: Option<&str>) -> Result<u64> {

@@ -14,6 +14,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use tokio::sync::{mpsc, watch};
 
 use super::{Job, Queue, Retention, Snapshot, Store, StoreError, Ticket, Write};
+use crate::audit::{LogEntry, SessionRecord, SessionState, StoredLog};
 use crate::feed::{EventType, FeedError, Page, Position, StoredEvent, Types, unix_ms};
 use crate::model::{Chat, ChatMessage, ChatStatus};
 
@@ -39,6 +40,17 @@ const NEXT_CHAT: &str = "next_chat_id";
 const CLEAN_BATCH: usize = 10_000;
 /// Rows one feed read scans at most (a narrow `types` filter over a long log).
 const SCAN_LIMIT: usize = 10_000;
+/// Status log. Key: (operator, seq).
+const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("status_log");
+/// Ended sessions. Key: (operator, ended ms, started ms).
+const SESSIONS: TableDefinition<(u64, u64, u64), &[u8]> = TableDefinition::new("sessions");
+/// The same log entries and ended sessions by time, for retention: (seq, operator) and
+/// (ended ms, operator, started ms).
+const LOG_BY_TIME: TableDefinition<(u64, u64), ()> = TableDefinition::new("status_log_by_time");
+const SESSIONS_BY_END: TableDefinition<(u64, u64, u64), ()> =
+    TableDefinition::new("sessions_by_end");
+/// Where each operator's session stands ([`SessionState`]). Key: operator.
+const SESSION_STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("session_state");
 
 /// redb's page cache. Its default (1 GiB) grows with the file: the closed chats and the
 /// events the store keeps would show up as the hub's memory. The OS page cache still keeps
@@ -84,6 +96,11 @@ impl Embedded {
                     .map_or(0, |(k, _)| k.value());
                 last.max(meta_u64(&meta, EVENTS_DROPPED)?)
             };
+            txn.open_table(LOG).map_err(backend)?;
+            txn.open_table(SESSIONS).map_err(backend)?;
+            txn.open_table(LOG_BY_TIME).map_err(backend)?;
+            txn.open_table(SESSIONS_BY_END).map_err(backend)?;
+            txn.open_table(SESSION_STATE).map_err(backend)?;
             txn.commit().map_err(backend)?;
             last
         };
@@ -177,6 +194,11 @@ fn commit<'a>(
         let mut meta = txn.open_table(META).map_err(backend)?;
         let now = unix_ms();
         let mut next_chat = 0;
+        let mut log = txn.open_table(LOG).map_err(backend)?;
+        let mut sessions = txn.open_table(SESSIONS).map_err(backend)?;
+        let mut log_by_time = txn.open_table(LOG_BY_TIME).map_err(backend)?;
+        let mut sessions_by_end = txn.open_table(SESSIONS_BY_END).map_err(backend)?;
+        let mut states = txn.open_table(SESSION_STATE).map_err(backend)?;
         for w in writes {
             match w {
                 Write::Operator(o) => {
@@ -223,6 +245,39 @@ fn commit<'a>(
                 Write::Meta { key, value } => {
                     meta.insert(*key, value.as_bytes()).map_err(backend)?;
                 }
+                Write::Log(l) => {
+                    log.insert((l.entry.operator, l.seq), json(l).as_slice())
+                        .map_err(backend)?;
+                    log_by_time
+                        .insert((l.seq, l.entry.operator), ())
+                        .map_err(backend)?;
+                }
+                Write::SessionStart { operator, at } => {
+                    let mut st = session_state(&states, *operator)?;
+                    if st.start(*at) {
+                        states
+                            .insert(*operator, json(&st).as_slice())
+                            .map_err(backend)?;
+                    }
+                }
+                Write::SessionEnd {
+                    operator,
+                    at,
+                    reason,
+                } => {
+                    let mut st = session_state(&states, *operator)?;
+                    if let Some(done) = st.end(*operator, *at, *reason) {
+                        states
+                            .insert(*operator, json(&st).as_slice())
+                            .map_err(backend)?;
+                        sessions
+                            .insert((*operator, *at, done.started_ms), json(&done).as_slice())
+                            .map_err(backend)?;
+                        sessions_by_end
+                            .insert((*at, *operator, done.started_ms), ())
+                            .map_err(backend)?;
+                    }
+                }
             }
         }
         if next_chat > meta_u64(&meta, NEXT_CHAT)? {
@@ -252,6 +307,14 @@ fn decode_event(id: u64, row: &[u8]) -> Option<StoredEvent> {
 
 fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
     Box::pin(std::future::ready(v))
+}
+
+fn session_state(t: &redb::Table<u64, &[u8]>, operator: u64) -> Result<SessionState, StoreError> {
+    match t.get(operator).map_err(backend)? {
+        Some(v) => serde_json::from_slice(v.value())
+            .map_err(|e| backend(format!("corrupt session state: {e}"))),
+        None => Ok(SessionState::default()),
+    }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -320,6 +383,39 @@ impl Store for Embedded {
             chats,
             messages,
             next_chat_id,
+            open_sessions: read_all::<u64, SessionState>(&txn, SESSION_STATE)?
+                .into_iter()
+                .filter_map(|(op, st)| st.open.map(|s| (op, s)))
+                .collect(),
+        })
+    }
+
+    fn read_log(
+        &self,
+        operator: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<LogEntry>, StoreError>> {
+        let db = self.db();
+        Box::pin(async move {
+            let db = db?;
+            tokio::task::spawn_blocking(move || read_log(&db, operator, limit))
+                .await
+                .map_err(backend)?
+        })
+    }
+
+    fn read_sessions(
+        &self,
+        operators: Vec<u64>,
+        from: u64,
+        to: u64,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        let db = self.db();
+        Box::pin(async move {
+            let db = db?;
+            tokio::task::spawn_blocking(move || read_sessions(&db, &operators, from, to))
+                .await
+                .map_err(backend)?
         })
     }
 
@@ -548,6 +644,40 @@ fn clean(db: &Database, r: Retention) -> Result<bool, StoreError> {
             meta.insert(EVENTS_DROPPED, id.to_string().as_bytes())
                 .map_err(backend)?;
         }
+
+        // Status log seqs are microseconds; a session is dated by its end (running ones
+        // live in `session_state` and are never dropped). Bounded like the rest.
+        let before_us = r.audit_before_ms.saturating_mul(1000);
+        let mut log = txn.open_table(LOG).map_err(backend)?;
+        let mut log_by_time = txn.open_table(LOG_BY_TIME).map_err(backend)?;
+        let old: Vec<(u64, u64)> = log_by_time
+            .range((0, 0)..(before_us, 0))
+            .map_err(backend)?
+            .take(CLEAN_BATCH)
+            .map(|row| row.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        more |= old.len() == CLEAN_BATCH;
+        for (seq, op) in old {
+            log_by_time.remove((seq, op)).map_err(backend)?;
+            log.remove((op, seq)).map_err(backend)?;
+        }
+        let mut sessions = txn.open_table(SESSIONS).map_err(backend)?;
+        let mut sessions_by_end = txn.open_table(SESSIONS_BY_END).map_err(backend)?;
+        let old: Vec<(u64, u64, u64)> = sessions_by_end
+            .range((0, 0, 0)..(r.audit_before_ms, 0, 0))
+            .map_err(backend)?
+            .take(CLEAN_BATCH)
+            .map(|row| row.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        more |= old.len() == CLEAN_BATCH;
+        for (ended, op, started) in old {
+            sessions_by_end
+                .remove((ended, op, started))
+                .map_err(backend)?;
+            sessions.remove((op, ended, started)).map_err(backend)?;
+        }
     }
     txn.commit().map_err(backend)?;
     Ok(more)
@@ -555,6 +685,66 @@ fn clean(db: &Database, r: Retention) -> Result<bool, StoreError> {
 
 fn parse<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(v).map_err(|e| backend(format!("corrupt record: {e}")))
+}
+
+/// The status log of one operator, newest first (`Store::read_log`).
+fn read_log(db: &Database, operator: u64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+    let txn = db.begin_read().map_err(backend)?;
+    let table = txn.open_table(LOG).map_err(backend)?;
+    let mut out = Vec::new();
+    for row in table
+        .range((operator, 0)..=(operator, u64::MAX))
+        .map_err(backend)?
+        .rev()
+        .take(limit)
+    {
+        let (_, v) = row.map_err(backend)?;
+        let l: StoredLog = serde_json::from_slice(v.value())
+            .map_err(|e| backend(format!("corrupt log entry: {e}")))?;
+        out.push(l.entry);
+    }
+    Ok(out)
+}
+
+/// Sessions overlapping a window (`Store::read_sessions`).
+fn read_sessions(
+    db: &Database,
+    operators: &[u64],
+    from: u64,
+    to: u64,
+) -> Result<Vec<SessionRecord>, StoreError> {
+    let txn = db.begin_read().map_err(backend)?;
+    let table = txn.open_table(SESSIONS).map_err(backend)?;
+    let states = txn.open_table(SESSION_STATE).map_err(backend)?;
+    let mut out = Vec::new();
+    for op in operators {
+        // Ended after `from`: the key's second part.
+        for row in table
+            .range((*op, from.saturating_add(1), 0)..=(*op, u64::MAX, u64::MAX))
+            .map_err(backend)?
+        {
+            let (_, v) = row.map_err(backend)?;
+            let s: SessionRecord = serde_json::from_slice(v.value())
+                .map_err(|e| backend(format!("corrupt session: {e}")))?;
+            if s.overlaps(from, to) {
+                out.push(s);
+            }
+        }
+        if let Some(v) = states.get(*op).map_err(backend)? {
+            let st: SessionState = serde_json::from_slice(v.value())
+                .map_err(|e| backend(format!("corrupt session state: {e}")))?;
+            if let Some(started) = st.open.filter(|s| *s < to) {
+                out.push(SessionRecord {
+                    operator: *op,
+                    started_ms: started,
+                    ended_ms: None,
+                    end_reason: None,
+                });
+            }
+        }
+    }
+    out.sort_by_key(|s| (s.started_ms, s.operator));
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -10,8 +10,10 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::audit::{LogEntry, SessionRecord, StoredLog};
 use crate::feed::{FeedError, LogEvent, Page, Position, Types};
 use crate::model::{Chat, ChatMessage, Department, StoredOperator};
+use crate::presence::Reason;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -33,6 +35,8 @@ pub struct Snapshot {
     pub messages: Vec<(u64, ChatMessage)>,
     /// Above every chat id ever stored (closed chats included): allocated ids never repeat.
     pub next_chat_id: u64,
+    /// Online sessions still open: (operator, started, ms since the epoch).
+    pub open_sessions: Vec<(u64, u64)>,
 }
 
 /// One change to persist.
@@ -55,6 +59,20 @@ pub enum Write {
         key: &'static str,
         value: String,
     },
+    /// A settings change for the status log.
+    Log(StoredLog),
+    /// The operator turned online at `at` (ms): opens a session unless one is open or one
+    /// already ended after `at` ([`crate::audit::SessionState::start`]).
+    SessionStart {
+        operator: u64,
+        at: u64,
+    },
+    /// The operator turned offline at `at` (ms): ends the open session if it began by then.
+    SessionEnd {
+        operator: u64,
+        at: u64,
+        reason: Reason,
+    },
 }
 
 /// A page of closed chats. A chat retention deleted while the page was read is scanned but
@@ -75,6 +93,8 @@ pub struct Retention {
     pub events_before_ms: u64,
     /// At most this many events are kept.
     pub max_events: u64,
+    /// Status log entries made, and online sessions ended, before this go.
+    pub audit_before_ms: u64,
 }
 
 /// Resolves once the writes it stands for are durable (or failed).
@@ -87,6 +107,20 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, batch: Vec<Write>) -> Ticket;
     /// True while the store can take writes (`/readyz`).
     fn ready(&self) -> bool;
+    /// The status log of an operator, newest first, at most `limit` entries.
+    fn read_log(
+        &self,
+        operator: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<LogEntry>, StoreError>>;
+    /// Sessions of `operators` that overlap `[from, to)` (ms), the open ones included, in
+    /// the order they started.
+    fn read_sessions(
+        &self,
+        operators: Vec<u64>,
+        from: u64,
+        to: u64,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
     /// Makes every queued write durable and stops; later writes fail.
     fn close(&self);
 

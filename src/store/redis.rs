@@ -15,6 +15,7 @@ use redis::{AsyncCommands, Client, Commands};
 use tokio::sync::mpsc;
 
 use super::{Job, Queue, Snapshot, Store, StoreError, Ticket, Write};
+use crate::audit::{LogEntry, SessionRecord, StoredLog};
 use crate::model::ChatStatus;
 
 /// Writes taken into one MULTI/EXEC at most.
@@ -87,6 +88,18 @@ impl Keys {
     pub fn role(&self, name: &str) -> String {
         format!("{}role:{name}", self.0)
     }
+    pub fn log(&self, op: u64) -> String {
+        format!("{}log:{op}", self.0)
+    }
+    pub fn sessions(&self, op: u64) -> String {
+        format!("{}sessions:{op}", self.0)
+    }
+    pub fn session(&self, op: u64) -> String {
+        format!("{}session:{op}", self.0)
+    }
+    pub fn audited(&self) -> String {
+        format!("{}audited", self.0)
+    }
 }
 
 /// Appends one event to the stream, skipping a state event equal to the last one logged
@@ -137,6 +150,26 @@ if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
 end
 return 1
 ";
+
+/// [`crate::audit::SessionState::start`] in Redis, atomic with the rest of the write group:
+/// only the first node's report of a transition opens the session.
+const SESSION_START: &str = "\
+if redis.call('HEXISTS', KEYS[1], 'open') == 1 then return 0 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_end') or '0')
+if tonumber(ARGV[1]) < last then return 0 end
+redis.call('HSET', KEYS[1], 'open', ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+return 1";
+
+/// [`crate::audit::SessionState::end`] in Redis: ends the open session once.
+const SESSION_END: &str = "\
+local open = redis.call('HGET', KEYS[1], 'open')
+if not open or tonumber(open) > tonumber(ARGV[1]) then return 0 end
+local rec = '{\"operator\":' .. ARGV[2] .. ',\"started_ms\":' .. open .. ',\"ended_ms\":' .. ARGV[1] .. ',\"end_reason\":\"' .. ARGV[3] .. '\"}'
+redis.call('ZADD', KEYS[2], ARGV[1], rec)
+redis.call('HDEL', KEYS[1], 'open')
+redis.call('HSET', KEYS[1], 'last_end', ARGV[1])
+return 1";
 
 pub(super) fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("redis: {e}"))
@@ -366,6 +399,40 @@ async fn apply(
             Write::Meta { key, value } => {
                 pipe.hset(keys.meta(), *key, value).ignore();
             }
+            Write::Log(l) => {
+                pipe.zadd(keys.log(l.entry.operator), json(l), l.seq)
+                    .ignore();
+                pipe.sadd(keys.audited(), l.entry.operator).ignore();
+            }
+            Write::SessionStart { operator, at } => {
+                pipe.cmd("EVAL")
+                    .arg(SESSION_START)
+                    .arg(2)
+                    .arg(keys.session(*operator))
+                    .arg(keys.audited())
+                    .arg(*at)
+                    .arg(*operator)
+                    .ignore();
+            }
+            Write::SessionEnd {
+                operator,
+                at,
+                reason,
+            } => {
+                let reason = serde_json::to_value(reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                pipe.cmd("EVAL")
+                    .arg(SESSION_END)
+                    .arg(2)
+                    .arg(keys.session(*operator))
+                    .arg(keys.sessions(*operator))
+                    .arg(*at)
+                    .arg(*operator)
+                    .arg(reason)
+                    .ignore();
+            }
         }
     }
     pipe.query_async::<()>(conn).await.map_err(backend)
@@ -435,12 +502,94 @@ impl Store for RedisStore {
             .collect();
         let live: std::collections::HashSet<u64> = chats.iter().map(|c| c.id).collect();
         messages.retain(|(chat, _)| live.contains(chat));
+        let audited: Vec<u64> = conn.smembers(keys.audited()).map_err(backend)?;
+        let mut open_sessions = Vec::new();
+        for op in audited {
+            let open: Option<u64> = conn.hget(keys.session(op), "open").map_err(backend)?;
+            if let Some(started) = open {
+                open_sessions.push((op, started));
+            }
+        }
         Ok(Snapshot {
             operators,
             departments,
             chats,
             messages,
             next_chat_id,
+            open_sessions,
+        })
+    }
+
+    fn read_log(
+        &self,
+        operator: u64,
+        limit: usize,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<LogEntry>, StoreError>> {
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let key = self.keys().log(operator);
+            let mut conn = self.conn.clone();
+            let raw: Vec<String> = conn
+                .zrevrange(&key, 0, limit as isize - 1)
+                .await
+                .map_err(backend)?;
+            raw.iter()
+                .map(|r| parse::<StoredLog>(&key, r).map(|l| l.entry))
+                .collect()
+        })
+    }
+
+    fn read_sessions(
+        &self,
+        operators: Vec<u64>,
+        from: u64,
+        to: u64,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        Box::pin(async move {
+            let keys = self.keys();
+            let mut conn = self.conn.clone();
+            let mut out = Vec::new();
+            // One round trip per 256 operators (a report covers them all).
+            for chunk in operators.chunks(256) {
+                let mut pipe = redis::pipe();
+                for op in chunk {
+                    pipe.zrangebyscore(keys.sessions(*op), format!("({from}"), "+inf");
+                    pipe.hget(keys.session(*op), "open");
+                }
+                let answers: Vec<(Vec<String>, Option<u64>)> = {
+                    let flat: Vec<redis::Value> =
+                        pipe.query_async(&mut conn).await.map_err(backend)?;
+                    flat.chunks(2)
+                        .map(|pair| {
+                            let ended =
+                                redis::from_redis_value(pair[0].clone()).map_err(backend)?;
+                            let open = redis::from_redis_value(pair[1].clone()).map_err(backend)?;
+                            Ok((ended, open))
+                        })
+                        .collect::<Result<_, StoreError>>()?
+                };
+                for (op, (ended, open)) in chunk.iter().zip(answers) {
+                    let key = keys.sessions(*op);
+                    for r in ended {
+                        let s: SessionRecord = parse(&key, &r)?;
+                        if s.overlaps(from, to) {
+                            out.push(s);
+                        }
+                    }
+                    if let Some(started) = open.filter(|s| *s < to) {
+                        out.push(SessionRecord {
+                            operator: *op,
+                            started_ms: started,
+                            ended_ms: None,
+                            end_reason: None,
+                        });
+                    }
+                }
+            }
+            out.sort_by_key(|s| (s.started_ms, s.operator));
+            Ok(out)
         })
     }
 

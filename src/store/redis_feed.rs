@@ -322,6 +322,19 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
+        // Status log (scored by seq, µs) and ended sessions (scored by their end, ms).
+        let audited: Vec<u64> = conn.smembers(keys.audited()).await.map_err(backend)?;
+        if !audited.is_empty() {
+            let before_us = r.audit_before_ms.saturating_mul(1000);
+            let mut pipe = redis::pipe();
+            for op in audited {
+                pipe.zrembyscore(keys.log(op), "-inf", format!("({before_us}"))
+                    .ignore();
+                pipe.zrembyscore(keys.sessions(op), "-inf", format!("({}", r.audit_before_ms))
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(backend)?;
+        }
         Ok(expired.len() == CLEAN_BATCH)
     }
 }
