@@ -7,19 +7,10 @@ use std::time::{Duration, Instant};
 
 use common::TestHub;
 use common::redis::RedisServer;
-use presence_hub::config::Backend;
 use serde_json::{Value, json};
 
 async fn node(redis: &RedisServer, id: &str) -> TestHub {
-    let url = redis.url();
-    let id = id.to_string();
-    TestHub::start_with(move |cfg| {
-        cfg.store.backend = Backend::Redis;
-        cfg.store.redis_url.0 = url;
-        cfg.server.node_id = id;
-        cfg.cluster.node_lease = Duration::from_millis(600);
-    })
-    .await
+    common::node::redis_node(redis, id, |_| {}).await
 }
 
 /// Reads `GET path` on `hub` until `pred` holds, bounded.
