@@ -117,7 +117,11 @@ impl Peer {
         }
         let mut q = self.queue.lock();
         let bytes = out.bytes();
-        if q.frames.len() >= self.capacity * BURST || q.bytes + bytes > self.max_bytes {
+        // A frame fits while the backlog is under the bound, however large the frame (an
+        // `open_chat` ack with a long history): the queue holds at most the bound plus one
+        // frame, and the frame exists already (shared with other queues).
+        let over_bytes = q.bytes >= self.max_bytes;
+        if q.frames.len() >= self.capacity * BURST || over_bytes {
             drop(q);
             self.slow_consumer();
             return Err(SlowConsumer);
@@ -298,8 +302,8 @@ mod tests {
     #[test]
     fn slow_consumer_shared_frame_is_freed_when_the_last_queue_drops_it() {
         let frame: Frame = "x".repeat(100).into();
-        let a = Peer::new(1, Kind::Widget, 1024, 0).with_max_bytes(150);
-        let b = Peer::new(2, Kind::Widget, 1024, 0).with_max_bytes(150);
+        let a = Peer::new(1, Kind::Widget, 1024, 0).with_max_bytes(100);
+        let b = Peer::new(2, Kind::Widget, 1024, 0).with_max_bytes(100);
         a.send(&frame).unwrap();
         b.send(&frame).unwrap();
         let weak = frame.clone();
@@ -311,6 +315,21 @@ mod tests {
         // `weak` is now the only handle: the bytes are owned by it alone.
         let bytes: bytes::Bytes = weak.into();
         assert!(bytes.is_unique(), "no queue still holds the frame");
+    }
+
+    #[test]
+    fn slow_consumer_bytes_bound_lets_one_large_frame_in_under_the_bound() {
+        let p = Peer::new(1, Kind::Widget, 1024, 0).with_max_bytes(10);
+        assert!(p.send(&"a".into()).is_ok());
+        assert!(
+            p.send(&"x".repeat(50).into()).is_ok(),
+            "a large frame behind a small one"
+        );
+        assert_eq!(
+            p.send(&"y".into()),
+            Err(SlowConsumer),
+            "nothing fits behind it"
+        );
     }
 
     #[test]
