@@ -82,7 +82,11 @@ fuzz_target!(|data: &[u8]| {
             let Ok(q) = std::str::from_utf8(rest) else {
                 return;
             };
-            let base = ["/api/v1/operators", "/api/v1/chats", "/api/v1/widget/status"][pick as usize % 3];
+            let base = [
+                "/api/v1/operators",
+                "/api/v1/chats",
+                "/api/v1/widget/status",
+            ][pick as usize % 3];
             ("GET", format!("{base}?{q}"), &[][..])
         }
         _ => unreachable!(),
@@ -104,11 +108,18 @@ fuzz_target!(|data: &[u8]| {
     let res = runtime().block_on(async {
         let res = app.oneshot(req).await.unwrap();
         let status = res.status();
-        let bytes = axum::body::to_bytes(res.into_body(), 16 << 20).await.unwrap();
+        let bytes = axum::body::to_bytes(res.into_body(), 16 << 20)
+            .await
+            .unwrap();
         (status, bytes)
     });
     let (status, bytes) = res;
-    assert_ne!(status.as_u16(), 500, "{method} {path}: {}", String::from_utf8_lossy(&bytes));
+    assert_ne!(
+        status.as_u16(),
+        500,
+        "{method} {path}: {}",
+        String::from_utf8_lossy(&bytes)
+    );
     if status.is_client_error() || status.is_server_error() {
         let v: serde_json::Value = serde_json::from_slice(&bytes).expect("errors are JSON");
         assert!(v["error"]["code"].is_string(), "{v}");

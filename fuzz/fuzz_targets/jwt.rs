@@ -22,8 +22,13 @@ fuzz_target!(|data: &[u8]| {
     )
     .unwrap();
     if let Ok(op) = tokens.verify(&format!("{message}.{sig}")) {
-        let claims: serde_json::Value = serde_json::from_slice(data).expect("accepted claims are JSON");
-        assert_eq!(claims["sub"].as_str(), Some(op.to_string().as_str()), "sub is canonical");
+        let claims: serde_json::Value =
+            serde_json::from_slice(data).expect("accepted claims are JSON");
+        assert_eq!(
+            claims["sub"].as_str(),
+            Some(op.to_string().as_str()),
+            "sub is canonical"
+        );
     }
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = tokens.verify(text);

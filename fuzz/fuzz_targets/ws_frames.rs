@@ -55,7 +55,8 @@ fuzz_target!(|data: &[u8]| {
     let io = Io {
         input: Cursor::new(data.to_vec()),
     };
-    let mut ws = WebSocket::from_raw_socket(io, Role::Server, Some(presence_hub::ws::ws_config(4096)));
+    let mut ws =
+        WebSocket::from_raw_socket(io, Role::Server, Some(presence_hub::ws::ws_config(4096)));
     for _ in 0..64 {
         match ws.read() {
             Ok(Message::Text(t)) => handle(t.as_str()),
