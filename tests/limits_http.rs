@@ -212,6 +212,8 @@ async fn unknown_query_parameter_is_400_on_every_endpoint_with_a_query() {
         "/api/v1/operators?department=1&departmnet=2".to_string(),
         "/api/v1/chats?status=pending&x=1".to_string(),
         "/api/v1/widget/status?department=1&x=1".to_string(),
+        format!("/api/v1/chats/{chat}/messages?limit=10&x=1"),
+        "/api/v1/events?limit=10&x=1".to_string(),
     ] {
         let (status, body) = hub.get(&path).await;
         assert_eq!(status, 400, "{path}: {body}");

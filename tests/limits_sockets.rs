@@ -266,7 +266,7 @@ async fn record_size_message_text_over_max_text_bytes_is_refused() {
         .await;
     assert_eq!(ack["type"], "ack", "exactly the limit is fine: {ack}");
 
-    let (mut visitor, _) = hub.visitor(chat, &token).await;
+    let (mut visitor, _, _) = hub.visitor_with_history(chat, &token).await;
     visitor
         .send(json!({"type":"send_message","text":"é".repeat(51),"ref":1}))
         .await;
