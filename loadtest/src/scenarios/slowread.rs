@@ -37,6 +37,10 @@ pub struct SlowreadArgs {
     /// Longest time one round may take.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub round_timeout: Duration,
+    /// Wait this long after the last round before reading what stays (an allocator may
+    /// give memory back with a delay: jemalloc's decay is 10 s).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub settle: Duration,
     /// RSS that may stay after the last round above the first sample, MiB.
     #[arg(long, default_value_t = 64)]
     pub max_growth_mib: u64,
@@ -176,7 +180,7 @@ async fn measure(
                 bail!("whisper: {ack}");
             }
             whispers += 1;
-            if whispers % 8 == 0 && dropped(t).await? - before >= args.watchers as f64 {
+            if whispers.is_multiple_of(8) && dropped(t).await? - before >= args.watchers as f64 {
                 break;
             }
             if t0.elapsed() > args.round_timeout {
@@ -198,7 +202,7 @@ async fn measure(
     }
     client::close(writer).await;
     // Let the hub see the sockets end, then read what stays.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(args.settle).await;
     stop.store(true, Relaxed);
     let _ = sampler.await;
     let after = t.rss_kib().unwrap_or(0);

@@ -229,7 +229,7 @@ async fn measure(
                     while let Some(Ok(_)) = ws.next().await {}
                 })
                 .await;
-                if n % 3 == 0 {
+                if n.is_multiple_of(3) {
                     drop(ws); // abrupt
                 } else {
                     client::close(ws).await;
@@ -339,7 +339,7 @@ async fn measure(
             sockets,
             chats,
         });
-        if samples.len() % 30 == 0 {
+        if samples.len().is_multiple_of(30) {
             eprintln!(
                 "{:>5.0}s  RSS {rss:.1} MiB  sockets {sockets}  chats held {chats}  connects {}  chats created {}",
                 t0.elapsed().as_secs_f64(),
