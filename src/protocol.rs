@@ -189,6 +189,19 @@ mod tests {
         r.as_deref().map(RawValue::get)
     }
 
+    /// Found by the `ws_frames` fuzz target: a `ref` beyond f64 is echoed as written; the
+    /// answer stays valid JSON text (the request itself is refused: its JSON cannot be read).
+    #[test]
+    fn ref_beyond_f64_is_echoed_verbatim_in_the_error() {
+        let (r, req) = parse_request::<OperatorRequest>(r#"{"type":"logout","ref":1e400}"#);
+        assert_eq!(raw(&r), Some("1e400"));
+        assert!(req.is_err());
+        let e = error_frame(r.as_deref(), &req.unwrap_err());
+        assert!(e.contains(r#""ref":1e400,"#), "{e}");
+        let back: Box<RawValue> = serde_json::from_str(&e).expect("valid JSON text");
+        assert!(back.get().starts_with('{'));
+    }
+
     #[test]
     fn ref_is_echoed_verbatim() {
         for written in [

@@ -1,5 +1,5 @@
 //! HTTP JSON bodies and query strings through the real router (every middleware, the core's
-//! rules, the record limits), on a store that keeps nothing. The first byte picks the
+//! rules, the record limits), on the embedded store in a fresh temp dir. The first byte picks the
 //! endpoint, the rest is the body (or the query). No answer may be a 500, and every error is
 //! the JSON error shape.
 #![no_main]
@@ -11,25 +11,16 @@ use libfuzzer_sys::fuzz_target;
 use presence_hub::auth::Secrets;
 use presence_hub::config::Config;
 use presence_hub::hub::Hub;
-use presence_hub::store::{self, Snapshot, Store, StoreError, Ticket, Write};
+use presence_hub::store::embedded::Embedded;
 use tower::ServiceExt;
 
 const KEY: &str = "fuzz-api-key";
 
-/// Remembers nothing: the fuzzer exercises parsing and rules, not the disk.
-struct NullStore;
-
-impl Store for NullStore {
-    fn load(&self) -> Result<Snapshot, StoreError> {
-        Ok(Snapshot::default())
-    }
-    fn write(&self, _batch: Vec<Write>) -> Ticket {
-        store::done()
-    }
-    fn ready(&self) -> bool {
-        true
-    }
-    fn close(&self) {}
+/// A data dir for the fuzzing hub's embedded store, removed with the process's temp files.
+fn data_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("presence-hub-fuzz-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -59,7 +50,8 @@ fn hub() -> Hub {
                 api_key: KEY.into(),
             };
             let _guard = runtime().enter();
-            let hub = Hub::open(cfg, secrets, Arc::new(NullStore)).unwrap();
+            let store = Arc::new(Embedded::open(&data_dir()).unwrap());
+            let hub = Hub::open(cfg, secrets, store).unwrap();
             *slot = Some((hub.clone(), 0));
             hub
         }
