@@ -63,3 +63,27 @@ fi
 
 js_setup
 js_tests
+
+# ---- limits: fuzz targets and a short soak (bounded; owned by the limits work) -------------
+# Each fuzz target runs for FUZZ_SECONDS (default 30) on its committed corpus (fuzz/corpus,
+# read only: new inputs go to a temp dir). A single allocation over 256 MiB or an RSS over
+# 2 GiB counts as a failure. cargo-fuzz needs nightly features: RUSTC_BOOTSTRAP=1 lets this
+# stable toolchain use them. SKIP_FUZZ=1 / SKIP_SOAK=1 leave a step out.
+if [ "${SKIP_FUZZ:-0}" != 1 ]; then
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        echo "== installing cargo-fuzz"
+        cargo install cargo-fuzz --locked
+    fi
+    for target in ws_frames http_bodies config jwt; do
+        echo "== fuzz $target (${FUZZ_SECONDS:-30}s)"
+        new_inputs="$(mktemp -d)"
+        RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz "$target" "$new_inputs" "fuzz/corpus/$target" -- \
+            -max_total_time="${FUZZ_SECONDS:-30}" -malloc_limit_mb=256 -rss_limit_mb=2048 -print_final_stats=1
+        rm -rf "$new_inputs"
+    done
+fi
+if [ "${SKIP_SOAK:-0}" != 1 ]; then
+    echo "== soak (20s, debug build)"
+    target/debug/presence-loadtest soak --duration 20s --operators 40 --widgets 50 --chat-rate 5 --timeout 3m
+fi
+# ---- end of the limits block ------------------------------------------------------------------

@@ -30,6 +30,8 @@ impl Tokens {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 0;
+        // A token that is not valid yet is refused like an expired one.
+        validation.validate_nbf = true;
         Tokens {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
@@ -53,11 +55,33 @@ impl Tokens {
     pub fn verify(&self, token: &str) -> Result<u64> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| Error::Unauthorized(format!("invalid token: {e}")))?;
-        data.claims
-            .sub
-            .parse()
-            .map_err(|_| Error::Unauthorized("token `sub` must be an operator id".into()))
+        operator_id(&data.claims.sub).ok_or_else(|| {
+            Error::Unauthorized(
+                "token `sub` must be an operator id in decimal (\"7\": no sign, no leading zero, no space)"
+                    .into(),
+            )
+        })
     }
+}
+
+/// The operator id a `sub` names, in canonical decimal only: `"+7"`, `"07"` and `" 7"` are
+/// not operator 7 (one id, one spelling: a token cannot alias another's).
+fn operator_id(sub: &str) -> Option<u64> {
+    let canonical = !sub.is_empty()
+        && sub.bytes().all(|b| b.is_ascii_digit())
+        && (sub == "0" || !sub.starts_with('0'));
+    canonical.then(|| sub.parse().ok()).flatten()
+}
+
+/// The credentials of an `Authorization: Bearer …` header. The scheme is matched without
+/// regard to case (RFC 7235 section 2.1) and may be followed by several spaces.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim_start_matches(' ');
+    (!token.is_empty()).then_some(token)
 }
 
 /// The two secrets in use, from the config or the data dir.
@@ -111,7 +135,7 @@ fn load_or_generate(path: &Path) -> std::io::Result<String> {
 
 /// Compares the `Authorization: Bearer …` value with the API key.
 pub fn bearer_matches(header: Option<&str>, key: &str) -> bool {
-    let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+    let Some(given) = header.and_then(bearer) else {
         return false;
     };
     given.len() == key.len()
@@ -172,9 +196,73 @@ mod tests {
         }
     }
 
+    fn signed(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap()
+    }
+
+    fn in_an_hour() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600
+    }
+
+    #[test]
+    fn jwt_sub_only_in_canonical_decimal() {
+        let t = Tokens::new("s3cret");
+        for sub in ["7", "0", "18446744073709551615"] {
+            let tok = signed(serde_json::json!({"sub": sub, "exp": in_an_hour()}));
+            assert_eq!(t.verify(&tok).unwrap().to_string(), sub);
+        }
+        for sub in [
+            "+7",
+            "07",
+            " 7",
+            "7 ",
+            "-7",
+            "",
+            "7.0",
+            "0x7",
+            "18446744073709551616",
+            "٧",
+        ] {
+            let tok = signed(serde_json::json!({"sub": sub, "exp": in_an_hour()}));
+            let e = t.verify(&tok).unwrap_err();
+            assert!(matches!(e, Error::Unauthorized(_)), "{sub:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn jwt_future_nbf_is_refused() {
+        let t = Tokens::new("s3cret");
+        let later =
+            signed(serde_json::json!({"sub": "7", "exp": in_an_hour() + 60, "nbf": in_an_hour()}));
+        let e = t.verify(&later).unwrap_err();
+        assert!(e.to_string().contains("ImmatureSignature"), "{e}");
+        let past = signed(serde_json::json!({"sub": "7", "exp": in_an_hour(), "nbf": 1}));
+        assert_eq!(t.verify(&past).unwrap(), 7);
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for h in ["Bearer k1", "bearer k1", "BEARER k1", "bEaReR   k1"] {
+            assert_eq!(bearer(h), Some("k1"), "{h}");
+        }
+        for h in ["Bearerk1", "Basic k1", "Bearer ", "Bearer", "k1"] {
+            assert_eq!(bearer(h), None, "{h}");
+        }
+    }
+
     #[test]
     fn bearer_checks_key() {
         assert!(bearer_matches(Some("Bearer k1"), "k1"));
+        assert!(bearer_matches(Some("bearer k1"), "k1"));
         assert!(!bearer_matches(Some("Bearer k2"), "k1"));
         assert!(!bearer_matches(Some("k1"), "k1"));
         assert!(!bearer_matches(None, "k1"));

@@ -237,11 +237,35 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Frames queued for one connection before it counts as a slow consumer (1008).
     pub outbound_queue: usize,
-    /// WebSocket connections held at once; more are refused with 503.
+    /// Bytes queued for one connection before it counts as a slow consumer (1008): a frame
+    /// count alone lets a few large frames (64 KiB whispers) pile up hundreds of MiB.
+    pub outbound_bytes: usize,
+    /// TCP connections held at once (HTTP and WebSocket); more are refused with 503.
     pub max_connections: usize,
+    /// Anonymous widget sockets held at once, inside `max_connections`; unset = 90 % of it
+    /// (at least one place left),
+    /// so that widgets can never take the places operators and visitors need.
+    pub max_widget_connections: Option<usize>,
     /// Time a client has to send its HTTP request head (and so its upgrade).
     #[serde(deserialize_with = "duration")]
     pub handshake_timeout: Duration,
+    /// Time a client has to send a request body once its head is in.
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
+    /// Requests per second one socket may send (token bucket refill); 0 = unlimited.
+    pub rate: u32,
+    /// Requests one socket may send at once (token bucket size).
+    pub rate_burst: u32,
+    /// Requests per second on the back-end API with one API key; 0 = unlimited.
+    pub api_rate: u32,
+    /// Back-end API requests at once (token bucket size).
+    pub api_burst: u32,
+    /// Departments (and, apart, watched departments) of one operator record.
+    pub max_departments: usize,
+    /// Bytes of a chat's `visitor` object, as JSON.
+    pub max_visitor_bytes: usize,
+    /// Bytes (UTF-8) of a message's text.
+    pub max_text_bytes: usize,
 }
 
 impl Default for Limits {
@@ -249,9 +273,27 @@ impl Default for Limits {
         Limits {
             max_message_bytes: 65536,
             outbound_queue: 1024,
+            outbound_bytes: 4 << 20,
             max_connections: 18_000,
+            max_widget_connections: None,
             handshake_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            rate: 100,
+            rate_burst: 200,
+            api_rate: 10_000,
+            api_burst: 20_000,
+            max_departments: 1000,
+            max_visitor_bytes: 16 * 1024,
+            max_text_bytes: 16 * 1024,
         }
+    }
+}
+
+impl Limits {
+    /// The widget socket limit in force.
+    pub fn max_widget_connections(&self) -> usize {
+        self.max_widget_connections
+            .unwrap_or(self.max_connections - (self.max_connections / 10).max(1))
     }
 }
 
@@ -385,6 +427,7 @@ impl Config {
             self.chats.retention,
             self.webhooks.timeout,
             self.webhooks.max_backoff,
+            self.limits.body_timeout,
         ];
         if durations.iter().any(|d| *d > year) {
             return bad("durations must be at most 365 days");
@@ -405,6 +448,32 @@ impl Config {
         }
         if self.limits.outbound_queue == 0 || self.limits.max_connections == 0 {
             return bad("limits.outbound_queue and limits.max_connections must be greater than 0");
+        }
+        if self.limits.outbound_bytes < self.limits.max_message_bytes {
+            return bad("limits.outbound_bytes must be at least limits.max_message_bytes");
+        }
+        if self.limits.max_widget_connections() >= self.limits.max_connections {
+            return bad(
+                "limits.max_widget_connections must be below limits.max_connections (room for operators)",
+            );
+        }
+        if self.limits.body_timeout.is_zero() {
+            return bad("limits.body_timeout must be greater than 0");
+        }
+        if (self.limits.rate > 0 && self.limits.rate_burst == 0)
+            || (self.limits.api_rate > 0 && self.limits.api_burst == 0)
+        {
+            return bad(
+                "limits.rate_burst and limits.api_burst must be greater than 0 when their rate is set",
+            );
+        }
+        if self.limits.max_departments == 0
+            || self.limits.max_visitor_bytes < 2
+            || self.limits.max_text_bytes == 0
+        {
+            return bad(
+                "limits.max_departments, max_visitor_bytes (≥ 2) and max_text_bytes must be greater than 0",
+            );
         }
         if self.events.max_events == 0 {
             return bad("events.max_events must be greater than 0");
@@ -476,7 +545,7 @@ const SECTIONS: [&str; 12] = [
 ];
 
 /// Keys whose value is a string even when it looks like a number (`node_id=1`, `"0"`).
-const STRING_KEYS: [&str; 23] = [
+const STRING_KEYS: [&str; 24] = [
     "retention",
     "url",
     "secret",
@@ -497,6 +566,7 @@ const STRING_KEYS: [&str; 23] = [
     "accept_timeout",
     "node_lease",
     "handshake_timeout",
+    "body_timeout",
     "strategy",
     "format",
     "level",

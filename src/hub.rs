@@ -26,6 +26,9 @@ pub struct Shared {
     core: Mutex<Core>,
     /// Every live WebSocket of this node.
     pub peers: DashMap<ConnId, Arc<Peer>>,
+    /// Open HTTP connections and widget sockets, for `limits.max_connections` and
+    /// `limits.max_widget_connections`.
+    pub limits: crate::limits::Limiter,
     store: Arc<dyn Store>,
     next_conn: AtomicU64,
     epoch: Instant,
@@ -58,6 +61,7 @@ impl Hub {
     pub fn open(cfg: Config, secrets: Secrets, store: Arc<dyn Store>) -> Result<Hub> {
         let cfg = Arc::new(cfg);
         let snapshot = store.load()?;
+        let core_cfg = cfg.clone();
         let mut core = Core::new(cfg.clone(), snapshot);
         let (writes, timers) = core.take_effects();
         if !writes.is_empty() {
@@ -68,6 +72,7 @@ impl Hub {
             cfg,
             core: Mutex::new(core),
             peers: DashMap::new(),
+            limits: crate::limits::Limiter::new(&core_cfg.limits),
             store,
             next_conn: AtomicU64::new(1),
             epoch: Instant::now(),
@@ -143,18 +148,20 @@ impl Hub {
     /// Registers a new socket in the connection map.
     pub fn new_peer(&self, kind: Kind) -> Arc<Peer> {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let peer = Arc::new(Peer::new(
-            id,
-            kind,
-            self.cfg.limits.outbound_queue,
-            self.now_ms(),
-        ));
+        let peer = Arc::new(
+            Peer::new(id, kind, self.cfg.limits.outbound_queue, self.now_ms())
+                .with_max_bytes(self.cfg.limits.outbound_bytes),
+        );
         self.peers.insert(id, peer.clone());
         peer
     }
 
     pub fn remove_peer(&self, id: ConnId) {
-        self.peers.remove(&id);
+        if let Some((_, peer)) = self.peers.remove(&id)
+            && peer.kind == Kind::Widget
+        {
+            self.limits.widget_closed();
+        }
     }
 
     fn schedule(&self, t: Timer) {

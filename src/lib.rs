@@ -16,6 +16,7 @@ pub mod error;
 pub mod feed;
 pub mod hours;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod peer;

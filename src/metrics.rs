@@ -54,6 +54,8 @@ pub fn render(hub: &Hub) -> String {
     gauge!("presence_hub_connections", "kind" => "operator").set(operators as f64);
     gauge!("presence_hub_connections", "kind" => "widget").set(widgets as f64);
     gauge!("presence_hub_connections", "kind" => "visitor").set(visitors as f64);
+    // Open HTTP connections (this scrape's own among them): they count in max_connections.
+    gauge!("presence_hub_connections", "kind" => "http").set(hub.limits.http_open() as f64);
     let online = hub.read(|c| c.online_operators());
     gauge!("presence_hub_operators_online").set(online as f64);
     handle().render()

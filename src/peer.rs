@@ -1,6 +1,6 @@
-//! One live socket as the rest of the hub sees it: a bounded outbound queue, a close
-//! request, and the liveness clocks the sweeper reads. Small on purpose: there is one per
-//! connection, and an idle connection must cost a few KiB at most.
+//! One live socket as the rest of the hub sees it: an outbound queue bounded in frames and
+//! in bytes, a close request, and the liveness clocks the sweeper reads. Small on purpose:
+//! there is one per connection, and an idle connection must cost a few KiB at most.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -41,15 +41,35 @@ pub enum Out {
 /// either way, and a healthy reader gets the time of one sweep to catch up.
 pub const BURST: usize = 8;
 
+impl Out {
+    /// Bytes this entry holds for the queue's byte bound (a ping holds none of its own).
+    fn bytes(&self) -> usize {
+        match self {
+            Out::Text(f) => f.len(),
+            Out::Ping => 0,
+        }
+    }
+}
+
 /// Returned by [`Peer::push`] when the queue is full: the peer is being closed with 1008.
 #[derive(Debug, PartialEq, Eq)]
 pub struct SlowConsumer;
 
+/// The frames waiting to be written and the bytes they hold.
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Out>,
+    bytes: usize,
+}
+
 pub struct Peer {
     pub id: ConnId,
     pub kind: Kind,
-    queue: Mutex<VecDeque<Out>>,
+    queue: Mutex<Queue>,
     capacity: usize,
+    /// Bytes the queue may hold (`limits.outbound_bytes`): past it the peer is closed at
+    /// once. Frames are shared among queues, so this bounds what one reader keeps alive.
+    max_bytes: usize,
     /// Wakes the connection task (its only waiter): frames queued or a close requested.
     /// A flag and a waker instead of a `Notify`: no wait list to join on every loop turn.
     wake: AtomicWaker,
@@ -69,8 +89,9 @@ impl Peer {
         Peer {
             id,
             kind,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             capacity,
+            max_bytes: usize::MAX,
             wake: AtomicWaker::new(),
             woke: AtomicBool::new(false),
             close: AtomicU16::new(0),
@@ -80,8 +101,14 @@ impl Peer {
         }
     }
 
-    /// Queues a frame. A full queue means the reader cannot keep up: the peer is closed with
-    /// 1008 rather than buffered without bound.
+    /// Bounds the queue in bytes too (`limits.outbound_bytes`).
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Peer {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Queues a frame. A full queue (in frames or in bytes) means the reader cannot keep up:
+    /// the peer is closed with 1008 rather than buffered without bound.
     pub fn push(&self, out: Out) -> Result<(), SlowConsumer> {
         if self.closing().is_some() {
             // Being closed already (and counted as a slow consumer once, if it is one):
@@ -89,20 +116,40 @@ impl Peer {
             return Ok(());
         }
         let mut q = self.queue.lock();
-        if q.len() >= self.capacity * BURST {
+        let bytes = out.bytes();
+        // A frame fits while the backlog is under the bound, however large the frame (an
+        // `open_chat` ack with a long history): the queue holds at most the bound plus one
+        // frame, and the frame exists already (shared with other queues).
+        let over_bytes = q.bytes >= self.max_bytes;
+        if q.frames.len() >= self.capacity * BURST || over_bytes {
             drop(q);
-            self.request_close(1008);
+            self.slow_consumer();
             return Err(SlowConsumer);
         }
-        q.push_back(out);
+        q.frames.push_back(out);
+        q.bytes += bytes;
         drop(q);
         self.notify();
         Ok(())
     }
 
+    /// Closes with 1008 and lets go of every queued frame at once: nothing queued will be
+    /// written (the close frame goes first), and a frame shared with other queues is freed
+    /// as soon as the last of them drops it.
+    fn slow_consumer(&self) {
+        self.request_close(1008);
+        let dropped = std::mem::take(&mut *self.queue.lock());
+        drop(dropped);
+    }
+
     /// Frames waiting to be written.
     pub fn queued(&self) -> usize {
-        self.queue.lock().len()
+        self.queue.lock().frames.len()
+    }
+
+    /// Bytes waiting to be written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.lock().bytes
     }
 
     /// Called by the sweeper on each tick: a queue still above `outbound_queue` on two
@@ -110,7 +157,7 @@ impl Peer {
     pub fn check_backlog(&self) -> Result<(), SlowConsumer> {
         let over = self.queued() > self.capacity;
         if over && self.over.swap(true, Ordering::AcqRel) && self.closing().is_none() {
-            self.request_close(1008);
+            self.slow_consumer();
             return Err(SlowConsumer);
         }
         if !over {
@@ -126,9 +173,10 @@ impl Peer {
     /// Takes every queued frame, in order.
     pub fn drain(&self, into: &mut Vec<Out>) {
         let mut q = self.queue.lock();
-        into.extend(q.drain(..));
-        if q.capacity() > 64 {
-            q.shrink_to_fit();
+        into.extend(q.frames.drain(..));
+        q.bytes = 0;
+        if q.frames.capacity() > 64 {
+            q.frames.shrink_to_fit();
         }
     }
 
@@ -192,7 +240,10 @@ mod tests {
         );
         let mut out = Vec::new();
         p.drain(&mut out);
-        assert_eq!(out.len(), 2 * BURST, "nothing past the bound was buffered");
+        assert!(
+            out.is_empty(),
+            "the queue is let go: the close frame goes first"
+        );
     }
 
     #[test]
@@ -229,6 +280,65 @@ mod tests {
             p.check_backlog().is_ok(),
             "over again, but not on two sweeps in a row"
         );
+        assert_eq!(p.closing(), None);
+    }
+
+    #[test]
+    fn slow_consumer_outbound_bytes_bound_closes_with_1008_and_frees_the_queue() {
+        let p = Peer::new(1, Kind::Widget, 1024, 0).with_max_bytes(10);
+        let big: Frame = "0123456789".into();
+        assert!(p.send(&big).is_ok(), "exactly the bound fits");
+        assert_eq!(p.queued_bytes(), 10);
+        assert_eq!(
+            p.send(&"x".into()),
+            Err(SlowConsumer),
+            "one byte more does not"
+        );
+        assert_eq!(p.closing(), Some(1008));
+        assert_eq!(p.queued(), 0, "queued frames are let go at once");
+        assert_eq!(p.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn slow_consumer_shared_frame_is_freed_when_the_last_queue_drops_it() {
+        let frame: Frame = "x".repeat(100).into();
+        let a = Peer::new(1, Kind::Widget, 1024, 0).with_max_bytes(100);
+        let b = Peer::new(2, Kind::Widget, 1024, 0).with_max_bytes(100);
+        a.send(&frame).unwrap();
+        b.send(&frame).unwrap();
+        let weak = frame.clone();
+        drop(frame);
+        // Both queues overflow: each lets go of its share.
+        assert!(a.send(&weak).is_err());
+        assert!(b.send(&weak).is_err());
+        assert_eq!(a.queued() + b.queued(), 0);
+        // `weak` is now the only handle: the bytes are owned by it alone.
+        let bytes: bytes::Bytes = weak.into();
+        assert!(bytes.is_unique(), "no queue still holds the frame");
+    }
+
+    #[test]
+    fn slow_consumer_bytes_bound_lets_one_large_frame_in_under_the_bound() {
+        let p = Peer::new(1, Kind::Widget, 1024, 0).with_max_bytes(10);
+        assert!(p.send(&"a".into()).is_ok());
+        assert!(
+            p.send(&"x".repeat(50).into()).is_ok(),
+            "a large frame behind a small one"
+        );
+        assert_eq!(
+            p.send(&"y".into()),
+            Err(SlowConsumer),
+            "nothing fits behind it"
+        );
+    }
+
+    #[test]
+    fn drain_resets_the_byte_count() {
+        let p = Peer::new(1, Kind::Widget, 1024, 0).with_max_bytes(10);
+        p.send(&"12345".into()).unwrap();
+        p.drain(&mut Vec::new());
+        assert_eq!(p.queued_bytes(), 0);
+        p.send(&"1234567890".into()).unwrap();
         assert_eq!(p.closing(), None);
     }
 

@@ -51,23 +51,29 @@ pub enum VisitorRequest {
     SendMessage { text: String },
 }
 
+/// A request's `ref`, kept as the raw JSON the client wrote: it is echoed byte for byte
+/// (`123456789012345678901234567890` and `-0` must not come back as floats).
+pub type Ref = Box<RawValue>;
+
+/// The `ref` of a request frame, if the frame is a JSON object that has one (other fields
+/// are skipped unparsed, so a number beyond f64 elsewhere does not lose it).
+pub fn request_ref(text: &str) -> Option<Ref> {
+    serde_json::from_str::<RefOnly>(text).ok().and_then(|x| x.r)
+}
+
 /// Parses a request frame, separating its `ref` so that an error can still carry it.
 pub fn parse_request<T: serde::de::DeserializeOwned>(
     text: &str,
-) -> (Option<Value>, Result<T, Error>) {
+) -> (Option<Ref>, Result<T, Error>) {
+    let r = request_ref(text);
     let mut value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
-        Err(e) => {
-            // A number beyond f64 (`1e400`) spoils the value but not the `ref`: keep it so
-            // that the client can match the error to its request.
-            let r = serde_json::from_str::<RefOnly>(text).ok().and_then(|x| x.r);
-            return (r, Err(Error::bad(format!("malformed JSON: {e}"))));
-        }
+        Err(e) => return (r, Err(Error::bad(format!("malformed JSON: {e}")))),
     };
     let Some(obj) = value.as_object_mut() else {
         return (None, Err(Error::bad("a message must be a JSON object")));
     };
-    let r = obj.remove("ref");
+    obj.remove("ref");
     if !obj.contains_key("type") {
         return (r, Err(Error::bad("missing field `type`")));
     }
@@ -79,7 +85,7 @@ pub fn parse_request<T: serde::de::DeserializeOwned>(
 #[derive(Deserialize)]
 struct RefOnly {
     #[serde(rename = "ref")]
-    r: Option<Value>,
+    r: Option<Ref>,
 }
 
 /// Hub → client.
@@ -131,13 +137,13 @@ pub enum Event<'a> {
     },
     Ack {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-        r: Option<&'a Value>,
+        r: Option<&'a RawValue>,
         #[serde(flatten, skip_serializing_if = "Option::is_none")]
         result: Option<&'a Value>,
     },
     Error {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-        r: Option<&'a Value>,
+        r: Option<&'a RawValue>,
         code: &'a str,
         message: String,
     },
@@ -161,7 +167,7 @@ impl Event<'_> {
 }
 
 /// The answer to a failed request.
-pub fn error_frame(r: Option<&Value>, e: &Error) -> Frame {
+pub fn error_frame(r: Option<&RawValue>, e: &Error) -> Frame {
     Event::Error {
         r,
         code: e.code(),
@@ -171,7 +177,7 @@ pub fn error_frame(r: Option<&Value>, e: &Error) -> Frame {
 }
 
 /// The answer to a request that worked; `result` fields are merged into the ack.
-pub fn ack_frame(r: Option<&Value>, result: Option<&Value>) -> Frame {
+pub fn ack_frame(r: Option<&RawValue>, result: Option<&Value>) -> Frame {
     Event::Ack { r, result }.frame()
 }
 
@@ -179,10 +185,47 @@ pub fn ack_frame(r: Option<&Value>, result: Option<&Value>) -> Frame {
 mod tests {
     use super::*;
 
+    fn raw(r: &Option<Ref>) -> Option<&str> {
+        r.as_deref().map(RawValue::get)
+    }
+
+    /// Found by the `ws_frames` fuzz target: a `ref` beyond f64 is echoed as written; the
+    /// answer stays valid JSON text (the request itself is refused: its JSON cannot be read).
+    #[test]
+    fn ref_beyond_f64_is_echoed_verbatim_in_the_error() {
+        let (r, req) = parse_request::<OperatorRequest>(r#"{"type":"logout","ref":1e400}"#);
+        assert_eq!(raw(&r), Some("1e400"));
+        assert!(req.is_err());
+        let e = error_frame(r.as_deref(), &req.unwrap_err());
+        assert!(e.contains(r#""ref":1e400,"#), "{e}");
+        let back: Box<RawValue> = serde_json::from_str(&e).expect("valid JSON text");
+        assert!(back.get().starts_with('{'));
+    }
+
+    #[test]
+    fn ref_is_echoed_verbatim() {
+        for written in [
+            "123456789012345678901234567890",
+            "-0",
+            "1.50",
+            "\"\\u00e9\"",
+            "[1, 2]",
+        ] {
+            let text = format!(r#"{{"type":"activity","active":true,"ref": {written} }}"#);
+            let (r, req) = parse_request::<OperatorRequest>(&text);
+            assert!(req.is_ok());
+            assert_eq!(raw(&r), Some(written));
+            let ack = ack_frame(r.as_deref(), None);
+            assert_eq!(&*ack, format!(r#"{{"type":"ack","ref":{written}}}"#));
+            let err = error_frame(r.as_deref(), &Error::bad("x"));
+            assert!(err.contains(&format!(r#""ref":{written},"#)), "{err}");
+        }
+    }
+
     #[test]
     fn parse_keeps_ref_on_error() {
         let (r, req) = parse_request::<OperatorRequest>(r#"{"type":"nope","ref":7}"#);
-        assert_eq!(r, Some(Value::from(7)));
+        assert_eq!(raw(&r), Some("7"));
         assert!(req.unwrap_err().to_string().contains("unknown variant"));
     }
 
@@ -207,17 +250,17 @@ mod tests {
     fn parse_keeps_ref_beside_a_number_beyond_f64() {
         let (r, req) =
             parse_request::<OperatorRequest>(r#"{"type":"open_chat","chat":1e400,"ref":8}"#);
-        assert_eq!(r, Some(Value::from(8)));
+        assert_eq!(raw(&r), Some("8"));
         assert!(req.is_err());
         let (r, _) = parse_request::<OperatorRequest>(r#"{"type":"open_chat","ref":8,"#);
-        assert_eq!(r, None, "truly malformed JSON has no ref");
+        assert!(r.is_none(), "truly malformed JSON has no ref");
     }
 
     #[test]
     fn parse_set_status() {
         let (r, req) =
             parse_request::<OperatorRequest>(r#"{"type":"set_status","online":false,"ref":"a"}"#);
-        assert_eq!(r, Some(Value::from("a")));
+        assert_eq!(raw(&r), Some(r#""a""#));
         assert!(matches!(
             req.unwrap(),
             OperatorRequest::SetStatus {
@@ -230,7 +273,8 @@ mod tests {
     #[test]
     fn ack_merges_result_and_ref() {
         let v = serde_json::json!({"chat": {"id": 1}});
-        let f = ack_frame(Some(&Value::from(3)), Some(&v));
+        let r = RawValue::from_string("3".into()).unwrap();
+        let f = ack_frame(Some(&r), Some(&v));
         let back: Value = serde_json::from_str(&f).unwrap();
         assert_eq!(
             back,

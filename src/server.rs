@@ -74,7 +74,12 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Hub> {
 /// connection tasks and makes the store durable.
 pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output = ()>) {
     crate::metrics::init();
-    let app = crate::api::router(hub.clone()).merge(crate::console::router());
+    let app = crate::api::router(hub.clone())
+        .merge(crate::console::router())
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            crate::limits::http::body_deadline,
+        ));
     let sweeper = tokio::spawn(hub.clone().sweep());
     let cleaner = tokio::spawn(hub.clone().clean());
     let webhooks =
@@ -94,6 +99,16 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
             },
             _ = &mut shutdown => break,
         };
+        // HTTP connections count in `limits.max_connections` beside the sockets: a flood of
+        // idle or slow requests must not run the process out of descriptors either.
+        let Some(slot) = hub
+            .limits
+            .admit_http(hub.peers.len(), hub.cfg.limits.max_connections)
+        else {
+            metrics::counter!("presence_hub_connections_refused_total").increment(1);
+            tokio::spawn(crate::limits::http::refuse(stream));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         // The peer's address rides along in the request, for the connection's log span.
         let svc = TowerToHyperService::new(app.clone().map_request(
@@ -104,6 +119,7 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
         ));
         let hub = hub.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(handshake)

@@ -5,6 +5,7 @@
 mod baseline;
 mod client;
 mod hub;
+mod plot;
 mod report;
 mod scenarios;
 mod workers;
@@ -72,6 +73,22 @@ enum Command {
         common: Common,
         #[command(flatten)]
         args: scenarios::assign::AssignArgs,
+    },
+    /// For N minutes a mix of everything (operators churning, widgets, chats created and
+    /// closed, slow readers, malformed frames): RSS over time against the live set.
+    Soak {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenarios::soak::SoakArgs,
+    },
+    /// W operators watch a chat and stop reading while another sends large whispers, for R
+    /// rounds: the hub's RSS peak and what stays after (memory given back).
+    Slowread {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenarios::slowread::SlowreadArgs,
     },
 }
 
@@ -144,6 +161,20 @@ async fn run(cli: Cli) -> Result<i32> {
             (
                 common,
                 Box::pin(async move { scenarios::chats::run(&c, &args).await }),
+            )
+        }
+        Command::Soak { common, args } => {
+            let c = common.clone();
+            (
+                common,
+                Box::pin(async move { scenarios::soak::run(&c, &args).await }),
+            )
+        }
+        Command::Slowread { common, args } => {
+            let c = common.clone();
+            (
+                common,
+                Box::pin(async move { scenarios::slowread::run(&c, &args).await }),
             )
         }
         Command::Assign { common, args } => {

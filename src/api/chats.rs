@@ -19,6 +19,7 @@ use crate::model::{Chat, ChatStatus};
 pub async fn create(State(hub): State<Hub>, bytes: Bytes) -> Response {
     let run = async {
         let req: NewChat = body(&bytes)?;
+        crate::limits::record::visitor(&hub.cfg.limits, &req.visitor)?;
         // A closed chat is no longer live but its id stays used until its retention ends.
         if let Some(id) = req.id
             && hub.store().stored_chat(id).await?.is_some()

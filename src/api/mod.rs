@@ -116,6 +116,9 @@ async fn require_api_key(State(hub): State<Hub>, req: Request, next: Next) -> Re
         )
         .into_response();
     }
+    if let Err(e) = crate::limits::http::api_rate(&hub) {
+        return e.into_response();
+    }
     next.run(req).await
 }
 

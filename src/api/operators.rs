@@ -70,6 +70,9 @@ pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) 
         if p.id.is_some_and(|i| i != oid) {
             return Err(Error::bad("id in the body differs from the path"));
         }
+        let limits = &hub.cfg.limits;
+        crate::limits::record::departments(limits, "departments", p.departments.len())?;
+        crate::limits::record::departments(limits, "watch_departments", p.watch_departments.len())?;
         let (record, change) = record(oid, p);
         hub.commit(|c, now| Ok(c.put_operator(record, change, now)))
             .await

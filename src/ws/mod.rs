@@ -7,7 +7,7 @@ pub mod visitor;
 pub mod widget;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -23,8 +23,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::Error;
 use crate::hub::Hub;
+use crate::limits::Bucket;
 use crate::peer::{Kind, Out, Peer};
-use crate::protocol::error_frame;
+use crate::protocol::{error_frame, request_ref};
 
 pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -100,6 +101,19 @@ pub fn upgrade<H: Handler>(hub: Hub, mut req: Request, kind: Kind, handler: H) -
     let addr = req.extensions().get::<crate::server::PeerAddr>().copied();
     match accept(&mut req) {
         Ok((res, on_upgrade)) => {
+            // A widget takes its place last, once nothing else can refuse it (the place is
+            // given back when its peer is removed).
+            if kind == Kind::Widget
+                && !hub
+                    .limits
+                    .admit_widget(hub.cfg.limits.max_widget_connections())
+            {
+                metrics::counter!("presence_hub_connections_refused_total").increment(1);
+                return Error::Unavailable(
+                    "too many widget connections (limits.max_widget_connections)".into(),
+                )
+                .into_response();
+            }
             spawn(hub, on_upgrade, kind, handler, origin_ok, addr);
             res
         }
@@ -107,9 +121,10 @@ pub fn upgrade<H: Handler>(hub: Hub, mut req: Request, kind: Kind, handler: H) -
     }
 }
 
-/// Refuses a new socket past `limits.max_connections`.
+/// Refuses a new socket past `limits.max_connections`: sockets plus open HTTP connections,
+/// this request's own among them (it becomes the socket).
 fn check_capacity(hub: &Hub) -> Result<(), Error> {
-    if hub.peers.len() >= hub.cfg.limits.max_connections {
+    if hub.peers.len() + hub.limits.http_open() > hub.cfg.limits.max_connections {
         metrics::counter!("presence_hub_connections_refused_total").increment(1);
         return Err(Error::Unavailable("too many connections".into()));
     }
@@ -223,6 +238,8 @@ async fn serve<H: Handler>(
     handler: &mut H,
 ) -> (Option<u16>, &'static str) {
     let mut batch = Vec::new();
+    let limits = &hub.cfg.limits;
+    let mut bucket = Bucket::new(limits.rate, limits.rate_burst, Instant::now());
     // Made once: a fresh `cancelled()` per turn would have every socket join the token's
     // wait list again on every event.
     let shutdown = hub.shutdown.cancelled();
@@ -240,6 +257,15 @@ async fn serve<H: Handler>(
                 peer.touch(hub.now_ms());
                 match frame {
                     None => return (None, ""),
+                    Some(Ok(Message::Text(text))) if !bucket.take(Instant::now()) => {
+                        // Over `limits.rate`: answered, not run; the socket goes on.
+                        metrics::counter!("presence_hub_rate_limited_total", "kind" => peer.kind.label()).increment(1);
+                        let e = Error::RateLimited(format!(
+                            "over limits.rate ({} requests/s, burst {})",
+                            limits.rate, limits.rate_burst
+                        ));
+                        let _ = peer.send(&error_frame(request_ref(text.as_str()).as_deref(), &e));
+                    }
                     Some(Ok(Message::Text(text))) => {
                         // Events keep flowing to the client while its request waits (for the
                         // store, or the assigning node of a cluster).
@@ -278,6 +304,12 @@ async fn serve<H: Handler>(
                         peer.drain(&mut batch);
                         write_batch(ws, peer, &mut batch).await;
                         return (Some(1007), "invalid UTF-8");
+                    }
+                    Some(Err(WsError::Protocol(e))) => {
+                        // Unmasked or reserved-bit frames, unknown opcodes, a continuation
+                        // without a start, large or fragmented control frames (RFC 6455 5.1–5.5).
+                        tracing::info!(cause = %e, "websocket protocol error");
+                        return (Some(1002), "protocol error");
                     }
                     Some(Err(e)) => {
                         tracing::debug!(cause = %e, "socket error");
@@ -347,17 +379,23 @@ fn close_reason(code: u16) -> &'static str {
         1000 => "logout",
         1001 => "going away",
         1008 => "policy violation",
+        1002 => "protocol error",
         _ => "",
     }
 }
 
-/// Sends a close frame and waits briefly for the client's answer.
+/// Time the close frame gets to reach a client that stopped reading (its socket buffers
+/// full) and the client's answer to come back; then the TCP connection is dropped.
+pub const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Sends a close frame (ahead of anything still in the hub's queue, which is not written)
+/// and waits briefly for the client's answer.
 async fn close(ws: &mut Socket, code: u16, reason: &str) {
     let frame = CloseFrame {
         code: CloseCode::from(code),
         reason: reason.to_string().into(),
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(CLOSE_DEADLINE, async {
         if ws.close(Some(frame)).await.is_ok() {
             while let Some(Ok(_)) = ws.next().await {}
         }

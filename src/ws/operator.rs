@@ -33,9 +33,10 @@ pub async fn upgrade(State(hub): State<Hub>, req: Request) -> Response {
     )
 }
 
-/// The token from `?token=` or `Authorization: Bearer`; 401 when missing, bad or expired,
-/// 403 when the operator is unknown to the hub.
+/// The token from `?token=` or `Authorization: Bearer`; 400 for another query parameter,
+/// 401 when the token is missing, bad or expired, 403 when the operator is unknown to the hub.
 fn authenticate(hub: &Hub, req: &Request) -> Result<u64> {
+    crate::limits::check_query(req.uri().query(), &["token"])?;
     let from_query = req.uri().query().and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "token")
@@ -45,7 +46,7 @@ fn authenticate(hub: &Hub, req: &Request) -> Result<u64> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(crate::auth::bearer)
         .map(str::to_owned);
     let token = from_query
         .or(from_header)
@@ -77,8 +78,8 @@ impl Handler for Operator {
             Err(e) => Err(e),
         };
         let frame = match &result {
-            Ok(v) => ack_frame(r.as_ref(), v.as_ref()),
-            Err(e) => error_frame(r.as_ref(), e),
+            Ok(v) => ack_frame(r.as_deref(), v.as_ref()),
+            Err(e) => error_frame(r.as_deref(), e),
         };
         let _ = peer.send(&frame);
         if self.logged_out {
@@ -143,6 +144,7 @@ impl Operator {
                 text,
                 whisper,
             } => {
+                crate::limits::record::text(&hub.cfg.limits, &text)?;
                 let origin = Some(hub.origin(peer.id));
                 let op = ChatOp::Message {
                     me,

@@ -34,6 +34,7 @@ pub async fn upgrade(State(hub): State<Hub>, req: Request) -> Response {
 
 /// 401 without a token, 400 without a chat id.
 fn params(query: Option<&str>) -> Result<(u64, String)> {
+    crate::limits::check_query(query, &["chat", "token"])?;
     let mut chat = None;
     let mut token = None;
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -108,6 +109,10 @@ impl Handler for Visitor {
                 Err(Error::Conflict(format!("chat {} is closed", self.chat)))
             }
             Ok(VisitorRequest::SendMessage { text }) => {
+                if let Err(e) = crate::limits::record::text(&hub.cfg.limits, &text) {
+                    let _ = peer.send(&error_frame(r.as_deref(), &e));
+                    return Flow::Continue;
+                }
                 let chat = self.chat;
                 let origin = Some(hub.origin(peer.id));
                 hub.chat(ChatOp::VisitorMessage { chat, text, origin }, None)
@@ -116,8 +121,8 @@ impl Handler for Visitor {
             Err(e) => Err(e),
         };
         let frame = match &result {
-            Ok(v) => ack_frame(r.as_ref(), Some(v)),
-            Err(e) => error_frame(r.as_ref(), e),
+            Ok(v) => ack_frame(r.as_deref(), Some(v)),
+            Err(e) => error_frame(r.as_deref(), e),
         };
         let _ = peer.send(&frame);
         Flow::Continue

@@ -23,13 +23,12 @@ pub async fn upgrade(State(hub): State<Hub>, req: Request) -> Response {
     super::upgrade(hub, req, Kind::Widget, Widget { depts })
 }
 
-/// The `department` query parameters: at least one, numeric, without repeats.
+/// The `department` query parameters: at least one, numeric, without repeats; no other
+/// parameter.
 pub fn departments(query: Option<&str>) -> Result<Vec<u64>> {
+    crate::limits::check_query(query, &["department"])?;
     let mut out = Vec::new();
-    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        if k != "department" {
-            continue;
-        }
+    for (_, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         let d: u64 = v
             .parse()
             .map_err(|_| Error::bad(format!("department must be a number, got {v:?}")))?;

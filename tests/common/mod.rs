@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod node;
+pub mod raw;
 pub mod redis;
 
 use std::net::SocketAddr;
@@ -210,6 +211,12 @@ impl Drop for TestHub {
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     next_ref: u64,
+}
+
+impl From<WebSocketStream<MaybeTlsStream<TcpStream>>> for Client {
+    fn from(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        Client { ws, next_ref: 0 }
+    }
 }
 
 impl Client {

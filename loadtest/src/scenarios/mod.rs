@@ -5,6 +5,8 @@ pub mod chats;
 pub mod churn;
 pub mod fanout;
 pub mod idle;
+pub mod slowread;
+pub mod soak;
 
 use std::time::Duration;
 
