@@ -1,5 +1,7 @@
 // Shared helpers of the console pages: DOM building without innerHTML, status badges,
-// the hub's base URL, keys kept in the tab's session storage.
+// the hub's base URL, keys kept in the tab's session storage, the operator sign-in.
+
+import { operator } from './presence-hub.js';
 
 /** The hub that served this page. */
 export const hub = location.origin;
@@ -111,4 +113,27 @@ export function header(current) {
     el('span', { class: 'conn', id: 'conn' }));
   document.body.prepend(h);
   return $('#conn', h);
+}
+
+/**
+ * The page's operator connection. With a token (from the URL or this tab's session) the app is
+ * shown and connected; without one the sign-in form is shown and null returned. `name(id)`
+ * names operators in chat panels ("Ann (me)").
+ */
+export function signedInOperator(conn) {
+  const token = takeToken();
+  if (!token) {
+    $('#signin').classList.remove('hidden');
+    $('#signin-form').addEventListener('submit', (e) => {
+      e.preventDefault();
+      session.set('token', $('#token').value.trim());
+      location.reload();
+    });
+    return null;
+  }
+  $('#app').classList.remove('hidden');
+  const op = operator(hub, { token });
+  connIndicator(op, conn);
+  const name = (id) => (op.state.operator?.id === id ? `${op.state.operator.name} (me)` : (op.state.operators.get(id)?.name ?? `#${id}`));
+  return { op, name };
 }

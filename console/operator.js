@@ -1,7 +1,6 @@
 // Operator view: own status and settings, colleagues, departments, the queue and the chats.
 
-import { operator } from './presence-hub.js';
-import { $, el, fill, hub, statusBadge, connIndicator, takeToken, session, chatLabel, header } from './common.js';
+import { $, el, fill, statusBadge, session, chatLabel, header, signedInOperator } from './common.js';
 import { ChatPanel } from './chatpanel.js';
 
 const SETTINGS = [
@@ -11,23 +10,10 @@ const SETTINGS = [
 ];
 
 const conn = header('operator.html');
-const token = takeToken();
-if (!token) {
-  $('#signin').classList.remove('hidden');
-  $('#signin-form').addEventListener('submit', (e) => {
-    e.preventDefault();
-    session.set('token', $('#token').value.trim());
-    location.reload();
-  });
-} else {
-  start(token);
-}
+const signed = signedInOperator(conn);
+if (signed) start(signed);
 
-function start(token) {
-  $('#app').classList.remove('hidden');
-  const op = operator(hub, { token });
-  connIndicator(op, conn);
-  const name = (id) => (op.state.operator?.id === id ? `${op.state.operator.name} (me)` : (op.state.operators.get(id)?.name ?? `#${id}`));
+function start({ op, name }) {
   const panel = new ChatPanel(op, name);
   const assigned = new Set();
 

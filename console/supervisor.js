@@ -1,28 +1,14 @@
 // Supervisor view: every watched (and own) department's state, its operators and chats with
 // owners; watch a chat invisibly.
 
-import { operator } from './presence-hub.js';
-import { $, el, fill, hub, statusBadge, connIndicator, takeToken, session, chatLabel, header } from './common.js';
+import { $, el, fill, statusBadge, chatLabel, header, signedInOperator } from './common.js';
 import { ChatPanel } from './chatpanel.js';
 
 const conn = header('supervisor.html');
-const token = takeToken();
-if (!token) {
-  $('#signin').classList.remove('hidden');
-  $('#signin-form').addEventListener('submit', (e) => {
-    e.preventDefault();
-    session.set('token', $('#token').value.trim());
-    location.reload();
-  });
-} else {
-  start(token);
-}
+const signed = signedInOperator(conn);
+if (signed) start(signed);
 
-function start(token) {
-  $('#app').classList.remove('hidden');
-  const op = operator(hub, { token });
-  connIndicator(op, conn);
-  const name = (id) => (op.state.operator?.id === id ? `${op.state.operator.name} (me)` : (op.state.operators.get(id)?.name ?? `#${id}`));
+function start({ op, name }) {
   const panel = new ChatPanel(op, name);
   op.on('state', render);
 
