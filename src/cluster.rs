@@ -79,6 +79,11 @@ pub struct Cluster {
     keys: Keys,
     client: redis::Client,
     lease: Duration,
+    /// Our assigner lease (`{node}:{epoch}:{random}`) while we hold it: the value of
+    /// `{prefix}leader`, which every write of ours as assigner must still find there.
+    token: parking_lot::Mutex<Option<String>>,
+    /// Asks for a resync (after the hub rebuilt its state from the store).
+    resync: tokio::sync::Notify,
     /// Chat changes forwarded to the assigning node and waiting for its answer.
     pending: parking_lot::Mutex<HashMap<u64, oneshot::Sender<Result<Value, Error>>>>,
     next_call: AtomicU64,
@@ -103,6 +108,10 @@ struct Reply {
     message: Option<String>,
 }
 
+/// The answer of a node that no longer assigns: the change was not run, the caller tries
+/// the node that assigns now.
+const NOT_ASSIGNER: &str = "this node no longer assigns chats";
+
 /// How long a forwarded chat change may take before the caller gives up.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -118,6 +127,8 @@ impl Cluster {
             keys,
             client: redis::Client::open(url)?,
             lease,
+            token: parking_lot::Mutex::new(None),
+            resync: tokio::sync::Notify::new(),
             pending: parking_lot::Mutex::new(HashMap::new()),
             next_call: AtomicU64::new(1),
         })
@@ -132,7 +143,12 @@ impl Cluster {
     }
 
     fn leader_key(&self) -> String {
-        format!("{}leader", self.keys.0)
+        self.keys.leader()
+    }
+
+    /// Asks for a resync of records and connections from Redis (soon, in the background).
+    pub fn resync_soon(&self) {
+        self.resync.notify_one();
     }
 
     fn calls_key(&self, node: &str) -> String {
@@ -157,35 +173,78 @@ impl Cluster {
         tokio::spawn(me.clone().subscribe(hub.clone()));
         tokio::spawn(me.clone().watch_nodes(hub.clone()));
         tokio::spawn(me.clone().serve_calls(hub.clone()));
-        let elected = me.clone().elect_once(false, &hub).await;
-        hub.on_leave(tokio::spawn(me.clone().elect(hub.clone(), elected)));
+        {
+            let (me, hub) = (me.clone(), hub.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = me.resync.notified() => {}
+                        _ = hub.shutdown.cancelled() => return,
+                    }
+                    if let Err(e) = me.resync(&hub).await {
+                        tracing::warn!(cause = %e, "cluster resync failed");
+                    }
+                }
+            });
+        }
+        me.clone().elect_once(&hub).await;
+        hub.on_leave(tokio::spawn(me.clone().elect(hub.clone())));
     }
 
-    /// Renews our lease on `{prefix}leader` or takes it when free; true when we hold it. A
-    /// round that cannot finish within a third of the lease counts as lost: a node cut off
-    /// from Redis stops assigning before its lease can pass to another node.
-    async fn hold_lead(&self) -> bool {
+    /// Renews our lease on `{prefix}leader`, or takes it when free under a new token (the
+    /// epoch `{prefix}leader:epoch` incremented, plus a random part); answers the token we
+    /// hold. A round that cannot finish within a third of the lease counts as lost: a node cut
+    /// off from Redis stops assigning before its lease can pass to another node.
+    async fn hold_lead(&self, hub: &Hub) -> Option<String> {
         let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 \
-             elseif redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 else return 0 end",
+            "local cur = redis.call('GET', KEYS[1]) \
+             if cur and cur == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return cur end \
+             if cur then return false end \
+             local token = ARGV[3] .. ':' .. redis.call('INCR', KEYS[2]) .. ':' .. ARGV[4] \
+             redis.call('SET', KEYS[1], token, 'PX', ARGV[2]) \
+             return token",
         );
+        let mine = self.token.lock().clone().unwrap_or_default();
+        let started = hub.now_ms();
         let round = async {
             let mut c = self.client.get_multiplexed_async_connection().await?;
             script
                 .key(self.leader_key())
-                .arg(&self.node)
+                .key(self.keys.leader_epoch())
+                .arg(&mine)
                 .arg(self.lease.as_millis() as u64)
-                .invoke_async::<i64>(&mut c)
+                .arg(&self.node)
+                .arg(format!("{:016x}", rand::random::<u64>()))
+                .invoke_async::<Option<String>>(&mut c)
                 .await
         };
-        matches!(tokio::time::timeout(self.lease / 3, round).await, Ok(Ok(1)))
+        let held = match tokio::time::timeout(self.lease / 3, round).await {
+            Ok(Ok(t)) => t,
+            _ => None,
+        };
+        if held.is_some() {
+            // Redis set the expiry after `started`: until then the lease is surely ours.
+            let margin = self.lease / 10;
+            hub.lease_until(started + (self.lease - margin).as_millis() as u64);
+        }
+        *self.token.lock() = held.clone();
+        held
     }
 
     /// One election round: renews our lease on `{prefix}leader` or takes it when free.
-    /// Becoming the assigning node resynchronises chats first.
-    async fn elect_once(&self, was: bool, hub: &Hub) -> bool {
-        let got = self.hold_lead().await;
-        if got && !was {
+    /// Becoming the assigning node resynchronises chats first. Whether this node assigns
+    /// now is read from the core: it stops on its own when its lease lapsed or a write of
+    /// its was fenced.
+    async fn elect_once(&self, hub: &Hub) -> bool {
+        let was = hub.read(|c| c.assigner);
+        let Some(token) = self.hold_lead(hub).await else {
+            if was {
+                tracing::warn!(node = %self.node, "this node no longer assigns chats");
+                hub.run(|c, _| c.stop_assigning());
+            }
+            return false;
+        };
+        if !was {
             // The resync must end within the lease, and the lease must still be ours after it.
             match tokio::time::timeout(self.lease / 2, self.resync(hub)).await {
                 Ok(Ok(())) => {}
@@ -198,27 +257,26 @@ impl Cluster {
                     return false;
                 }
             }
-            if !self.hold_lead().await {
+            if self.hold_lead(hub).await.as_deref() != Some(token.as_str()) {
                 return false;
             }
-            tracing::info!(node = %self.node, "this node now assigns chats");
-            hub.run(|c, now| c.start_assigning(now));
-        } else if !got && was {
-            tracing::warn!(node = %self.node, "this node no longer assigns chats");
-            hub.run(|c, _| c.stop_assigning());
+            tracing::info!(node = %self.node, lease = %token, "this node now assigns chats");
+            let fence: Arc<str> = token.into();
+            hub.run(|c, now| c.start_assigning_fenced(fence, now));
         }
-        got
+        true
     }
 
-    async fn elect(self: Arc<Self>, hub: Hub, mut leader: bool) {
+    async fn elect(self: Arc<Self>, hub: Hub) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.lease / 3) => {}
                 _ = hub.shutdown.cancelled() => break,
             }
-            leader = self.elect_once(leader, &hub).await;
+            self.elect_once(&hub).await;
         }
-        if leader {
+        let token = self.token.lock().take();
+        if let Some(token) = token {
             // Stop deciding first, then hand over at once rather than after the lease: no
             // moment with two deciders.
             hub.run(|c, _| c.stop_assigning());
@@ -228,7 +286,7 @@ impl Cluster {
             if let Ok(mut c) = self.client.get_multiplexed_async_connection().await {
                 let _ = release
                     .key(self.leader_key())
-                    .arg(&self.node)
+                    .arg(&token)
                     .invoke_async::<i64>(&mut c)
                     .await;
             }
@@ -236,7 +294,9 @@ impl Cluster {
     }
 
     /// Forwards a chat change to the assigning node and waits for its answer. While no node
-    /// assigns (a failover), waits for one; `Ok(None)`: this node was elected meanwhile.
+    /// assigns (a failover), waits for one; a node that answers it no longer assigns (it
+    /// stepped down before running the change) is passed over for the next one.
+    /// `Ok(None)`: this node was elected meanwhile.
     pub async fn call(&self, op: ChatOp) -> Result<Option<Value>, Error> {
         let unavailable = |m: &str| Error::Unavailable(format!("cluster: {m}"));
         let mut c = self
@@ -245,40 +305,60 @@ impl Cluster {
             .await
             .map_err(|e| unavailable(&e.to_string()))?;
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
-        let leader = loop {
-            let leader: Option<String> = c
-                .get(self.leader_key())
-                .await
-                .map_err(|e| unavailable(&e.to_string()))?;
-            match leader {
-                Some(l) if l == self.node => return Ok(None),
-                Some(l) => break l,
-                None if tokio::time::Instant::now() < deadline => {
+        loop {
+            let leader = loop {
+                let leader: Option<String> = c
+                    .get(self.leader_key())
+                    .await
+                    .map_err(|e| unavailable(&e.to_string()))?;
+                match leader.as_deref().map(lease_holder) {
+                    Some(l) if l == self.node => return Ok(None),
+                    Some(l) => break l.to_string(),
+                    None if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    None => return Err(unavailable("no node assigns chats right now")),
+                }
+            };
+            match self.call_once(&mut c, &leader, op.clone(), deadline).await {
+                Err(Error::Unavailable(m))
+                    if m == NOT_ASSIGNER && tokio::time::Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                None => return Err(unavailable("no node assigns chats right now")),
+                other => return other.map(Some),
             }
-        };
+        }
+    }
+
+    async fn call_once(
+        &self,
+        c: &mut redis::aio::MultiplexedConnection,
+        leader: &str,
+        op: ChatOp,
+        deadline: tokio::time::Instant,
+    ) -> Result<Value, Error> {
+        let unavailable = |m: &str| Error::Unavailable(format!("cluster: {m}"));
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
-        let deadline = unix_ms() + CALL_TIMEOUT.as_millis() as u64;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let call = serde_json::to_string(&Call {
             id,
             from: self.node.clone(),
-            deadline,
+            deadline: unix_ms() + left.as_millis() as u64,
             op,
         })
         .expect("calls serialize");
         let pushed: redis::RedisResult<()> = redis::pipe()
-            .rpush(self.calls_key(&leader), call)
+            .rpush(self.calls_key(leader), call)
             .ignore()
             .pexpire(
-                self.calls_key(&leader),
+                self.calls_key(leader),
                 (CALL_TIMEOUT * 2).as_millis() as i64,
             )
             .ignore()
-            .query_async(&mut c)
+            .query_async(c)
             .await;
         if let Err(e) = pushed {
             self.pending.lock().remove(&id);
@@ -286,8 +366,8 @@ impl Cluster {
         }
         // Whatever ends the wait (answer, timeout, the client going away) forgets the call.
         let _forget = Forget(self, id);
-        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r.map(Some),
+        match tokio::time::timeout(left, rx).await {
+            Ok(Ok(r)) => r,
             _ => Err(unavailable("the assigning node did not answer in time")),
         }
     }
@@ -336,19 +416,27 @@ impl Cluster {
             if call.deadline < unix_ms() {
                 continue; // the caller stopped waiting meanwhile
             }
-            let result = if hub.read(|c| c.assigner) {
-                hub.commit(|c, now| c.exec(call.op, now)).await
-            } else {
-                Err(Error::Unavailable(
-                    "cluster: this node no longer assigns chats".into(),
-                ))
-            };
+            // Checked under the lock with the change: a node that stepped down runs nothing.
+            let result = hub
+                .commit(|c, now| {
+                    if !c.assigner {
+                        return Err(Error::Unavailable(NOT_ASSIGNER.into()));
+                    }
+                    c.exec(call.op, now)
+                })
+                .await;
             let reply = match result {
                 Ok(v) => Reply {
                     id: call.id,
                     ok: Some(v),
                     code: None,
                     message: None,
+                },
+                Err(Error::Unavailable(m)) if m == NOT_ASSIGNER => Reply {
+                    id: call.id,
+                    ok: None,
+                    code: Some("not_assigner".into()),
+                    message: Some(m),
                 },
                 Err(e) => Reply {
                     id: call.id,
@@ -376,6 +464,7 @@ impl Cluster {
                     Some("forbidden") => Error::Forbidden(m),
                     Some("not_found") => Error::NotFound(m),
                     Some("conflict") => Error::Conflict(m),
+                    Some("not_assigner") => Error::Unavailable(NOT_ASSIGNER.into()),
                     _ => Error::Unavailable(m),
                 })
             }
@@ -742,4 +831,22 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The node id in an assigner lease token (`{node}:{epoch}:{random}`).
+fn lease_holder(token: &str) -> &str {
+    let mut parts = token.rsplitn(3, ':');
+    let _random = parts.next();
+    let _epoch = parts.next();
+    parts.next().unwrap_or(token)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lease_holder_is_the_node_id_of_the_token() {
+        assert_eq!(super::lease_holder("node-a:7:00ff"), "node-a");
+        assert_eq!(super::lease_holder("a:b:12:ff"), "a:b");
+        assert_eq!(super::lease_holder("old-format"), "old-format");
+    }
 }

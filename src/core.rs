@@ -1,8 +1,8 @@
 //! The hub's state and every change to it, behind one lock held by [`crate::hub::Hub`].
 //!
-//! A change runs to its end in one critical section: it validates, mutates, queues the store
-//! writes and the timers it needs, and pushes the resulting events to the peers' queues, so
-//! every client sees events in the order the changes happened. The rules themselves live in
+//! A change runs to its end in one critical section: it validates, mutates, and collects its
+//! effects: the store writes, the timers it needs and the frames for the peers, which the hub
+//! queues to the sockets once the writes are durable, in the order the changes happened. The rules themselves live in
 //! `presence.rs`, `rules.rs` and `assign.rs`; this file wires them to the data.
 
 use std::cmp::Reverse;
@@ -30,6 +30,7 @@ use crate::store::{Snapshot, Write};
 
 mod audit;
 mod hours;
+mod rebuild;
 mod replica;
 
 /// Who asks for a change: the back end (API key, may change anything) or an operator.
@@ -250,13 +251,24 @@ pub struct Core {
     /// Ids of the chats closed most recently, oldest first: a stale open copy that arrives
     /// after the close (a resync racing the close's note) must not bring one back.
     recently_closed: (VecDeque<u64>, std::collections::HashSet<u64>),
-    /// Frames pushed and peers dropped as slow consumers, for the metrics.
-    pub sent: u64,
-    pub dropped: u64,
+    /// Frames of the change under way, for the hub to queue once its writes are durable.
+    outbox: Vec<(Arc<Peer>, Frame)>,
+    /// Cluster: the assigner lease token while this node assigns; its writes carry it
+    /// ([`Write::Fence`]) and are refused once another node holds the lease.
+    lease: Option<Arc<str>>,
 }
 
 impl Core {
-    pub fn new(cfg: Arc<Config>, snap: Snapshot) -> Core {
+    pub fn new(cfg: Arc<Config>, mut snap: Snapshot) -> Core {
+        let now = Instant::now();
+        let open_sessions = std::mem::take(&mut snap.open_sessions);
+        let mut core = Core::load(cfg, snap, now);
+        core.boot(open_sessions, now);
+        core
+    }
+
+    /// The records of a snapshot, indexed; nobody connected yet.
+    fn load(cfg: Arc<Config>, snap: Snapshot, now: Instant) -> Core {
         // In a cluster only the elected node assigns; it starts once elected.
         let cluster = cfg.store.backend == crate::config::Backend::Redis;
         let mut core = Core {
@@ -266,7 +278,6 @@ impl Core {
             next_chat_id: snap.next_chat_id.max(1),
             ..Default::default()
         };
-        let now = Instant::now();
         for d in snap.departments {
             let id = d.id;
             core.departments.insert(id, d);
@@ -285,30 +296,45 @@ impl Core {
             let history = messages.remove(&chat.id).unwrap_or_default().into();
             core.add_chat(chat, history);
         }
-        let depts: Vec<u64> = core.known_departments().collect();
+        core
+    }
+
+    /// Starts from the loaded records and the sockets there are (none at a start; this
+    /// node's, after a rebuild): the states as published, sessions checked, assignment.
+    fn boot(&mut self, open_sessions: Vec<(u64, u64)>, now: Instant) {
+        let depts: Vec<u64> = self.known_departments().collect();
         for d in depts {
-            let state = core.dept_state(d);
-            core.published.insert(d, state);
+            let state = self.dept_state(d);
+            self.published.insert(d, state);
         }
-        let ids: Vec<u64> = core.operators.keys().copied().collect();
+        let ids: Vec<u64> = self.operators.keys().copied().collect();
         for id in ids {
-            let online = core.is_online(id);
-            if let Some(op) = core.operators.get_mut(&id) {
+            let online = self.is_online(id);
+            if let Some(op) = self.operators.get_mut(&id) {
                 op.was_online = online;
             }
         }
-        if core.assigner {
-            core.start_assigning(now);
+        if self.assigner {
+            self.start_assigning(now);
         }
         // What the boot settled (assignments of always-online operators, the state of every
         // operator and department in the feed) is written like any change.
-        core.settle(now);
-        core.boot_sessions(snap.open_sessions);
-        core
+        self.settle(now);
+        self.boot_sessions(open_sessions);
+    }
+
+    /// Takes the frames the last change produced, each with its socket.
+    pub fn take_outbox(&mut self) -> Vec<(Arc<Peer>, Frame)> {
+        std::mem::take(&mut self.outbox)
     }
 
     /// Takes the store writes and timers the last change produced.
     pub fn take_effects(&mut self) -> (Vec<Write>, Vec<Timer>) {
+        if let Some(token) = self.lease.as_ref().filter(|_| self.assigner)
+            && !self.writes.is_empty()
+        {
+            self.writes.insert(0, Write::Fence(token.clone()));
+        }
         if self.cluster {
             for w in &self.writes {
                 match w {
@@ -1711,16 +1737,10 @@ impl Core {
         self.deliver(&audience, &frame);
         if let Some(widgets) = self.widgets.get(&d) {
             let frame = Event::WidgetStatus(&state).frame();
-            let mut sent = 0;
-            let mut dropped = 0;
+            self.outbox.reserve(widgets.len());
             for p in widgets.values() {
-                match p.send(&frame) {
-                    Ok(()) => sent += 1,
-                    Err(_) => dropped += 1,
-                }
+                self.outbox.push((p.clone(), frame.clone()));
             }
-            self.sent += sent;
-            self.dropped += dropped;
         }
     }
 
@@ -1744,19 +1764,13 @@ impl Core {
 
     /// Queues `frame` to every socket of `ops`.
     fn deliver(&mut self, ops: &[u64], frame: &Frame) {
-        let (mut sent, mut dropped) = (0, 0);
         for p in ops
             .iter()
             .filter_map(|o| self.operators.get(o))
             .flat_map(|o| &o.peers)
         {
-            match p.send(frame) {
-                Ok(()) => sent += 1,
-                Err(_) => dropped += 1,
-            }
+            self.outbox.push((p.clone(), frame.clone()));
         }
-        self.sent += sent;
-        self.dropped += dropped;
     }
 
     fn emit_chat(&mut self, id: u64) {
@@ -1792,23 +1806,13 @@ impl Core {
         let Some(op) = self.operators.get(&id) else {
             return;
         };
-        let mut sent = 0;
-        let mut dropped = 0;
         for p in &op.peers {
-            match p.send(frame) {
-                Ok(()) => sent += 1,
-                Err(_) => dropped += 1,
-            }
+            self.outbox.push((p.clone(), frame.clone()));
         }
-        self.sent += sent;
-        self.dropped += dropped;
     }
 
-    fn push(&mut self, peer: &Peer, frame: &Frame) {
-        match peer.send(frame) {
-            Ok(()) => self.sent += 1,
-            Err(_) => self.dropped += 1,
-        }
+    fn push(&mut self, peer: &Arc<Peer>, frame: &Frame) {
+        self.outbox.push((peer.clone(), frame.clone()));
     }
 }
 
@@ -1993,6 +1997,13 @@ impl Core {
 
     pub fn stop_assigning(&mut self) {
         self.assigner = false;
+        self.lease = None;
+    }
+
+    /// Starts assigning under the cluster's assigner lease `token`.
+    pub fn start_assigning_fenced(&mut self, token: Arc<str>, now: Instant) {
+        self.lease = Some(token);
+        self.start_assigning(now);
     }
 }
 
@@ -2018,7 +2029,9 @@ mod tests {
         let mut c = core();
         let peer = Arc::new(Peer::new(1, Kind::Widget, 16, 0));
         c.connect_widget(peer.clone(), &[77, 78]);
-        assert_eq!(peer.queued(), 2, "the state of each department at once");
+        let frames = c.take_outbox();
+        assert_eq!(frames.len(), 2, "the state of each department at once");
+        assert!(frames.iter().all(|(p, _)| p.id == peer.id));
         assert!(c.published.contains_key(&77));
         c.disconnect_widget(1, &[77, 78]);
         assert!(

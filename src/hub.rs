@@ -1,6 +1,13 @@
 //! The hub handle: a cheap clone around the shared state (mini-redis's `Db`). It owns the
 //! lock around [`Core`], the concurrent map of live connections, the store, the timers and
 //! the sweeper that pings connections and closes dead ones.
+//!
+//! Every change goes one way: it runs on the core under the lock (checked, applied to
+//! memory), its writes are queued to the store in the order of changes, and the frames it
+//! makes are held ([`Release`]) until those writes are durable; only then are they queued to
+//! the sockets and the caller answered. A write that fails drops its frames and every later
+//! change's until the hub has rebuilt its state from the store ([`Hub::heal`]): what clients
+//! were shown, and what callers were told succeeded, is always in the store.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -18,8 +25,17 @@ use crate::core::{ChatOp, Core, Origin, Timer};
 use crate::error::Result;
 use crate::peer::{Kind, Out, Peer};
 use crate::presence::ConnId;
-use crate::store::{self, Store, Ticket};
-use tokio::sync::mpsc;
+use crate::protocol::Frame;
+use crate::store::{self, Store, StoreError, Ticket};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use tokio::sync::{mpsc, oneshot};
+
+/// The frames of a change, held until its writes are durable.
+struct Release {
+    ticket: Ticket,
+    frames: Vec<(Arc<Peer>, Frame)>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
 
 pub struct Shared {
     pub cfg: Arc<Config>,
@@ -44,6 +60,14 @@ pub struct Shared {
     cluster: OnceLock<Arc<Cluster>>,
     /// Tasks that leave the cluster cleanly after shutdown (lease release, last notes).
     leaving: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Held frames, in the order of their changes, for the release task.
+    release: mpsc::UnboundedSender<Release>,
+    /// Changes whose frames are held: while any is, later frames queue behind them.
+    held: Arc<AtomicUsize>,
+    /// A store write failed and the state is being rebuilt: changes are refused.
+    diverged: AtomicBool,
+    /// Cluster: until when (ms, [`Hub::now_ms`]) the assigner lease is surely still ours.
+    lease_until: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -61,6 +85,7 @@ impl Hub {
     pub fn open(cfg: Config, secrets: Secrets, store: Arc<dyn Store>) -> Result<Hub> {
         let cfg = Arc::new(cfg);
         let snapshot = store.load()?;
+        let (release_tx, releases) = mpsc::unbounded_channel();
         let core_cfg = cfg.clone();
         let mut core = Core::new(cfg.clone(), snapshot);
         let (writes, timers) = core.take_effects();
@@ -83,26 +108,71 @@ impl Hub {
             notes: OnceLock::new(),
             cluster: OnceLock::new(),
             leaving: Mutex::new(Vec::new()),
+            release: release_tx,
+            held: Arc::new(AtomicUsize::new(0)),
+            diverged: AtomicBool::new(false),
+            lease_until: AtomicU64::new(0),
         }));
         for t in timers {
             hub.schedule(t);
         }
+        tokio::spawn(release(releases, hub.held.clone()));
+        tokio::spawn(hub.clone().heal());
         Ok(hub)
     }
 
-    /// Runs a change under the lock; returns its result and the ticket of its writes.
+    /// Runs a change under the lock; returns its result and the ticket of its writes,
+    /// which resolves once they are durable and the change's frames are queued to sockets.
     pub fn run<R>(&self, f: impl FnOnce(&mut Core, Instant) -> R) -> (R, Ticket) {
         let mut core = self.core.lock();
-        let r = f(&mut core, Instant::now());
+        let now = Instant::now();
+        if core.assigner && core.cluster && self.now_ms() > self.lease_until.load(Ordering::Acquire)
+        {
+            // The lease may have passed to another node (this process was paused or cut
+            // off): stop deciding before anything else runs.
+            tracing::warn!("assigner lease not renewed in time: this node stops assigning");
+            core.stop_assigning();
+        }
+        let r = f(&mut core, now);
+        let ticket = self.finish(&mut core);
+        (r, ticket)
+    }
+
+    /// Performs the effects of the change just run, in order: writes to the store, frames
+    /// held until they are durable, notes for other nodes, timers.
+    fn finish(&self, core: &mut Core) -> Ticket {
         let (writes, timers) = core.take_effects();
-        let (sent, dropped) = (
-            std::mem::take(&mut core.sent),
-            std::mem::take(&mut core.dropped),
-        );
-        let ticket = if writes.is_empty() {
+        let frames = core.take_outbox();
+        let ticket = if self.diverged.load(Ordering::Acquire) {
+            // Made on a state about to be replaced: shown to nobody.
+            drop(frames);
+            if writes.is_empty() {
+                store::done()
+            } else {
+                self.store.write(writes)
+            }
+        } else if writes.is_empty() && self.held.load(Ordering::Acquire) == 0 {
+            // Nothing to wait for: shown at once, under the lock (in order).
+            deliver(frames);
             store::done()
         } else {
-            self.store.write(writes)
+            let ticket = if writes.is_empty() {
+                store::done()
+            } else {
+                self.store.write(writes)
+            };
+            let (done, answer) = oneshot::channel();
+            self.held.fetch_add(1, Ordering::AcqRel);
+            let held = Release {
+                ticket,
+                frames,
+                done,
+            };
+            if let Err(e) = self.release.send(held) {
+                self.held.fetch_sub(1, Ordering::AcqRel);
+                let _ = e.0.done.send(Err(StoreError::Closed));
+            }
+            answer
         };
         // Sent under the lock, so other nodes hear changes in the order they happened.
         if let Some(tx) = self.notes.get() {
@@ -110,20 +180,77 @@ impl Hub {
                 let _ = tx.send(n);
             }
         }
-        drop(core);
-        crate::metrics::events(sent, dropped);
         for t in timers {
             self.schedule(t);
         }
-        (r, ticket)
+        ticket
     }
 
-    /// Runs a change and waits until it is durable: what a client is acknowledged.
+    /// Runs a change and waits until it is durable: what a client is acknowledged. While
+    /// the state is being rebuilt after a failed write, changes are refused at once.
     pub async fn commit<R>(&self, f: impl FnOnce(&mut Core, Instant) -> Result<R>) -> Result<R> {
+        if self.diverged.load(Ordering::Acquire) {
+            return Err(crate::error::Error::Unavailable(
+                "store unavailable: reloading state after a failed write".into(),
+            ));
+        }
         let (r, ticket) = self.run(f);
         let r = r?;
         store::durable(ticket).await?;
         Ok(r)
+    }
+
+    /// Rebuilds the state from the store whenever a write failed: the failed change and
+    /// everything applied after it are dropped from memory (the store refused them all), the
+    /// live sockets stay and hear the state as it is now.
+    async fn heal(self) {
+        let mut failures = self.store.diverged();
+        loop {
+            tokio::select! {
+                r = failures.changed() => if r.is_err() { return },
+                _ = self.shutdown.cancelled() => return,
+            }
+            self.diverged.store(true, Ordering::Release);
+            tracing::warn!("a store write failed: rebuilding the state from the store");
+            loop {
+                if self.shutdown.is_cancelled() {
+                    return;
+                }
+                if self.store.ready() {
+                    let st = self.store.clone();
+                    match tokio::task::spawn_blocking(move || st.load()).await {
+                        Ok(Ok(snapshot)) => {
+                            let mut core = self.core.lock();
+                            core.rebuild(snapshot, Instant::now());
+                            // Writes of the rebuilt state are taken again (they queue behind
+                            // nothing: every older one was refused).
+                            self.store.resume();
+                            self.diverged.store(false, Ordering::Release);
+                            self.finish(&mut core);
+                            drop(core);
+                            tracing::info!("state rebuilt from the store; changes taken again");
+                            if let Some(c) = self.cluster.get() {
+                                c.resync_soon();
+                            }
+                            break;
+                        }
+                        Ok(Err(e)) => tracing::warn!(cause = %e, "reloading from the store failed"),
+                        Err(e) => tracing::warn!(cause = %e, "reloading from the store failed"),
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = self.shutdown.cancelled() => return,
+                }
+            }
+            // Failures while rebuilding were for writes of the old state: seen already.
+            failures.mark_unchanged();
+        }
+    }
+
+    /// Cluster: the assigner lease is ours until `until` (ms, [`Hub::now_ms`]).
+    pub fn lease_until(&self, until: u64) {
+        self.lease_until.store(until, Ordering::Release);
     }
 
     /// A read-only look at the state.
@@ -136,8 +263,9 @@ impl Hub {
         &*self.store
     }
 
+    /// The store takes writes and the state is not being rebuilt (`/readyz`).
     pub fn store_ready(&self) -> bool {
-        self.store.ready()
+        self.store.ready() && !self.diverged.load(Ordering::Acquire)
     }
 
     /// Milliseconds since the hub started (the peers' liveness clock).
@@ -396,5 +524,30 @@ impl Hub {
     pub fn close_store(&self) {
         self.run(|core, _| core.end_sessions_at_shutdown());
         self.store.close();
+    }
+}
+
+/// Queues frames to their sockets.
+fn deliver(frames: Vec<(Arc<Peer>, Frame)>) {
+    let (mut sent, mut dropped) = (0, 0);
+    for (peer, frame) in frames {
+        match peer.push(Out::Text(frame)) {
+            Ok(()) => sent += 1,
+            Err(_) => dropped += 1,
+        }
+    }
+    crate::metrics::events(sent, dropped);
+}
+
+/// Shows each change's frames once its writes are durable, in the order of changes (the
+/// store acknowledges in that order), and answers its caller after that.
+async fn release(mut rx: mpsc::UnboundedReceiver<Release>, held: Arc<AtomicUsize>) {
+    while let Some(r) = rx.recv().await {
+        let result = store::durable(r.ticket).await;
+        if result.is_ok() {
+            deliver(r.frames);
+        }
+        held.fetch_sub(1, Ordering::AcqRel);
+        let _ = r.done.send(result);
     }
 }

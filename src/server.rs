@@ -98,6 +98,8 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
                 }
             },
             _ = &mut shutdown => break,
+            // The hub can end itself (its node id was taken over in the cluster).
+            _ = hub.shutdown.cancelled() => break,
         };
         // HTTP connections count in `limits.max_connections` beside the sockets: a flood of
         // idle or slow requests must not run the process out of descriptors either.

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, watch};
 
-use super::{Job, Queue, Retention, Snapshot, Store, StoreError, Ticket, Write};
+use super::{Gate, Job, Queue, Retention, Snapshot, Store, StoreError, Ticket, Write};
 use crate::audit::{LogEntry, SessionRecord, SessionState, StoredLog};
 use crate::feed::{EventType, FeedError, Page, Position, StoredEvent, Types, unix_ms};
 use crate::model::{Chat, ChatMessage, ChatStatus};
@@ -110,9 +110,10 @@ impl Embedded {
         let writer = {
             let db = db.clone();
             let healthy = healthy.clone();
+            let gate = queue.gate.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer_loop(&db, rx, &healthy, signal))
+                .spawn(move || writer_loop(&db, rx, &gate, &healthy, signal))
                 .map_err(|e| backend(e.to_string()))?
         };
         Ok(Embedded {
@@ -147,6 +148,7 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 fn writer_loop(
     db: &Database,
     mut rx: mpsc::UnboundedReceiver<Job>,
+    gate: &Gate,
     healthy: &AtomicBool,
     signal: watch::Sender<u64>,
 ) {
@@ -159,9 +161,16 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let result = commit(db, jobs.iter().flat_map(|(w, _)| w.iter()), last_event);
+        // Jobs computed on top of a failed write are refused, never written.
+        let (jobs, refused): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| gate.admits(j));
+        refused.into_iter().for_each(super::refuse);
+        if jobs.is_empty() {
+            continue;
+        }
+        let result = commit(db, jobs.iter().flat_map(|j| j.writes.iter()), last_event);
         if let Err(e) = &result {
-            tracing::error!(cause = %e, "store commit failed");
+            tracing::error!(cause = %e, "store commit failed; the hub reloads its state");
+            gate.fail(&jobs[0]);
         }
         healthy.store(result.is_ok(), Ordering::Relaxed);
         if let Ok(last) = result
@@ -170,8 +179,8 @@ fn writer_loop(
             last_event = last;
             signal.send_replace(last);
         }
-        for (_, ack) in jobs {
-            let _ = ack.send(result.clone().map(|_| ()));
+        for j in jobs {
+            let _ = j.ack.send(result.clone().map(|_| ()));
         }
     }
 }
@@ -245,6 +254,7 @@ fn commit<'a>(
                 Write::Meta { key, value } => {
                     meta.insert(*key, value.as_bytes()).map_err(backend)?;
                 }
+                Write::Fence(_) => {}
                 Write::Log(l) => {
                     log.insert((l.entry.operator, l.seq), json(l).as_slice())
                         .map_err(backend)?;
@@ -425,6 +435,14 @@ impl Store for Embedded {
 
     fn ready(&self) -> bool {
         self.queue.is_open() && self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn diverged(&self) -> watch::Receiver<u64> {
+        self.queue.diverged()
+    }
+
+    fn resume(&self) {
+        self.queue.resume();
     }
 
     fn close(&self) {

@@ -5,6 +5,7 @@
 pub mod embedded;
 pub mod redis;
 mod redis_feed;
+mod redis_write;
 
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
@@ -21,6 +22,12 @@ pub enum StoreError {
     Backend(String),
     #[error("store is closed")]
     Closed,
+    /// Not written, and never will be (the hub reloads its state from the store).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The write needs the assigner's lease, which another node holds now.
+    #[error("fenced: this node no longer holds the assigner lease")]
+    Fenced,
 }
 
 /// Everything live that is persisted, read once at start. Closed chats stay in the store
@@ -42,6 +49,9 @@ pub struct Snapshot {
 /// One change to persist.
 #[derive(Debug, Clone)]
 pub enum Write {
+    /// The writes of this batch apply only while this token holds the assigner lease
+    /// (Redis; the embedded store has one process and no lease).
+    Fence(std::sync::Arc<str>),
     Operator(StoredOperator),
     DeleteOperator(u64),
     Department(Department),
@@ -123,6 +133,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
     /// Makes every queued write durable and stops; later writes fail.
     fn close(&self);
+    /// Changes when a write failed: the hub's state may now differ from the store's, and
+    /// every write queued since is refused until [`Store::resume`].
+    fn diverged(&self) -> watch::Receiver<u64>;
+    /// Takes writes again; called once the hub rebuilt its state from the store.
+    fn resume(&self);
 
     /// Up to `limit` events from `from`, oldest first, of the `types` asked for.
     fn read_events(
@@ -186,23 +201,88 @@ pub fn done() -> Ticket {
     rx
 }
 
-/// Writes queued for a store's writer, with the sender of their ticket.
-pub(crate) type Job = (Vec<Write>, oneshot::Sender<Result<(), StoreError>>);
+/// Writes queued for a store's writer, with the sender of their ticket and the generation
+/// of the hub's state they were computed from (see [`Gate`]).
+pub(crate) struct Job {
+    pub(crate) writes: Vec<Write>,
+    pub(crate) ack: oneshot::Sender<Result<(), StoreError>>,
+    generation: u64,
+}
+
+/// Keeps "an error means it did not happen" true after a failed write. The hub applied the
+/// failed change (and every change queued behind it) in memory already; the store refuses
+/// every write of that generation, so none of them lands later, and tells the hub
+/// ([`Store::diverged`]), which rebuilds its state from the store and then calls
+/// [`Store::resume`]: writes of the new generation are taken again.
+pub(crate) struct Gate {
+    generation: std::sync::atomic::AtomicU64,
+    /// Jobs of this generation or older are refused; 0: none.
+    refused: std::sync::atomic::AtomicU64,
+    signal: watch::Sender<u64>,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        Gate {
+            generation: 1.into(),
+            refused: 0.into(),
+            signal: watch::channel(0).0,
+        }
+    }
+
+    /// True when the job may be written.
+    pub(crate) fn admits(&self, job: &Job) -> bool {
+        job.generation > self.refused.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A write of `job`'s generation failed: refuse the rest of it and tell the hub.
+    pub(crate) fn fail(&self, job: &Job) {
+        use std::sync::atomic::Ordering;
+        if self.refused.fetch_max(job.generation, Ordering::AcqRel) < job.generation {
+            self.signal.send_replace(job.generation);
+        }
+    }
+
+    fn resume(&self) {
+        use std::sync::atomic::Ordering;
+        let refused = self.refused.load(Ordering::Acquire);
+        self.generation.fetch_max(refused + 1, Ordering::AcqRel);
+    }
+}
 
 /// The queue into a store's single writer: keeps the order of changes, refuses once closed.
-pub(crate) struct Queue(Mutex<Option<mpsc::UnboundedSender<Job>>>);
+pub(crate) struct Queue {
+    tx: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    pub(crate) gate: std::sync::Arc<Gate>,
+}
 
 impl Queue {
     pub(crate) fn new() -> (Queue, mpsc::UnboundedReceiver<Job>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Queue(Mutex::new(Some(tx))), rx)
+        let gate = std::sync::Arc::new(Gate::new());
+        (
+            Queue {
+                tx: Mutex::new(Some(tx)),
+                gate,
+            },
+            rx,
+        )
     }
 
-    pub(crate) fn push(&self, batch: Vec<Write>) -> Ticket {
+    pub(crate) fn push(&self, writes: Vec<Write>) -> Ticket {
         let (ack, ticket) = oneshot::channel();
-        let refused = match self.0.lock().as_ref() {
-            Some(tx) => tx.send((batch, ack)).err().map(|e| e.0.1),
-            None => Some(ack),
+        let generation = self
+            .gate
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        let job = Job {
+            writes,
+            ack,
+            generation,
+        };
+        let refused = match self.tx.lock().as_ref() {
+            Some(tx) => tx.send(job).err().map(|e| e.0.ack),
+            None => Some(job.ack),
         };
         if let Some(ack) = refused {
             let _ = ack.send(Err(StoreError::Closed));
@@ -211,11 +291,27 @@ impl Queue {
     }
 
     pub(crate) fn is_open(&self) -> bool {
-        self.0.lock().is_some()
+        self.tx.lock().is_some()
     }
 
     /// Stops taking writes; the writer ends once it has applied what was queued.
     pub(crate) fn close(&self) {
-        drop(self.0.lock().take());
+        drop(self.tx.lock().take());
     }
+
+    /// Bumped with each failed write: the hub must rebuild from the store.
+    pub(crate) fn diverged(&self) -> watch::Receiver<u64> {
+        self.gate.signal.subscribe()
+    }
+
+    pub(crate) fn resume(&self) {
+        self.gate.resume();
+    }
+}
+
+/// Answers the jobs a writer refuses without trying them (their generation failed).
+pub(crate) fn refuse(job: Job) {
+    let _ = job.ack.send(Err(StoreError::Unavailable(
+        "an earlier write failed; state is being reloaded".into(),
+    )));
 }

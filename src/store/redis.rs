@@ -1,9 +1,9 @@
 //! The Redis store: the same records as the embedded store, under `store.key_prefix`
-//! (schema in docs/redis.md). One writer task applies queued writes in order, each group
-//! as one MULTI/EXEC. While Redis is unreachable, writes are answered with an error at
-//! once (never acknowledged) and kept, in order, to be applied when it is back, so Redis
-//! converges to what the hub holds. The event feed is a Redis Stream appended to in the same
-//! MULTI/EXEC as the records of its changes (read code in `redis_feed.rs`).
+//! (schema in docs/redis.md). One writer task applies queued writes in order, each group as
+//! one call of one Lua script (`redis_write.rs`): records, events and checks in one atomic
+//! step. A write that fails is answered with an error and never applied later; the hub then
+//! rebuilds its state from Redis. The event feed is a Redis Stream appended to by that same
+//! script (read code in `redis_feed.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,14 +12,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Client, Commands};
-use tokio::sync::mpsc;
 
-use super::{Job, Queue, Snapshot, Store, StoreError, Ticket, Write};
+use super::{Queue, Snapshot, Store, StoreError, Ticket, Write};
 use crate::audit::{LogEntry, SessionRecord, StoredLog};
 use crate::model::ChatStatus;
-
-/// Writes taken into one MULTI/EXEC at most.
-const MAX_GROUP: usize = 1024;
 
 pub struct RedisStore {
     client: Client,
@@ -100,18 +96,19 @@ impl Keys {
     pub fn audited(&self) -> String {
         format!("{}audited", self.0)
     }
+    /// The assigner lease: `{node}:{epoch}:{random}` of the node that assigns.
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.0)
+    }
+    /// Incremented on every acquisition of the assigner lease.
+    pub fn leader_epoch(&self) -> String {
+        format!("{}leader:epoch", self.0)
+    }
+    /// The last sequence number a store writer applied (see `redis_write.rs`).
+    pub fn writer(&self, id: &str) -> String {
+        format!("{}writer:{id}", self.0)
+    }
 }
-
-/// Appends one event to the stream, skipping a state event equal to the last one logged
-/// for its subject (several nodes publish the same operator's state).
-const LOG_EVENT: &str = r"
-if ARGV[1] ~= '' then
-  local d = redis.sha1hex(ARGV[5])
-  if redis.call('HGET', KEYS[2], ARGV[1]) == d then return false end
-  redis.call('HSET', KEYS[2], ARGV[1], d)
-end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', ARGV[3], 'at', ARGV[4], 'f', ARGV[5])
-";
 
 /// Takes a free role or renews one's own: 1 when held.
 const HOLD_ROLE: &str = r"
@@ -127,49 +124,6 @@ const RELEASE_ROLE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 ";
-
-/// Moves the webhook position forward only: a deliverer that lost its role while a POST
-/// was under way cannot set it back (which would re-send delivered batches).
-const ADVANCE: &str = r"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
-  local a, b = string.match(cur, '^(%d+)-(%d+)$')
-  local c, d = string.match(ARGV[2], '^(%d+)-(%d+)$')
-  if a and c and (tonumber(a) > tonumber(c) or (a == c and tonumber(b) >= tonumber(d))) then
-    return 0
-  end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-";
-
-/// Raises the chat id high-water mark.
-const RAISE: &str = r"
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-return 1
-";
-
-/// [`crate::audit::SessionState::start`] in Redis, atomic with the rest of the write group:
-/// only the first node's report of a transition opens the session.
-const SESSION_START: &str = "\
-if redis.call('HEXISTS', KEYS[1], 'open') == 1 then return 0 end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last_end') or '0')
-if tonumber(ARGV[1]) < last then return 0 end
-redis.call('HSET', KEYS[1], 'open', ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
-return 1";
-
-/// [`crate::audit::SessionState::end`] in Redis: ends the open session once.
-const SESSION_END: &str = "\
-local open = redis.call('HGET', KEYS[1], 'open')
-if not open or tonumber(open) > tonumber(ARGV[1]) then return 0 end
-local rec = '{\"operator\":' .. ARGV[2] .. ',\"started_ms\":' .. open .. ',\"ended_ms\":' .. ARGV[1] .. ',\"end_reason\":\"' .. ARGV[3] .. '\"}'
-redis.call('ZADD', KEYS[2], ARGV[1], rec)
-redis.call('HDEL', KEYS[1], 'open')
-redis.call('HSET', KEYS[1], 'last_end', ARGV[1])
-return 1";
 
 pub(super) fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("redis: {e}"))
@@ -199,13 +153,15 @@ impl RedisStore {
             .map_err(backend)?;
         let healthy = Arc::new(AtomicBool::new(true));
         let (queue, rx) = Queue::new();
-        let writer = tokio::spawn(writer_loop(
-            conn.clone(),
-            Keys(prefix.to_string()),
-            rx,
-            healthy.clone(),
+        let writer = super::redis_write::Writer {
+            client: client.clone(),
+            keys: Keys(prefix.to_string()),
+            id: format!("{}", crate::feed::unix_ms()) + &format!("-{:016x}", rand::random::<u64>()),
+            gate: queue.gate.clone(),
+            healthy: healthy.clone(),
             max_events,
-        ));
+        };
+        let writer = tokio::spawn(writer.run(rx));
         tokio::spawn(health_loop(conn.clone(), healthy.clone()));
         let (signal, events) = tokio::sync::watch::channel(0);
         tokio::spawn(super::redis_feed::follow(
@@ -243,203 +199,6 @@ async fn health_loop(mut conn: ConnectionManager, healthy: Arc<AtomicBool>) {
             return; // the store is gone
         }
     }
-}
-
-async fn writer_loop(
-    mut conn: ConnectionManager,
-    keys: Keys,
-    mut rx: mpsc::UnboundedReceiver<Job>,
-    healthy: Arc<AtomicBool>,
-    max_events: u64,
-) {
-    // Writes that failed: kept in order and applied before anything newer.
-    let mut backlog: Vec<Write> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
-        let mut writes = std::mem::take(&mut backlog);
-        let mut acks = Vec::with_capacity(jobs.len());
-        for (w, ack) in jobs {
-            writes.extend(w);
-            acks.push(ack);
-        }
-        match apply(&mut conn, &keys, &writes, max_events).await {
-            Ok(()) => {
-                healthy.store(true, Ordering::Relaxed);
-                for a in acks {
-                    let _ = a.send(Ok(()));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(cause = %e, writes = writes.len(), "redis write failed; retrying until it is back");
-                healthy.store(false, Ordering::Relaxed);
-                for a in acks {
-                    let _ = a.send(Err(e.clone()));
-                }
-                backlog = writes;
-                // Retry the backlog; a write arriving meanwhile fails at once and joins it,
-                // unless Redis answers pings again: then the backlog is tried with it at once
-                // (a steady stream of writes must not keep the backoff from ever ending).
-                let mut delay = Duration::from_millis(100);
-                loop {
-                    let mut waiting = None;
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        job = rx.recv() => match job {
-                            Some((w, ack)) => {
-                                backlog.extend(w);
-                                if !healthy.load(Ordering::Relaxed) {
-                                    let _ = ack.send(Err(StoreError::Backend("redis unavailable".into())));
-                                    continue;
-                                }
-                                waiting = Some(ack);
-                            }
-                            None => return,
-                        },
-                    }
-                    if apply(&mut conn, &keys, &backlog, max_events).await.is_ok() {
-                        tracing::info!(writes = backlog.len(), "redis is back; backlog applied");
-                        healthy.store(true, Ordering::Relaxed);
-                        backlog.clear();
-                        if let Some(ack) = waiting {
-                            let _ = ack.send(Ok(()));
-                        }
-                        break;
-                    }
-                    if let Some(ack) = waiting {
-                        let _ = ack.send(Err(StoreError::Backend("redis unavailable".into())));
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-    }
-}
-
-async fn apply(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    writes: &[Write],
-    max_events: u64,
-) -> Result<(), StoreError> {
-    if writes.is_empty() {
-        return Ok(());
-    }
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    for w in writes {
-        match w {
-            Write::Operator(o) => {
-                pipe.set(keys.operator(o.record.id), json(o)).ignore();
-                pipe.sadd(keys.operators(), o.record.id).ignore();
-            }
-            Write::DeleteOperator(id) => {
-                pipe.del(keys.operator(*id)).ignore();
-                pipe.srem(keys.operators(), *id).ignore();
-            }
-            Write::Department(d) => {
-                pipe.set(keys.department(d.id), json(d)).ignore();
-                pipe.sadd(keys.departments(), d.id).ignore();
-            }
-            Write::Chat(c) => {
-                pipe.set(keys.chat(c.id), json(c)).ignore();
-                pipe.cmd("EVAL")
-                    .arg(RAISE)
-                    .arg(1)
-                    .arg(keys.next_chat())
-                    .arg(c.id + 1)
-                    .ignore();
-                if c.status == ChatStatus::Closed {
-                    pipe.srem(keys.chats(), c.id).ignore();
-                    pipe.cmd("ZADD")
-                        .arg(keys.closed_chats())
-                        .arg("NX")
-                        .arg(crate::feed::unix_ms())
-                        .arg(c.id)
-                        .ignore();
-                    pipe.zadd(keys.closed_ids(), c.id, c.id).ignore();
-                } else {
-                    pipe.sadd(keys.chats(), c.id).ignore();
-                }
-            }
-            Write::Message(chat, m) => {
-                pipe.zadd(keys.messages(*chat), json(m), m.id).ignore();
-            }
-            Write::TrimMessages { chat, below } => {
-                pipe.zrembyscore(keys.messages(*chat), "-inf", format!("({below}"))
-                    .ignore();
-            }
-            Write::Event(e) => {
-                pipe.cmd("EVAL")
-                    .arg(LOG_EVENT)
-                    .arg(2)
-                    .arg(keys.events())
-                    .arg(keys.event_digests())
-                    .arg(e.subject.as_deref().unwrap_or(""))
-                    .arg(max_events)
-                    .arg(e.kind.as_str())
-                    .arg(e.at_ms)
-                    .arg(e.frame.as_str())
-                    .ignore();
-            }
-            Write::Meta { key, value } if *key == super::WEBHOOK_POSITION => {
-                pipe.cmd("EVAL")
-                    .arg(ADVANCE)
-                    .arg(1)
-                    .arg(keys.meta())
-                    .arg(*key)
-                    .arg(value)
-                    .ignore();
-            }
-            Write::Meta { key, value } => {
-                pipe.hset(keys.meta(), *key, value).ignore();
-            }
-            Write::Log(l) => {
-                pipe.zadd(keys.log(l.entry.operator), json(l), l.seq)
-                    .ignore();
-                pipe.sadd(keys.audited(), l.entry.operator).ignore();
-            }
-            Write::SessionStart { operator, at } => {
-                pipe.cmd("EVAL")
-                    .arg(SESSION_START)
-                    .arg(2)
-                    .arg(keys.session(*operator))
-                    .arg(keys.audited())
-                    .arg(*at)
-                    .arg(*operator)
-                    .ignore();
-            }
-            Write::SessionEnd {
-                operator,
-                at,
-                reason,
-            } => {
-                let reason = serde_json::to_value(reason)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                pipe.cmd("EVAL")
-                    .arg(SESSION_END)
-                    .arg(2)
-                    .arg(keys.session(*operator))
-                    .arg(keys.sessions(*operator))
-                    .arg(*at)
-                    .arg(*operator)
-                    .arg(reason)
-                    .ignore();
-            }
-        }
-    }
-    pipe.query_async::<()>(conn).await.map_err(backend)
-}
-
-fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).expect("records serialize")
 }
 
 pub(super) fn parse<T: serde::de::DeserializeOwned>(key: &str, raw: &str) -> Result<T, StoreError> {
@@ -599,6 +358,14 @@ impl Store for RedisStore {
 
     fn ready(&self) -> bool {
         self.queue.is_open() && self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn diverged(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.queue.diverged()
+    }
+
+    fn resume(&self) {
+        self.queue.resume();
     }
 
     fn close(&self) {
@@ -765,16 +532,31 @@ pub async fn hold_node(
         if conn.is_none() {
             conn = client.get_multiplexed_async_connection().await.ok();
         }
-        if let Some(c) = conn.as_mut()
-            && let Err(e) = renew
+        if let Some(c) = conn.as_mut() {
+            match renew
                 .key(&key)
                 .arg(&token)
                 .arg(lease.as_millis() as u64)
                 .invoke_async::<Option<String>>(c)
                 .await
-        {
-            tracing::warn!(cause = %e, "could not renew the node lease");
-            conn = None;
+            {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    // Another process runs under our node_id (we were cut off or paused
+                    // past the lease and it started meanwhile): two nodes with one id would
+                    // count each other's connections as their own. This one leaves.
+                    tracing::error!(
+                        node = %node,
+                        "server.node_id is held by another process now: shutting this node down"
+                    );
+                    alive.cancel();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(cause = %e, "could not renew the node lease");
+                    conn = None;
+                }
+            }
         }
     }
     if conn.is_none() {

@@ -124,7 +124,11 @@ impl Operator {
             OperatorRequest::Activity { active } => {
                 let stamp = if active { hub.now_ms() } else { u64::MAX };
                 peer.last_activity.store(stamp, Ordering::Relaxed);
-                hub.run(|c, now| c.set_active(me, peer.id, active, now));
+                let (_, shown) = hub.run(|c, now| c.set_active(me, peer.id, active, now));
+                // Acked once what it changed is durable and on its way to the sockets (its
+                // own `operator_status` before the ack). A failed write is not the client's
+                // doing: the hub rebuilds and tells everyone the state again.
+                let _ = crate::store::durable(shown).await;
                 Ok(None)
             }
             OperatorRequest::Logout {} => {

@@ -37,6 +37,11 @@ impl NodeProcess {
     /// Starts node `id` with the test secrets and `extra` TOML appended to its config
     /// (sections other than `[server]`, `[auth]` and `[store]`), and waits until it is ready.
     pub async fn start(redis: &RedisServer, id: &str, extra: &str) -> NodeProcess {
+        Self::start_url(&redis.url(), id, extra).await
+    }
+
+    /// Like [`NodeProcess::start`], on Redis at `url` (a [`super::proxy::Proxy`]).
+    pub async fn start_url(url: &str, id: &str, extra: &str) -> NodeProcess {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -49,7 +54,7 @@ impl NodeProcess {
             format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\nnode_id = \"{id}\"\n[auth]\njwt_secret = \"{JWT_SECRET}\"\napi_key = \"{API_KEY}\"\n\
                  [store]\nbackend = \"redis\"\nredis_url = \"{}\"\ndata_dir = \"{}\"\n{extra}",
-                redis.url(),
+                url,
                 dir.path().display()
             ),
         )
@@ -80,6 +85,20 @@ impl NodeProcess {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("node {id} did not become ready");
+    }
+
+    /// SIGSTOP: the process stops where it is (a long GC pause, a frozen VM).
+    pub fn pause(&self) {
+        let _ = Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// SIGCONT after [`NodeProcess::pause`].
+    pub fn resume(&self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
     }
 
     /// kill -9, and reaps the process.
