@@ -1,10 +1,10 @@
 //! The hub handle: a cheap clone around the shared state (mini-redis's `Db`). It owns the
-//! lock around [`Core`], the concurrent map of live connections, the store, the timers and
+//! lock around [`Core`], the concurrent map of live connections, the store, the timer task and
 //! the sweeper that pings connections and closes dead ones.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -20,6 +20,7 @@ use crate::peer::{Kind, Out, Peer};
 use crate::presence::ConnId;
 use crate::store::{self, Store, Ticket};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 pub struct Shared {
     pub cfg: Arc<Config>,
@@ -44,6 +45,8 @@ pub struct Shared {
     cluster: OnceLock<Arc<Cluster>>,
     /// Tasks that leave the cluster cleanly after shutdown (lease release, last notes).
     leaving: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Where timers go to the timer task (`crate::timers`).
+    timers: mpsc::UnboundedSender<Timer>,
 }
 
 #[derive(Clone)]
@@ -68,6 +71,7 @@ impl Hub {
             // Queued before any request can be served: ordered before every later change.
             drop(store.write(writes));
         }
+        let (timers_tx, timers_rx) = mpsc::unbounded_channel();
         let hub = Hub(Arc::new(Shared {
             cfg,
             core: Mutex::new(core),
@@ -83,7 +87,19 @@ impl Hub {
             notes: OnceLock::new(),
             cluster: OnceLock::new(),
             leaving: Mutex::new(Vec::new()),
+            timers: timers_tx,
         }));
+        // The task holds the hub weakly: dropping the hub ends it, like the shutdown does.
+        let weak = Arc::downgrade(&hub.0);
+        tokio::spawn(crate::timers::run(
+            timers_rx,
+            hub.shutdown.clone(),
+            move |t| {
+                if let Some(shared) = weak.upgrade() {
+                    Hub(shared).run(|core, now| t.fire(core, now));
+                }
+            },
+        ));
         for t in timers {
             hub.schedule(t);
         }
@@ -164,30 +180,10 @@ impl Hub {
         }
     }
 
+    /// Arms a timer in the timer task; one armed before for the same thing is replaced.
     fn schedule(&self, t: Timer) {
-        let hub = self.clone();
-        let at = match t {
-            Timer::GraceEnd { at, .. }
-            | Timer::AcceptDeadline { at, .. }
-            | Timer::OfflineOwners { at }
-            | Timer::HoursBoundary { at, .. } => at,
-        };
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep_until(at.into()) => {}
-                _ = hub.shutdown.cancelled() => return,
-            }
-            hub.run(|core, now| match t {
-                Timer::GraceEnd { operator, .. } => core.grace_ended(operator, now),
-                Timer::AcceptDeadline { chat, round, .. } => core.accept_deadline(chat, round, now),
-                Timer::OfflineOwners { .. } => core.requeue_offline_owners(now),
-                Timer::HoursBoundary {
-                    department,
-                    generation,
-                    ..
-                } => core.hours_boundary(department, generation, now),
-            });
-        });
+        // Closed only when the timer task ended, at shutdown: nothing is due any more.
+        let _ = self.timers.send(t);
     }
 
     /// Pings every connection each `ping_interval`, closes those silent for `pong_timeout`
