@@ -1,5 +1,5 @@
 //! The hub handle: a cheap clone around the shared state (mini-redis's `Db`). It owns the
-//! lock around [`Core`], the concurrent map of live connections, the store, the timers and
+//! lock around [`Core`], the concurrent map of live connections, the store, the timer task and
 //! the sweeper that pings connections and closes dead ones.
 //!
 //! Every change goes one way: it runs on the core under the lock (checked, applied to
@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -29,6 +29,7 @@ use crate::protocol::Frame;
 use crate::store::{self, Store, StoreError, Ticket};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 /// The frames of a change, held until its writes are durable.
 struct Release {
@@ -68,6 +69,8 @@ pub struct Shared {
     diverged: AtomicBool,
     /// Cluster: until when (ms, [`Hub::now_ms`]) the assigner lease is surely still ours.
     lease_until: AtomicU64,
+    /// Where timers go to the timer task (`crate::timers`).
+    timers: mpsc::UnboundedSender<Timer>,
 }
 
 #[derive(Clone)]
@@ -93,6 +96,7 @@ impl Hub {
             // Queued before any request can be served: ordered before every later change.
             drop(store.write(writes));
         }
+        let (timers_tx, timers_rx) = mpsc::unbounded_channel();
         let hub = Hub(Arc::new(Shared {
             cfg,
             core: Mutex::new(core),
@@ -112,7 +116,19 @@ impl Hub {
             held: Arc::new(AtomicUsize::new(0)),
             diverged: AtomicBool::new(false),
             lease_until: AtomicU64::new(0),
+            timers: timers_tx,
         }));
+        // The task holds the hub weakly: dropping the hub ends it, like the shutdown does.
+        let weak = Arc::downgrade(&hub.0);
+        tokio::spawn(crate::timers::run(
+            timers_rx,
+            hub.shutdown.clone(),
+            move |t| {
+                if let Some(shared) = weak.upgrade() {
+                    Hub(shared).run(|core, now| t.fire(core, now));
+                }
+            },
+        ));
         for t in timers {
             hub.schedule(t);
         }
@@ -292,30 +308,10 @@ impl Hub {
         }
     }
 
+    /// Arms a timer in the timer task; one armed before for the same thing is replaced.
     fn schedule(&self, t: Timer) {
-        let hub = self.clone();
-        let at = match t {
-            Timer::GraceEnd { at, .. }
-            | Timer::AcceptDeadline { at, .. }
-            | Timer::OfflineOwners { at }
-            | Timer::HoursBoundary { at, .. } => at,
-        };
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep_until(at.into()) => {}
-                _ = hub.shutdown.cancelled() => return,
-            }
-            hub.run(|core, now| match t {
-                Timer::GraceEnd { operator, .. } => core.grace_ended(operator, now),
-                Timer::AcceptDeadline { chat, round, .. } => core.accept_deadline(chat, round, now),
-                Timer::OfflineOwners { .. } => core.requeue_offline_owners(now),
-                Timer::HoursBoundary {
-                    department,
-                    generation,
-                    ..
-                } => core.hours_boundary(department, generation, now),
-            });
-        });
+        // Closed only when the timer task ended, at shutdown: nothing is due any more.
+        let _ = self.timers.send(t);
     }
 
     /// Pings every connection each `ping_interval`, closes those silent for `pong_timeout`

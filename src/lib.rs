@@ -25,5 +25,6 @@ pub mod protocol;
 pub mod rules;
 pub mod server;
 pub mod store;
+pub mod timers;
 pub mod webhooks;
 pub mod ws;

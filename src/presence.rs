@@ -2,9 +2,10 @@
 //! The hub calls in with connection events and the current time and schedules the one
 //! timer this module asks for (the end of a disconnect grace).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
 /// Identifies one live socket within a node.
 pub type ConnId = u64;

@@ -8,7 +8,7 @@
 //! Every socket then hears the state as it is (`hello`, department states, the visitor's
 //! chat), since what it was last shown is not known any more.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use super::{Core, Event};
 use crate::store::Snapshot;

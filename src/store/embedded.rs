@@ -2,6 +2,11 @@
 //! groups every write queued meanwhile into one transaction (group commit), so many writes
 //! share one fsync and each is acknowledged only once its transaction is durable. The event
 //! feed is a table written in the same transaction as the records of its changes.
+//!
+//! This file holds the records (operators, departments, chats and their messages), the
+//! writer and the `Store` impl; `embedded/feed.rs` the event feed's table and reads,
+//! `embedded/audit.rs` the status log and sessions. Retention trims all three in one
+//! transaction.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,6 +23,15 @@ use crate::audit::{LogEntry, SessionRecord, SessionState, StoredLog};
 use crate::feed::{EventType, FeedError, Page, Position, StoredEvent, Types, unix_ms};
 use crate::model::{Chat, ChatMessage, ChatStatus};
 
+mod audit;
+mod feed;
+
+use audit::{
+    LOG, LOG_BY_TIME, SESSION_STATE, SESSIONS, SESSIONS_BY_END, read_log, read_sessions,
+    session_state,
+};
+use feed::{EVENTS, EVENTS_DROPPED, kind_byte};
+
 const OPERATORS: TableDefinition<u64, &[u8]> = TableDefinition::new("operators");
 const DEPARTMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("departments");
 /// Every chat, closed ones until their retention ends.
@@ -27,30 +41,13 @@ const MESSAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("messa
 /// Closed chats: id → when it closed (Unix ms); and the same by time, for retention.
 const CLOSED: TableDefinition<u64, u64> = TableDefinition::new("closed_chats");
 const CLOSED_AT: TableDefinition<(u64, u64), ()> = TableDefinition::new("closed_chats_by_time");
-/// The event feed: id → kind byte, Unix ms (8 bytes, little endian), the event's JSON.
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// The hub's own small values: [`Write::Meta`] and the feed's bookkeeping.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// Highest event id retention dropped: a read after an id below it would skip events.
-const EVENTS_DROPPED: &str = "events_dropped";
 /// Above every chat id ever written: allocated ids never repeat after retention deleted the
 /// newest closed chats.
 const NEXT_CHAT: &str = "next_chat_id";
 /// Rows one clean-up transaction removes at most, so writes never wait long for it.
 const CLEAN_BATCH: usize = 10_000;
-/// Rows one feed read scans at most (a narrow `types` filter over a long log).
-const SCAN_LIMIT: usize = 10_000;
-/// Status log. Key: (operator, seq).
-const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("status_log");
-/// Ended sessions. Key: (operator, ended ms, started ms).
-const SESSIONS: TableDefinition<(u64, u64, u64), &[u8]> = TableDefinition::new("sessions");
-/// The same log entries and ended sessions by time, for retention: (seq, operator) and
-/// (ended ms, operator, started ms).
-const LOG_BY_TIME: TableDefinition<(u64, u64), ()> = TableDefinition::new("status_log_by_time");
-const SESSIONS_BY_END: TableDefinition<(u64, u64, u64), ()> =
-    TableDefinition::new("sessions_by_end");
-/// Where each operator's session stands ([`SessionState`]). Key: operator.
-const SESSION_STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("session_state");
 
 /// redb's page cache. Its default (1 GiB) grows with the file: the closed chats and the
 /// events the store keeps would show up as the hub's memory. The OS page cache still keeps
@@ -299,32 +296,8 @@ fn commit<'a>(
     Ok(last_event)
 }
 
-fn kind_byte(k: EventType) -> u8 {
-    EventType::ALL.iter().position(|t| *t == k).unwrap_or(0) as u8
-}
-
-fn decode_event(id: u64, row: &[u8]) -> Option<StoredEvent> {
-    let kind = *EventType::ALL.get(usize::from(*row.first()?))?;
-    let at_ms = u64::from_le_bytes(row.get(1..9)?.try_into().ok()?);
-    let frame = std::str::from_utf8(row.get(9..)?).ok()?.to_owned();
-    Some(StoredEvent {
-        id: id.to_string(),
-        kind,
-        at_ms,
-        frame,
-    })
-}
-
 fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
     Box::pin(std::future::ready(v))
-}
-
-fn session_state(t: &redb::Table<u64, &[u8]>, operator: u64) -> Result<SessionState, StoreError> {
-    match t.get(operator).map_err(backend)? {
-        Some(v) => serde_json::from_slice(v.value())
-            .map_err(|e| backend(format!("corrupt session state: {e}"))),
-        None => Ok(SessionState::default()),
-    }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -459,49 +432,11 @@ impl Store for Embedded {
         limit: usize,
         types: Types,
     ) -> BoxFuture<'_, Result<Page, FeedError>> {
-        ready(self.db().map_err(FeedError::from).and_then(|db| {
-            let after = match &from {
-                Position::Start => None,
-                Position::After(id) => Some(
-                    id.parse::<u64>()
-                        .map_err(|_| FeedError::BadId(id.clone()))?,
-                ),
-            };
-            let txn = db.begin_read().map_err(backend)?;
-            let meta = txn.open_table(META).map_err(backend)?;
-            let dropped = meta_u64(&meta, EVENTS_DROPPED)?;
-            let table = txn.open_table(EVENTS).map_err(backend)?;
-            // Before what retention dropped, or beyond the newest id (a wiped or restored
-            // data dir): either way events would be skipped.
-            let newest = table
-                .last()
-                .map_err(backend)?
-                .map_or(0, |(k, _)| k.value())
-                .max(dropped);
-            if let Some(a) = after
-                && (a < dropped || a > newest)
-            {
-                return Err(FeedError::Gone(a.to_string()));
-            }
-            let start = after.map_or(0, |a| a + 1);
-            let mut page = Page {
-                events: Vec::new(),
-                last_id: after.map(|a| a.to_string()),
-            };
-            for (scanned, row) in table.range(start..).map_err(backend)?.enumerate() {
-                if page.events.len() >= limit || scanned >= SCAN_LIMIT {
-                    break;
-                }
-                let (k, v) = row.map_err(backend)?;
-                page.last_id = Some(k.value().to_string());
-                match decode_event(k.value(), v.value()) {
-                    Some(e) if types.admits(e.kind) => page.events.push(e),
-                    Some(_) => {}
-                    None => tracing::error!(event = k.value(), "corrupt event row skipped"),
-                }
-            }
-            Ok(page)
-        }))
+        ready(
+            self.db()
+                .map_err(FeedError::from)
+                .and_then(|db| feed::read_events(&db, &from, limit, &types)),
+        )
     }
 
     fn last_event_id(&self) -> BoxFuture<'_, Result<Option<String>, StoreError>> {
@@ -612,157 +547,40 @@ impl Store for Embedded {
 /// past their age or beyond the count; each bounded to [`CLEAN_BATCH`] rows.
 fn clean(db: &Database, r: Retention) -> Result<bool, StoreError> {
     let txn = db.begin_write().map_err(backend)?;
-    let mut more;
-    {
-        let mut closed = txn.open_table(CLOSED).map_err(backend)?;
-        let mut closed_at = txn.open_table(CLOSED_AT).map_err(backend)?;
-        let mut chats = txn.open_table(CHATS).map_err(backend)?;
-        let mut messages = txn.open_table(MESSAGES).map_err(backend)?;
-        let expired: Vec<(u64, u64)> = closed_at
-            .range((0, 0)..(r.chats_before_ms, 0))
-            .map_err(backend)?
-            .take(CLEAN_BATCH)
-            .map(|row| row.map(|(k, _)| k.value()))
-            .collect::<Result<_, _>>()
-            .map_err(backend)?;
-        more = expired.len() == CLEAN_BATCH;
-        for (at, id) in expired {
-            closed_at.remove((at, id)).map_err(backend)?;
-            closed.remove(id).map_err(backend)?;
-            chats.remove(id).map_err(backend)?;
-            messages
-                .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
-                .map_err(backend)?;
-        }
-
-        let mut events = txn.open_table(EVENTS).map_err(backend)?;
-        let mut meta = txn.open_table(META).map_err(backend)?;
-        let mut over = events.len().map_err(backend)?.saturating_sub(r.max_events);
-        let mut dropped = None;
-        let mut removed = 0;
-        for _ in 0..CLEAN_BATCH {
-            let Some((k, v)) = events.first().map_err(backend)? else {
-                break;
-            };
-            let (id, at) = (
-                k.value(),
-                decode_event(k.value(), v.value()).map_or(0, |e| e.at_ms),
-            );
-            drop((k, v));
-            if over == 0 && at >= r.events_before_ms {
-                break;
-            }
-            events.remove(id).map_err(backend)?;
-            over = over.saturating_sub(1);
-            dropped = Some(id);
-            removed += 1;
-        }
-        more |= removed == CLEAN_BATCH;
-        if let Some(id) = dropped {
-            meta.insert(EVENTS_DROPPED, id.to_string().as_bytes())
-                .map_err(backend)?;
-        }
-
-        // Status log seqs are microseconds; a session is dated by its end (running ones
-        // live in `session_state` and are never dropped). Bounded like the rest.
-        let before_us = r.audit_before_ms.saturating_mul(1000);
-        let mut log = txn.open_table(LOG).map_err(backend)?;
-        let mut log_by_time = txn.open_table(LOG_BY_TIME).map_err(backend)?;
-        let old: Vec<(u64, u64)> = log_by_time
-            .range((0, 0)..(before_us, 0))
-            .map_err(backend)?
-            .take(CLEAN_BATCH)
-            .map(|row| row.map(|(k, _)| k.value()))
-            .collect::<Result<_, _>>()
-            .map_err(backend)?;
-        more |= old.len() == CLEAN_BATCH;
-        for (seq, op) in old {
-            log_by_time.remove((seq, op)).map_err(backend)?;
-            log.remove((op, seq)).map_err(backend)?;
-        }
-        let mut sessions = txn.open_table(SESSIONS).map_err(backend)?;
-        let mut sessions_by_end = txn.open_table(SESSIONS_BY_END).map_err(backend)?;
-        let old: Vec<(u64, u64, u64)> = sessions_by_end
-            .range((0, 0, 0)..(r.audit_before_ms, 0, 0))
-            .map_err(backend)?
-            .take(CLEAN_BATCH)
-            .map(|row| row.map(|(k, _)| k.value()))
-            .collect::<Result<_, _>>()
-            .map_err(backend)?;
-        more |= old.len() == CLEAN_BATCH;
-        for (ended, op, started) in old {
-            sessions_by_end
-                .remove((ended, op, started))
-                .map_err(backend)?;
-            sessions.remove((op, ended, started)).map_err(backend)?;
-        }
-    }
+    let mut more = clean_chats(&txn, &r)?;
+    more |= feed::clean_events(&txn, &r)?;
+    more |= audit::clean_audit(&txn, &r)?;
     txn.commit().map_err(backend)?;
+    Ok(more)
+}
+
+/// Closed chats past `chats.retention`, with their messages.
+fn clean_chats(txn: &redb::WriteTransaction, r: &Retention) -> Result<bool, StoreError> {
+    let mut closed = txn.open_table(CLOSED).map_err(backend)?;
+    let mut closed_at = txn.open_table(CLOSED_AT).map_err(backend)?;
+    let mut chats = txn.open_table(CHATS).map_err(backend)?;
+    let mut messages = txn.open_table(MESSAGES).map_err(backend)?;
+    let expired: Vec<(u64, u64)> = closed_at
+        .range((0, 0)..(r.chats_before_ms, 0))
+        .map_err(backend)?
+        .take(CLEAN_BATCH)
+        .map(|row| row.map(|(k, _)| k.value()))
+        .collect::<Result<_, _>>()
+        .map_err(backend)?;
+    let more = expired.len() == CLEAN_BATCH;
+    for (at, id) in expired {
+        closed_at.remove((at, id)).map_err(backend)?;
+        closed.remove(id).map_err(backend)?;
+        chats.remove(id).map_err(backend)?;
+        messages
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
+            .map_err(backend)?;
+    }
     Ok(more)
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(v).map_err(|e| backend(format!("corrupt record: {e}")))
-}
-
-/// The status log of one operator, newest first (`Store::read_log`).
-fn read_log(db: &Database, operator: u64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
-    let txn = db.begin_read().map_err(backend)?;
-    let table = txn.open_table(LOG).map_err(backend)?;
-    let mut out = Vec::new();
-    for row in table
-        .range((operator, 0)..=(operator, u64::MAX))
-        .map_err(backend)?
-        .rev()
-        .take(limit)
-    {
-        let (_, v) = row.map_err(backend)?;
-        let l: StoredLog = serde_json::from_slice(v.value())
-            .map_err(|e| backend(format!("corrupt log entry: {e}")))?;
-        out.push(l.entry);
-    }
-    Ok(out)
-}
-
-/// Sessions overlapping a window (`Store::read_sessions`).
-fn read_sessions(
-    db: &Database,
-    operators: &[u64],
-    from: u64,
-    to: u64,
-) -> Result<Vec<SessionRecord>, StoreError> {
-    let txn = db.begin_read().map_err(backend)?;
-    let table = txn.open_table(SESSIONS).map_err(backend)?;
-    let states = txn.open_table(SESSION_STATE).map_err(backend)?;
-    let mut out = Vec::new();
-    for op in operators {
-        // Ended after `from`: the key's second part.
-        for row in table
-            .range((*op, from.saturating_add(1), 0)..=(*op, u64::MAX, u64::MAX))
-            .map_err(backend)?
-        {
-            let (_, v) = row.map_err(backend)?;
-            let s: SessionRecord = serde_json::from_slice(v.value())
-                .map_err(|e| backend(format!("corrupt session: {e}")))?;
-            if s.overlaps(from, to) {
-                out.push(s);
-            }
-        }
-        if let Some(v) = states.get(*op).map_err(backend)? {
-            let st: SessionState = serde_json::from_slice(v.value())
-                .map_err(|e| backend(format!("corrupt session state: {e}")))?;
-            if let Some(started) = st.open.filter(|s| *s < to) {
-                out.push(SessionRecord {
-                    operator: *op,
-                    started_ms: started,
-                    ended_ms: None,
-                    end_reason: None,
-                });
-            }
-        }
-    }
-    out.sort_by_key(|s| (s.started_ms, s.operator));
-    Ok(out)
 }
 
 #[cfg(test)]
