@@ -59,6 +59,8 @@ pub enum Note {
     NodeState { counts: Vec<(u64, u32, u32)> },
     /// A chat as the assigning node left it.
     Chat { chat: Chat },
+    /// The sender lost notes (a publish failed): every other node reads the state again.
+    Resync {},
     /// A message written in a chat; `origin` does not get it back.
     Message {
         chat: u64,
@@ -84,6 +86,8 @@ pub struct Cluster {
     token: parking_lot::Mutex<Option<String>>,
     /// Asks for a resync (after the hub rebuilt its state from the store).
     resync: tokio::sync::Notify,
+    /// Set at shutdown once the assigner lease is released (or was not held).
+    released: std::sync::atomic::AtomicBool,
     /// Chat changes forwarded to the assigning node and waiting for its answer.
     pending: parking_lot::Mutex<HashMap<u64, oneshot::Sender<Result<Value, Error>>>>,
     next_call: AtomicU64,
@@ -129,6 +133,7 @@ impl Cluster {
             lease,
             token: parking_lot::Mutex::new(None),
             resync: tokio::sync::Notify::new(),
+            released: std::sync::atomic::AtomicBool::new(false),
             pending: parking_lot::Mutex::new(HashMap::new()),
             next_call: AtomicU64::new(1),
         })
@@ -291,6 +296,7 @@ impl Cluster {
                     .await;
             }
         }
+        self.released.store(true, Ordering::Release);
     }
 
     /// Forwards a chat change to the assigning node and waits for its answer. While no node
@@ -373,24 +379,47 @@ impl Cluster {
     }
 
     /// Runs chat changes other nodes forward to this one while it is the assigning node.
+    /// At shutdown it goes on until the lease is released and a third of the lease more,
+    /// answering what still arrives "no longer assigns" (the callers try the next
+    /// assigner): no caller waits in vain for a node that left.
     async fn serve_calls(self: Arc<Self>, hub: Hub) {
         let key = self.calls_key(&self.node);
         let mut conn = None;
+        let mut leaving_until: Option<tokio::time::Instant> = None;
         loop {
-            if hub.shutdown.is_cancelled() {
+            if hub.shutdown.is_cancelled() && leaving_until.is_none() {
+                // Wait (bounded) for the lease to be released, then a third of the lease.
+                let released = async {
+                    while !self.released.load(Ordering::Acquire) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(3), released).await;
+                leaving_until = Some(tokio::time::Instant::now() + self.lease / 3);
+            }
+            if leaving_until.is_some_and(|t| tokio::time::Instant::now() >= t) {
                 return;
             }
             if conn.is_none() {
-                conn = self.client.get_multiplexed_async_connection().await.ok();
+                // Its own connection (BLPOP blocks it), answering slower than BLPOP blocks:
+                // a popped call is never lost to a response timeout.
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(Duration::from_secs(2)));
+                conn = self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .ok();
                 if conn.is_none() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
             }
             let c = conn.as_mut().expect("connected");
+            let block = if leaving_until.is_some() { 0.05 } else { 0.5 };
             let popped: redis::RedisResult<Option<(String, String)>> = tokio::select! {
-                r = c.blpop(&key, 0.5) => r,
-                _ = hub.shutdown.cancelled() => return,
+                r = c.blpop(&key, block) => r,
+                _ = hub.shutdown.cancelled(), if leaving_until.is_none() => continue,
             };
             let raw = match popped {
                 Ok(Some((_, raw))) => raw,
@@ -408,7 +437,7 @@ impl Cluster {
             }
             // Just elected: wait (bounded) for the resync to finish before taking changes.
             for _ in 0..100 {
-                if hub.read(|c| c.assigner) {
+                if leaving_until.is_some() || hub.read(|c| c.assigner) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -478,6 +507,8 @@ impl Cluster {
     async fn publish(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Note>, hub: Hub) {
         let mut conn = None;
         let mut stale = false;
+        // Notes were dropped since the last successful round.
+        let mut lost = false;
         let mut batch = Vec::new();
         let mut refresh = tokio::time::interval(self.lease);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -504,6 +535,7 @@ impl Cluster {
                     notes = batch.len(),
                     "redis unreachable: cluster notes dropped; the next full state covers them"
                 );
+                lost |= !batch.is_empty();
                 batch.clear();
                 stale = true;
                 continue;
@@ -517,12 +549,16 @@ impl Cluster {
                 let counts = hub.read(|core| core.local_counts());
                 self.full_state(&mut pipe, counts);
             }
+            if lost {
+                // Notes of records and chats were dropped: the others read everything again.
+                self.add_note(&mut pipe, Note::Resync {});
+            }
             match pipe.query_async::<()>(c).await {
-                Ok(()) => stale = false,
+                Ok(()) => (stale, lost) = (false, false),
                 Err(e) => {
                     tracing::warn!(cause = %e, "cluster publish failed");
                     conn = None;
-                    stale = true;
+                    (stale, lost) = (true, true);
                 }
             }
         }
@@ -633,6 +669,7 @@ impl Cluster {
             Note::NodeState { counts } => {
                 hub.run(|c, now| c.replace_node(node, counts, now));
             }
+            Note::Resync {} => self.resync_soon(),
             Note::Operator { id, record } => {
                 hub.run(|c, now| c.apply_operator(id, record, now));
             }
@@ -712,9 +749,17 @@ impl Cluster {
                 .collect();
             remote.insert(node, counts);
         }
+        // Deletions this node missed (it was cut off, or a note was lost): a tombstone newer
+        // than our copy deletes it; an operator created again since is newer and stays.
+        let tombstones: HashMap<u64, u64> = c.hgetall(self.keys.deleted_operators()).await?;
         hub.run(|core, now| {
             for (id, rec) in ops {
                 core.apply_operator(id, rec, now);
+            }
+            for (id, deleted) in tombstones {
+                if core.operator_version(id).is_some_and(|v| v < deleted) {
+                    core.apply_operator(id, None, now);
+                }
             }
             for d in depts {
                 core.apply_department(d, now);

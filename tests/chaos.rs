@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::node::{NodeProcess, redis_node};
 use common::proxy::Proxy;
 use common::redis::RedisServer;
-use common::{API_KEY, TestHub};
+use common::{API_KEY, Client, JWT_SECRET};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
@@ -169,4 +169,435 @@ async fn wait_for(cond: impl Fn() -> bool, what: &str) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A node of the cluster as seen from outside: its base URL.
+struct Node {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Node {
+    fn of(p: &NodeProcess) -> Node {
+        Node {
+            base: p.base.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(API_KEY)
+            .timeout(Duration::from_secs(10));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        match r.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, r.json().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// Open chats as this node holds them: id → (status, owner).
+    async fn chats(&self) -> BTreeMap<u64, (String, Option<u64>)> {
+        let (status, body) = self.get("/api/v1/chats?limit=1000").await;
+        assert_eq!(status, 200, "{body}");
+        body["chats"]
+            .as_array()
+            .expect("chats")
+            .iter()
+            .filter(|c| c["status"] != "closed")
+            .map(|c| {
+                (
+                    c["id"].as_u64().unwrap(),
+                    (c["status"].as_str().unwrap().to_string(), c["owner"].as_u64()),
+                )
+            })
+            .collect()
+    }
+
+    async fn operator_socket(&self, id: u64) -> Client {
+        let token = presence_hub::auth::Tokens::new(JWT_SECRET).mint(id, Duration::from_secs(3600));
+        let ws = self.base.replace("http://", "ws://");
+        let mut c = Client::connect(&format!("{ws}/ws/operator?token={token}")).await;
+        assert_eq!(c.next().await["type"], "hello");
+        c
+    }
+
+    /// Every event of the feed, oldest first.
+    async fn feed(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let q = after.as_ref().map_or(String::new(), |a| format!("&after={a}"));
+            let (status, body) = self.get(&format!("/api/v1/events?limit=1000{q}")).await;
+            assert_eq!(status, 200, "{body}");
+            let events = body["events"].as_array().cloned().unwrap_or_default();
+            if events.is_empty() {
+                return out;
+            }
+            after = body["last_id"].as_str().map(str::to_owned);
+            out.extend(events);
+        }
+    }
+}
+
+/// Polls until both nodes hold the same open chats with the same owners (10 s at most).
+async fn agree(a: &Node, b: &Node) -> BTreeMap<u64, (String, Option<u64>)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ca, cb) = (a.chats().await, b.chats().await);
+        if ca == cb {
+            return ca;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the nodes do not agree on the chats:\n a: {ca:?}\n b: {cb:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// In the feed's order, a chat goes from one owner to another only through the queue (no
+/// owner in between): two nodes deciding at once would hand it straight from one to the
+/// other.
+fn assert_one_decider(feed: &[Value]) {
+    let mut owner: HashMap<u64, Option<u64>> = HashMap::new();
+    for e in feed.iter().filter(|e| e["type"] == "chat") {
+        let id = e["chat"]["id"].as_u64().unwrap();
+        let now = e["chat"]["owner"].as_u64();
+        let before = owner.insert(id, now).flatten();
+        if let (Some(b), Some(n)) = (before, now) {
+            assert_eq!(b, n, "chat {id} went from owner {b} straight to {n}: {e}");
+        }
+    }
+}
+
+/// Nobody owns more than `max` open chats.
+fn assert_capacity(chats: &BTreeMap<u64, (String, Option<u64>)>, max: usize) {
+    let mut load: HashMap<u64, usize> = HashMap::new();
+    for (_, owner) in chats.values() {
+        if let Some(o) = owner {
+            *load.entry(*o).or_default() += 1;
+        }
+    }
+    for (op, n) in load {
+        assert!(n <= max, "operator {op} owns {n} chats, capacity {max}");
+    }
+}
+
+const CLUSTER: &str = "[cluster]\nnode_lease = \"600ms\"\n[presence]\ndisconnect_grace = \"300ms\"\n";
+
+/// The assigning node is paused (SIGSTOP) past its lease while accept deadlines run out,
+/// then resumed: the other node took over and re-assigned; the paused one, whose timers
+/// all fire at once on waking, decides nothing. Both agree on every owner, nobody is over
+/// capacity, no chat was handed from owner to owner by two deciders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_paused_leader_decides_nothing_after_waking() {
+    let redis = RedisServer::start().await;
+    let pa = NodeProcess::start(&redis, "a", CLUSTER).await; // first: assigns
+    let pb = NodeProcess::start(&redis, "b", CLUSTER).await;
+    let (a, b) = (Node::of(&pa), Node::of(&pb));
+    let (s, v) = a
+        .put("/api/v1/departments/1", json!({"accept_timeout": "1s", "max_chats": 2}))
+        .await;
+    assert!(s == 200 || s == 201, "{s} {v}");
+    for op in [1, 2] {
+        let (s, v) = a
+            .put(&format!("/api/v1/operators/{op}"), json!({"name": format!("op{op}"), "departments": [1]}))
+            .await;
+        assert!(s == 200 || s == 201, "{s} {v}");
+    }
+    // Both operators on B, so that they stay online while A sleeps.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.get("/api/v1/operators/2").await.0 != 200 {
+        assert!(Instant::now() < deadline, "operator 2 reaches node b");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _o1 = b.operator_socket(1).await;
+    let _o2 = b.operator_socket(2).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, v) = a.get("/api/v1/operators?status=online").await;
+        if v["operators"].as_array().is_some_and(|o| o.len() == 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A sees both operators online: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in 0..3 {
+        let (s, v) = b
+            .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": format!("v{n}")}}))
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    // Assigned by A, not accepted: their deadlines run on A's timers.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.chats().await.values().filter(|(_, o)| o.is_some()).count() < 3 {
+        assert!(Instant::now() < deadline, "the chats are assigned");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pa.pause();
+    // Past the lease (600 ms) and the accept deadlines (1 s): B takes over and re-assigns.
+    let paused = Instant::now();
+    let before: BTreeMap<u64, Option<u64>> =
+        b.chats().await.into_iter().map(|(id, (_, o))| (id, o)).collect();
+    let deadline = paused + Duration::from_secs(8);
+    loop {
+        let now: BTreeMap<u64, Option<u64>> =
+            b.chats().await.into_iter().map(|(id, (_, o))| (id, o)).collect();
+        if now.iter().any(|(id, o)| o.is_some() && before.get(id) != Some(o)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B re-assigns after the accept deadline");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep_until((paused + Duration::from_millis(2500)).into()).await;
+    pa.resume();
+    // More chats, through the node that slept: they go to the assigner of now.
+    for n in 3..5 {
+        let (s, v) = a
+            .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": format!("v{n}")}}))
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let chats = agree(&a, &b).await;
+    assert_eq!(chats.len(), 5);
+    assert_capacity(&chats, 2);
+    let feed = b.feed().await;
+    assert_one_decider(&feed);
+    assert_eq!(a.feed().await.len(), feed.len(), "one log");
+}
+
+/// The assigning node is cut off from Redis (a proxy that holds every byte, as a partition
+/// does) past its lease; chats created on it meanwhile are refused. When the path is back
+/// (the held bytes delivered late, as TCP retransmits them), nothing the cut-off node did
+/// survives, and it rejoins: both nodes agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_partitioned_node_writes_nothing_that_survives_and_rejoins() {
+    let redis = RedisServer::start().await;
+    let proxy = Proxy::start(redis.addr()).await;
+    let pa = NodeProcess::start_url(&proxy.url(), "a", CLUSTER).await; // assigns
+    let pb = NodeProcess::start(&redis, "b", CLUSTER).await;
+    let (a, b) = (Node::of(&pa), Node::of(&pb));
+    let (s, v) = a.put("/api/v1/departments/1", json!({"max_chats": 5})).await;
+    assert!(s == 200 || s == 201, "{s} {v}");
+    let (s, _) = a
+        .put("/api/v1/operators/1", json!({"name": "op1", "departments": [1]}))
+        .await;
+    assert!(s == 200 || s == 201);
+    let (s, v) = b
+        .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": "before"}}))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    proxy.cut();
+    let cut = Instant::now();
+    // Chats created on the cut-off node meanwhile, each answered whenever it is.
+    let mut tries = tokio::task::JoinSet::new();
+    for n in 0..4 {
+        let base = a.base.clone();
+        tries.spawn(async move {
+            let node = Node {
+                base,
+                http: reqwest::Client::new(),
+            };
+            let name = format!("cut{n}");
+            let (s, v) = node
+                .call(
+                    reqwest::Method::POST,
+                    "/api/v1/chats",
+                    Some(json!({"department": 1, "visitor": {"name": name}})),
+                )
+                .await;
+            (name, s, v["chat"]["id"].as_u64())
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // B takes over once A's lease lapses, and serves chats.
+    let deadline = cut + Duration::from_secs(10);
+    loop {
+        let (s, _) = b
+            .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": "on b"}}))
+            .await;
+        if s == 201 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B takes over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep_until((cut + Duration::from_millis(1500)).into()).await;
+    proxy.heal();
+    let mut outcomes = Vec::new();
+    while let Some(r) = tries.join_next().await {
+        outcomes.push(r.unwrap());
+    }
+    let chats = agree(&a, &b).await;
+    let names: Vec<String> = {
+        let (_, body) = b.get("/api/v1/chats?limit=1000").await;
+        body["chats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["visitor"]["name"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    // Acknowledged ⇔ there: what the cut-off node decided alone is refused and gone.
+    let mut acked = 0;
+    for (name, status, _) in &outcomes {
+        let there = names.contains(name);
+        assert_eq!(
+            *status == 201,
+            there,
+            "{name}: answered {status}, in the store: {there} ({names:?})"
+        );
+        acked += usize::from(*status == 201);
+    }
+    println!("chats tried on the cut-off node: {outcomes:?}; kept {acked}");
+    assert_eq!(chats.len(), 2 + acked, "{names:?}");
+    // A rejoined: a change made on B reaches it.
+    let (s, _) = b
+        .put("/api/v1/operators/7", json!({"name": "after", "departments": [1]}))
+        .await;
+    assert!(s == 200 || s == 201);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.get("/api/v1/operators/7").await.0 != 200 {
+        assert!(Instant::now() < deadline, "A hears B's changes again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A follower cut off from Redis (its connections dropped, new ones held) while the other
+/// node changes an operator, deletes another, closes a chat and opens one: once the path is
+/// back it holds the same state, the deletion included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_cut_off_follower_catches_up_deletion_included() {
+    let redis = RedisServer::start().await;
+    let proxy = Proxy::start(redis.addr()).await;
+    let pa = NodeProcess::start(&redis, "a", CLUSTER).await; // assigns
+    let pb = NodeProcess::start_url(&proxy.url(), "b", CLUSTER).await;
+    let (a, b) = (Node::of(&pa), Node::of(&pb));
+    for op in [1, 2] {
+        let (s, _) = a
+            .put(&format!("/api/v1/operators/{op}"), json!({"name": format!("op{op}"), "departments": [1]}))
+            .await;
+        assert!(s == 200 || s == 201);
+    }
+    let (s, v) = a
+        .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": "first"}}))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let first = v["chat"]["id"].as_u64().unwrap();
+    agree(&a, &b).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.get("/api/v1/operators/2").await.0 != 200 {
+        assert!(Instant::now() < deadline, "B knows operator 2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.cut();
+    proxy.drop_all();
+    let (s, _) = a
+        .put("/api/v1/operators/1", json!({"name": "renamed", "departments": [1]}))
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = a.call(reqwest::Method::DELETE, "/api/v1/operators/2", None).await;
+    assert!(s / 100 == 2, "{s} {v}");
+    let (s, v) = a.post(&format!("/api/v1/chats/{first}/close"), json!({})).await;
+    assert!(s / 100 == 2, "{s} {v}");
+    let (s, v) = a
+        .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": "second"}}))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    proxy.heal();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let renamed = b.get("/api/v1/operators/1").await.1["name"] == "renamed";
+        let deleted = b.get("/api/v1/operators/2").await.0 == 404;
+        let chats = b.chats().await;
+        if renamed && deleted && !chats.contains_key(&first) && chats.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B catches up: renamed {renamed}, deleted {deleted}, chats {chats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(agree(&a, &b).await.len(), 1);
+}
+
+/// The assigning node shuts down cleanly (SIGTERM) while chats are created through the
+/// other node at 20/s: every creation is acknowledged, and each exists exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_clean_shutdown_of_the_assigner_refuses_nothing_applies_nothing_twice() {
+    let redis = RedisServer::start().await;
+    let mut pa = NodeProcess::start(&redis, "a", CLUSTER).await; // assigns
+    let pb = NodeProcess::start(&redis, "b", CLUSTER).await;
+    let b = Node::of(&pb);
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let traffic = {
+        let (base, answers, stop) = (b.base.clone(), answers.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut set = tokio::task::JoinSet::new();
+            for n in 0.. {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => break,
+                }
+                let (base, answers) = (base.clone(), answers.clone());
+                set.spawn(async move {
+                    let node = Node {
+                        base,
+                        http: reqwest::Client::new(),
+                    };
+                    let name = format!("c{n}");
+                    let (s, v) = node
+                        .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": name}}))
+                        .await;
+                    answers.lock().push((name, s, v));
+                });
+            }
+            while set.join_next().await.is_some() {}
+        })
+    };
+    wait_for(|| answers.lock().len() >= 10, "chats before the shutdown").await;
+    pa.terminate().await;
+    let stopped = answers.lock().len();
+    wait_for(|| answers.lock().len() >= stopped + 20, "chats after the shutdown").await;
+    stop.cancel();
+    traffic.await.unwrap();
+    let answers = std::mem::take(&mut *answers.lock());
+    let refused: Vec<_> = answers.iter().filter(|(_, s, _)| *s != 201).collect();
+    assert!(refused.is_empty(), "refused during the shutdown: {refused:?}");
+    let (_, body) = b.get("/api/v1/chats?limit=1000").await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for c in body["chats"].as_array().unwrap() {
+        *seen
+            .entry(c["visitor"]["name"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    for (name, _, _) in &answers {
+        assert_eq!(seen.get(name), Some(&1), "{name} exists exactly once");
+    }
+    assert_eq!(seen.len(), answers.len());
+    println!("{} chats created across the shutdown, none refused", answers.len());
 }

@@ -140,6 +140,11 @@ impl Core {
         }
     }
 
+    /// The version of an operator's record as this node holds it.
+    pub fn operator_version(&self, id: u64) -> Option<u64> {
+        self.operators.get(&id).map(|o| o.version)
+    }
+
     /// Another node changed (or deleted) an operator; an older copy than ours is ignored.
     pub fn apply_operator(&mut self, id: u64, record: Option<StoredOperator>, now: Instant) {
         match record {

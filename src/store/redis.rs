@@ -41,6 +41,11 @@ impl Keys {
     pub fn operators(&self) -> String {
         format!("{}operators", self.0)
     }
+    /// Tombstones: operator id → when it was deleted (µs since the epoch, a version), so a
+    /// node that missed the deletion applies it on its next resync.
+    pub fn deleted_operators(&self) -> String {
+        format!("{}operators:deleted", self.0)
+    }
     pub fn department(&self, id: u64) -> String {
         format!("{}department:{id}", self.0)
     }

@@ -335,6 +335,8 @@ fn encode(keys: &Keys, w: &Write, ops: &mut Vec<String>) {
         Write::DeleteOperator(id) => {
             op(&["del", &keys.operator(*id)]);
             op(&["srem", &keys.operators(), &id.to_string()]);
+            let when = crate::model::next_version(0).to_string();
+            op(&["hset", &keys.deleted_operators(), &id.to_string(), &when]);
         }
         Write::Department(d) => {
             op(&["set", &keys.department(d.id), &json(d)]);

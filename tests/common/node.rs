@@ -101,6 +101,20 @@ impl NodeProcess {
             .status();
     }
 
+    /// SIGTERM (a clean shutdown), and waits (10 s at most) for the process to exit.
+    pub async fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..1000 {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the node did not stop within 10 s of SIGTERM");
+    }
+
     /// kill -9, and reaps the process.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
