@@ -227,7 +227,10 @@ impl Node {
             .map(|c| {
                 (
                     c["id"].as_u64().unwrap(),
-                    (c["status"].as_str().unwrap().to_string(), c["owner"].as_u64()),
+                    (
+                        c["status"].as_str().unwrap().to_string(),
+                        c["owner"].as_u64(),
+                    ),
                 )
             })
             .collect()
@@ -246,7 +249,9 @@ impl Node {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let q = after.as_ref().map_or(String::new(), |a| format!("&after={a}"));
+            let q = after
+                .as_ref()
+                .map_or(String::new(), |a| format!("&after={a}"));
             let (status, body) = self.get(&format!("/api/v1/events?limit=1000{q}")).await;
             assert_eq!(status, 200, "{body}");
             let events = body["events"].as_array().cloned().unwrap_or_default();
@@ -303,7 +308,8 @@ fn assert_capacity(chats: &BTreeMap<u64, (String, Option<u64>)>, max: usize) {
     }
 }
 
-const CLUSTER: &str = "[cluster]\nnode_lease = \"600ms\"\n[presence]\ndisconnect_grace = \"300ms\"\n";
+const CLUSTER: &str =
+    "[cluster]\nnode_lease = \"600ms\"\n[presence]\ndisconnect_grace = \"300ms\"\n";
 
 /// The assigning node is paused (SIGSTOP) past its lease while accept deadlines run out,
 /// then resumed: the other node took over and re-assigned; the paused one, whose timers
@@ -316,12 +322,18 @@ async fn chaos_paused_leader_decides_nothing_after_waking() {
     let pb = NodeProcess::start(&redis, "b", CLUSTER).await;
     let (a, b) = (Node::of(&pa), Node::of(&pb));
     let (s, v) = a
-        .put("/api/v1/departments/1", json!({"accept_timeout": "1s", "max_chats": 2}))
+        .put(
+            "/api/v1/departments/1",
+            json!({"accept_timeout": "1s", "max_chats": 2}),
+        )
         .await;
     assert!(s == 200 || s == 201, "{s} {v}");
     for op in [1, 2] {
         let (s, v) = a
-            .put(&format!("/api/v1/operators/{op}"), json!({"name": format!("op{op}"), "departments": [1]}))
+            .put(
+                &format!("/api/v1/operators/{op}"),
+                json!({"name": format!("op{op}"), "departments": [1]}),
+            )
             .await;
         assert!(s == 200 || s == 201, "{s} {v}");
     }
@@ -339,34 +351,61 @@ async fn chaos_paused_leader_decides_nothing_after_waking() {
         if v["operators"].as_array().is_some_and(|o| o.len() == 2) {
             break;
         }
-        assert!(Instant::now() < deadline, "A sees both operators online: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "A sees both operators online: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for n in 0..3 {
         let (s, v) = b
-            .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": format!("v{n}")}}))
+            .post(
+                "/api/v1/chats",
+                json!({"department": 1, "visitor": {"name": format!("v{n}")}}),
+            )
             .await;
         assert_eq!(s, 201, "{v}");
     }
     // Assigned by A, not accepted: their deadlines run on A's timers.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while b.chats().await.values().filter(|(_, o)| o.is_some()).count() < 3 {
+    while b
+        .chats()
+        .await
+        .values()
+        .filter(|(_, o)| o.is_some())
+        .count()
+        < 3
+    {
         assert!(Instant::now() < deadline, "the chats are assigned");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     pa.pause();
     // Past the lease (600 ms) and the accept deadlines (1 s): B takes over and re-assigns.
     let paused = Instant::now();
-    let before: BTreeMap<u64, Option<u64>> =
-        b.chats().await.into_iter().map(|(id, (_, o))| (id, o)).collect();
+    let before: BTreeMap<u64, Option<u64>> = b
+        .chats()
+        .await
+        .into_iter()
+        .map(|(id, (_, o))| (id, o))
+        .collect();
     let deadline = paused + Duration::from_secs(8);
     loop {
-        let now: BTreeMap<u64, Option<u64>> =
-            b.chats().await.into_iter().map(|(id, (_, o))| (id, o)).collect();
-        if now.iter().any(|(id, o)| o.is_some() && before.get(id) != Some(o)) {
+        let now: BTreeMap<u64, Option<u64>> = b
+            .chats()
+            .await
+            .into_iter()
+            .map(|(id, (_, o))| (id, o))
+            .collect();
+        if now
+            .iter()
+            .any(|(id, o)| o.is_some() && before.get(id) != Some(o))
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "B re-assigns after the accept deadline");
+        assert!(
+            Instant::now() < deadline,
+            "B re-assigns after the accept deadline"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep_until((paused + Duration::from_millis(2500)).into()).await;
@@ -374,7 +413,10 @@ async fn chaos_paused_leader_decides_nothing_after_waking() {
     // More chats, through the node that slept: they go to the assigner of now.
     for n in 3..5 {
         let (s, v) = a
-            .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": format!("v{n}")}}))
+            .post(
+                "/api/v1/chats",
+                json!({"department": 1, "visitor": {"name": format!("v{n}")}}),
+            )
             .await;
         assert_eq!(s, 201, "{v}");
     }
@@ -397,14 +439,22 @@ async fn chaos_partitioned_node_writes_nothing_that_survives_and_rejoins() {
     let pa = NodeProcess::start_url(&proxy.url(), "a", CLUSTER).await; // assigns
     let pb = NodeProcess::start(&redis, "b", CLUSTER).await;
     let (a, b) = (Node::of(&pa), Node::of(&pb));
-    let (s, v) = a.put("/api/v1/departments/1", json!({"max_chats": 5})).await;
+    let (s, v) = a
+        .put("/api/v1/departments/1", json!({"max_chats": 5}))
+        .await;
     assert!(s == 200 || s == 201, "{s} {v}");
     let (s, _) = a
-        .put("/api/v1/operators/1", json!({"name": "op1", "departments": [1]}))
+        .put(
+            "/api/v1/operators/1",
+            json!({"name": "op1", "departments": [1]}),
+        )
         .await;
     assert!(s == 200 || s == 201);
     let (s, v) = b
-        .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": "before"}}))
+        .post(
+            "/api/v1/chats",
+            json!({"department": 1, "visitor": {"name": "before"}}),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     proxy.cut();
@@ -434,7 +484,10 @@ async fn chaos_partitioned_node_writes_nothing_that_survives_and_rejoins() {
     let deadline = cut + Duration::from_secs(10);
     loop {
         let (s, _) = b
-            .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": "on b"}}))
+            .post(
+                "/api/v1/chats",
+                json!({"department": 1, "visitor": {"name": "on b"}}),
+            )
             .await;
         if s == 201 {
             break;
@@ -473,7 +526,10 @@ async fn chaos_partitioned_node_writes_nothing_that_survives_and_rejoins() {
     assert_eq!(chats.len(), 2 + acked, "{names:?}");
     // A rejoined: a change made on B reaches it.
     let (s, _) = b
-        .put("/api/v1/operators/7", json!({"name": "after", "departments": [1]}))
+        .put(
+            "/api/v1/operators/7",
+            json!({"name": "after", "departments": [1]}),
+        )
         .await;
     assert!(s == 200 || s == 201);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -495,12 +551,18 @@ async fn chaos_cut_off_follower_catches_up_deletion_included() {
     let (a, b) = (Node::of(&pa), Node::of(&pb));
     for op in [1, 2] {
         let (s, _) = a
-            .put(&format!("/api/v1/operators/{op}"), json!({"name": format!("op{op}"), "departments": [1]}))
+            .put(
+                &format!("/api/v1/operators/{op}"),
+                json!({"name": format!("op{op}"), "departments": [1]}),
+            )
             .await;
         assert!(s == 200 || s == 201);
     }
     let (s, v) = a
-        .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": "first"}}))
+        .post(
+            "/api/v1/chats",
+            json!({"department": 1, "visitor": {"name": "first"}}),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     let first = v["chat"]["id"].as_u64().unwrap();
@@ -513,15 +575,25 @@ async fn chaos_cut_off_follower_catches_up_deletion_included() {
     proxy.cut();
     proxy.drop_all();
     let (s, _) = a
-        .put("/api/v1/operators/1", json!({"name": "renamed", "departments": [1]}))
+        .put(
+            "/api/v1/operators/1",
+            json!({"name": "renamed", "departments": [1]}),
+        )
         .await;
     assert_eq!(s, 200);
-    let (s, v) = a.call(reqwest::Method::DELETE, "/api/v1/operators/2", None).await;
-    assert!(s / 100 == 2, "{s} {v}");
-    let (s, v) = a.post(&format!("/api/v1/chats/{first}/close"), json!({})).await;
+    let (s, v) = a
+        .call(reqwest::Method::DELETE, "/api/v1/operators/2", None)
+        .await;
     assert!(s / 100 == 2, "{s} {v}");
     let (s, v) = a
-        .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": "second"}}))
+        .post(&format!("/api/v1/chats/{first}/close"), json!({}))
+        .await;
+    assert!(s / 100 == 2, "{s} {v}");
+    let (s, v) = a
+        .post(
+            "/api/v1/chats",
+            json!({"department": 1, "visitor": {"name": "second"}}),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -571,7 +643,10 @@ async fn chaos_clean_shutdown_of_the_assigner_refuses_nothing_applies_nothing_tw
                     };
                     let name = format!("c{n}");
                     let (s, v) = node
-                        .post("/api/v1/chats", json!({"department": 1, "visitor": {"name": name}}))
+                        .post(
+                            "/api/v1/chats",
+                            json!({"department": 1, "visitor": {"name": name}}),
+                        )
                         .await;
                     answers.lock().push((name, s, v));
                 });
@@ -582,12 +657,19 @@ async fn chaos_clean_shutdown_of_the_assigner_refuses_nothing_applies_nothing_tw
     wait_for(|| answers.lock().len() >= 10, "chats before the shutdown").await;
     pa.terminate().await;
     let stopped = answers.lock().len();
-    wait_for(|| answers.lock().len() >= stopped + 20, "chats after the shutdown").await;
+    wait_for(
+        || answers.lock().len() >= stopped + 20,
+        "chats after the shutdown",
+    )
+    .await;
     stop.cancel();
     traffic.await.unwrap();
     let answers = std::mem::take(&mut *answers.lock());
     let refused: Vec<_> = answers.iter().filter(|(_, s, _)| *s != 201).collect();
-    assert!(refused.is_empty(), "refused during the shutdown: {refused:?}");
+    assert!(
+        refused.is_empty(),
+        "refused during the shutdown: {refused:?}"
+    );
     let (_, body) = b.get("/api/v1/chats?limit=1000").await;
     let mut seen: HashMap<String, usize> = HashMap::new();
     for c in body["chats"].as_array().unwrap() {
@@ -599,5 +681,8 @@ async fn chaos_clean_shutdown_of_the_assigner_refuses_nothing_applies_nothing_tw
         assert_eq!(seen.get(name), Some(&1), "{name} exists exactly once");
     }
     assert_eq!(seen.len(), answers.len());
-    println!("{} chats created across the shutdown, none refused", answers.len());
+    println!(
+        "{} chats created across the shutdown, none refused",
+        answers.len()
+    );
 }

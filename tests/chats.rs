@@ -1050,3 +1050,51 @@ async fn history_keeps_only_the_last_chats_history_messages() {
     let ack = op.request(json!({"type": "open_chat", "chat": id})).await;
     assert_eq!(texts(&ack), ["m4", "m5", "m6"]);
 }
+
+/// A chat that waited while nobody could take it is assigned at start to an always-online
+/// operator; that decision is written like any other: the next start finds it (and the feed
+/// has it), even when capacity would not allow it again.
+#[tokio::test]
+async fn boot_time_assignment_is_persisted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_capacity = |cfg: &mut presence_hub::config::Config| cfg.assignment.default_max_chats = 0;
+    let mut first = TestHub::start_in(tmp.path(), no_capacity).await;
+    first
+        .operator_with(
+            1,
+            json!({"name": "Ann", "departments": [1], "permissions": ["change_always_online"]}),
+        )
+        .await;
+    let (s, v) = first
+        .patch("/api/v1/operators/1/status", json!({"always_online": true}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (chat, _) = first.create_chat(json!({"department": 1})).await;
+    let id = chat["id"].as_u64().unwrap();
+    assert_eq!(
+        first.chat_view(id).await["owner"],
+        Value::Null,
+        "no capacity yet"
+    );
+    first.stop().await;
+    // Capacity now: the start assigns the waiting chat to the always-online operator.
+    let mut second = TestHub::start_in(tmp.path(), |_| {}).await;
+    assert_eq!(second.chat_view(id).await["owner"], 1);
+    second.stop().await;
+    // No capacity again: only a persisted decision shows an owner.
+    let third = TestHub::start_in(tmp.path(), no_capacity).await;
+    assert_eq!(
+        third.chat_view(id).await["owner"],
+        1,
+        "the boot-time assignment was written"
+    );
+    let (_, feed) = third.get("/api/v1/events?types=chat_assigned").await;
+    let assigned: Vec<&Value> = feed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["chat"]["id"] == id)
+        .collect();
+    assert_eq!(assigned.len(), 1, "{feed}");
+    assert_eq!(assigned[0]["chat"]["owner"], 1);
+}
