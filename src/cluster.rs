@@ -86,6 +86,8 @@ pub struct Cluster {
     token: parking_lot::Mutex<Option<String>>,
     /// Asks for a resync (after the hub rebuilt its state from the store).
     resync: tokio::sync::Notify,
+    /// See [`Cluster::shared`].
+    shared: parking_lot::Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// Set at shutdown once the assigner lease is released (or was not held).
     released: std::sync::atomic::AtomicBool,
     /// Chat changes forwarded to the assigning node and waiting for its answer.
@@ -134,6 +136,7 @@ impl Cluster {
             token: parking_lot::Mutex::new(None),
             resync: tokio::sync::Notify::new(),
             released: std::sync::atomic::AtomicBool::new(false),
+            shared: parking_lot::Mutex::new(None),
             pending: parking_lot::Mutex::new(HashMap::new()),
             next_call: AtomicU64::new(1),
         })
@@ -149,6 +152,27 @@ impl Cluster {
 
     fn leader_key(&self) -> String {
         self.keys.leader()
+    }
+
+    /// The connection forwarded calls and election rounds share (multiplexed: one TCP
+    /// connection for all of them), opened on first use and again after an error.
+    async fn shared(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        if let Some(c) = self.shared.lock().clone() {
+            return Ok(c);
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let c = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        *self.shared.lock() = Some(c.clone());
+        Ok(c)
+    }
+
+    fn reset_shared(&self) {
+        *self.shared.lock() = None;
     }
 
     /// Asks for a resync of records and connections from Redis (soon, in the background).
@@ -212,7 +236,7 @@ impl Cluster {
         let mine = self.token.lock().clone().unwrap_or_default();
         let started = hub.now_ms();
         let round = async {
-            let mut c = self.client.get_multiplexed_async_connection().await?;
+            let mut c = self.shared().await?;
             script
                 .key(self.leader_key())
                 .key(self.keys.leader_epoch())
@@ -225,7 +249,10 @@ impl Cluster {
         };
         let held = match tokio::time::timeout(self.lease / 3, round).await {
             Ok(Ok(t)) => t,
-            _ => None,
+            _ => {
+                self.reset_shared();
+                None
+            }
         };
         if held.is_some() {
             // Redis set the expiry after `started`: until then the lease is surely ours.
@@ -306,17 +333,16 @@ impl Cluster {
     pub async fn call(&self, op: ChatOp) -> Result<Option<Value>, Error> {
         let unavailable = |m: &str| Error::Unavailable(format!("cluster: {m}"));
         let mut c = self
-            .client
-            .get_multiplexed_async_connection()
+            .shared()
             .await
             .map_err(|e| unavailable(&e.to_string()))?;
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
         loop {
             let leader = loop {
-                let leader: Option<String> = c
-                    .get(self.leader_key())
-                    .await
-                    .map_err(|e| unavailable(&e.to_string()))?;
+                let leader: Option<String> = c.get(self.leader_key()).await.map_err(|e| {
+                    self.reset_shared();
+                    unavailable(&e.to_string())
+                })?;
                 match leader.as_deref().map(lease_holder) {
                     Some(l) if l == self.node => return Ok(None),
                     Some(l) => break l.to_string(),
@@ -367,6 +393,7 @@ impl Cluster {
             .query_async(c)
             .await;
         if let Err(e) = pushed {
+            self.reset_shared();
             self.pending.lock().remove(&id);
             return Err(unavailable(&e.to_string()));
         }

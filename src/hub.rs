@@ -232,7 +232,10 @@ impl Hub {
                 if self.shutdown.is_cancelled() {
                     return;
                 }
-                if self.store.ready() {
+                // Not gated on `ready()`: the embedded store turns ready again only with a
+                // successful commit, which needs the rebuild first. A store that cannot be
+                // read yet fails the load, and the next round tries again.
+                {
                     let st = self.store.clone();
                     match tokio::task::spawn_blocking(move || st.load()).await {
                         Ok(Ok(snapshot)) => {
@@ -259,8 +262,9 @@ impl Hub {
                     _ = self.shutdown.cancelled() => return,
                 }
             }
-            // Failures while rebuilding were for writes of the old state: seen already.
-            failures.mark_unchanged();
+            // A failure signalled while rebuilding (of an old write, or of a new one right
+            // after `resume`) makes `changed()` fire again: at worst one rebuild too many,
+            // never a failure left without one.
         }
     }
 
@@ -465,33 +469,50 @@ impl Hub {
             ChatOp::Open { chat, .. } | ChatOp::Message { chat, .. } => Some(*chat),
             _ => None,
         };
-        if let Some(cluster) = self.cluster.get().filter(|_| !self.read(|c| c.assigner)) {
-            if let Some(v) = cluster.call(op.clone()).await? {
-                if let (Some((me, peer)), Some(chat)) = (watch, chat) {
-                    self.run(|c, _| c.watch(me, peer, chat));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(cluster) = self.cluster.get().filter(|_| !self.read(|c| c.assigner)) {
+                if let Some(v) = cluster.call(op.clone()).await? {
+                    if let (Some((me, peer)), Some(chat)) = (watch, chat) {
+                        self.run(|c, _| c.watch(me, peer, chat));
+                    }
+                    return Ok(v);
                 }
-                return Ok(v);
+                // This node was elected meanwhile: run it here once its resync is done.
+                while !self.read(|c| c.assigner) {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(crate::error::Error::Unavailable(
+                            "cluster: election under way".into(),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
-            // This node was elected meanwhile: run it here once its resync is done.
-            let mut waited = Duration::ZERO;
-            while !self.read(|c| c.assigner) {
-                if waited > Duration::from_secs(3) {
+            // Checked again under the lock, with the change: `run` stops a node whose lease
+            // was not renewed in time (a paused process waking up) before the change runs,
+            // and a node that no longer assigns must not decide a chat: it forwards.
+            let local = self
+                .commit(|c, now| {
+                    if c.cluster && !c.assigner {
+                        return Ok(None);
+                    }
+                    let v = c.exec(op.clone(), now)?;
+                    if let (Some((me, peer)), Some(chat)) = (watch, chat) {
+                        c.watch(me, peer, chat);
+                    }
+                    Ok(Some(v))
+                })
+                .await?;
+            match local {
+                Some(v) => return Ok(v),
+                None if tokio::time::Instant::now() < deadline => continue,
+                None => {
                     return Err(crate::error::Error::Unavailable(
                         "cluster: election under way".into(),
                     ));
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                waited += Duration::from_millis(10);
             }
         }
-        self.commit(|c, now| {
-            let v = c.exec(op, now)?;
-            if let (Some((me, peer)), Some(chat)) = (watch, chat) {
-                c.watch(me, peer, chat);
-            }
-            Ok(v)
-        })
-        .await
     }
 
     /// Where a message written through `conn` comes from.
