@@ -347,7 +347,7 @@ impl Core {
         if self.cluster {
             for w in &self.writes {
                 match w {
-                    Write::Operator(o) => self.notes.push(Note::Operator {
+                    Write::Operator { op: o, .. } => self.notes.push(Note::Operator {
                         id: o.record.id,
                         record: Some(o.clone()),
                     }),

@@ -64,7 +64,10 @@ impl Error {
 
 impl From<crate::store::StoreError> for Error {
     fn from(e: crate::store::StoreError) -> Self {
-        Error::Unavailable(format!("store unavailable: {e}"))
+        match e {
+            crate::store::StoreError::Conflict(m) => Error::Conflict(m),
+            e => Error::Unavailable(format!("store unavailable: {e}")),
+        }
     }
 }
 

@@ -92,8 +92,14 @@ fn message(id: u64) -> ChatMessage {
 /// Writes a little of everything, then checks what a fresh store reads back.
 async fn contract(store: &dyn Store) {
     durable(store.write(vec![
-        Write::Operator(operator(1)),
-        Write::Operator(operator(2)),
+        Write::Operator {
+            op: operator(1),
+            base: 0,
+        },
+        Write::Operator {
+            op: operator(2),
+            base: 0,
+        },
     ]))
     .await
     .unwrap();
@@ -110,9 +116,13 @@ async fn contract(store: &dyn Store) {
     .unwrap();
     let mut updated = operator(1);
     updated.settings.online = true;
-    durable(store.write(vec![Write::Operator(updated.clone())]))
-        .await
-        .unwrap();
+    let base = operator(1).version;
+    durable(store.write(vec![Write::Operator {
+        op: updated.clone(),
+        base,
+    }]))
+    .await
+    .unwrap();
     assert!(store.ready());
     let _ = updated;
 }
@@ -146,9 +156,12 @@ async fn store_contract_embedded() {
     contract(&store).await;
     store.close();
     assert!(
-        durable(store.write(vec![Write::Operator(operator(9))]))
-            .await
-            .is_err(),
+        durable(store.write(vec![Write::Operator {
+            op: operator(9),
+            base: 0
+        }]))
+        .await
+        .is_err(),
         "closed store refuses"
     );
     let reopened = Embedded::open(dir.path()).unwrap();
@@ -178,6 +191,71 @@ async fn store_contract_redis() {
         .unwrap()
         .unwrap();
     assert!(snap.operators.is_empty());
+}
+
+/// A record change made from a version Redis no longer holds (another node changed or
+/// deleted it meanwhile) is refused as a conflict, with nothing of its call written; the
+/// store takes writes again once resumed (what the hub does after rebuilding).
+#[tokio::test]
+async fn store_redis_operator_write_from_a_stale_version_is_a_conflict() {
+    let redis = RedisServer::start().await;
+    let store = RedisStore::open(&redis.url(), "t:").await.unwrap();
+    let v1 = operator(1);
+    durable(store.write(vec![Write::Operator {
+        op: v1.clone(),
+        base: 0,
+    }]))
+    .await
+    .unwrap();
+    let mut v2 = v1.clone();
+    v2.record.name = "changed on node a".into();
+    v2.version = v1.version + 1;
+    durable(store.write(vec![Write::Operator {
+        op: v2.clone(),
+        base: v1.version,
+    }]))
+    .await
+    .unwrap();
+    // Node b still holds v1: its change and the rest of its call are refused.
+    let mut stale = v1.clone();
+    stale.record.name = "changed on node b".into();
+    stale.version = v1.version + 2;
+    let refused = durable(store.write(vec![
+        Write::Department(department(5)),
+        Write::Operator {
+            op: stale,
+            base: v1.version,
+        },
+    ]))
+    .await;
+    assert!(
+        matches!(refused, Err(presence_hub::store::StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    store.resume();
+    // A deleted operator is not brought back by a change made from its old version.
+    durable(store.write(vec![Write::DeleteOperator(1)]))
+        .await
+        .unwrap();
+    let revived = durable(store.write(vec![Write::Operator {
+        op: v2.clone(),
+        base: v2.version,
+    }]))
+    .await;
+    assert!(
+        matches!(revived, Err(presence_hub::store::StoreError::Conflict(_))),
+        "{revived:?}"
+    );
+    store.resume();
+    let snap = tokio::task::spawn_blocking(move || store.load())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(snap.operators.is_empty(), "{:?}", snap.operators);
+    assert!(
+        snap.departments.is_empty(),
+        "nothing of a refused call is written"
+    );
 }
 
 fn log(op: u64, seq: u64, online: [bool; 2]) -> presence_hub::audit::StoredLog {

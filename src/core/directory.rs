@@ -125,6 +125,7 @@ impl Core {
     ) -> (OperatorView, bool) {
         let id = record.id;
         let created = !self.operators.contains_key(&id);
+        let base = self.operators.get(&id).map_or(0, |o| o.version);
         let old_record = self.operators.get(&id).map(|o| o.record.clone());
         let old_settings = self.operators.get(&id).map(|o| o.settings);
         let settings = apply_change(old_settings.unwrap_or_default(), change);
@@ -151,11 +152,14 @@ impl Core {
         }
         self.dirty_depts.extend(record.all_departments());
         self.to_assign.extend(record.departments.iter().copied());
-        self.writes.push(Write::Operator(StoredOperator {
-            record,
-            settings,
-            version,
-        }));
+        self.writes.push(Write::Operator {
+            op: StoredOperator {
+                record,
+                settings,
+                version,
+            },
+            base,
+        });
         // Turning Online & Invisible through the record warns like `set_status` does.
         if settings.misconfigured() && old_settings != Some(settings) {
             self.warn_misconfigured(id);
@@ -240,14 +244,18 @@ impl Core {
             let before = op.settings;
             let op = self.operators.get_mut(&target).expect("present");
             op.settings = settings;
+            let base = op.version;
             op.version = next_version(op.version);
             let version = op.version;
             self.log_change(actor, target, before, settings, version);
-            self.writes.push(Write::Operator(StoredOperator {
-                record,
-                settings,
-                version,
-            }));
+            self.writes.push(Write::Operator {
+                op: StoredOperator {
+                    record,
+                    settings,
+                    version,
+                },
+                base,
+            });
             if settings.misconfigured() {
                 self.warn_misconfigured(target);
             }

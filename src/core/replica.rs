@@ -173,7 +173,7 @@ impl Core {
         // The record is already in the store; what it set off here (assignments on the
         // assigning node) is not, and must be written.
         self.writes.retain(|w| match w {
-            Write::Operator(o) => o.record.id != id,
+            Write::Operator { op, .. } => op.record.id != id,
             Write::DeleteOperator(d) => *d != id,
             _ => true,
         });

@@ -207,7 +207,7 @@ fn commit<'a>(
         let mut states = txn.open_table(SESSION_STATE).map_err(backend)?;
         for w in writes {
             match w {
-                Write::Operator(o) => {
+                Write::Operator { op: o, .. } => {
                     operators
                         .insert(o.record.id, json(o).as_slice())
                         .map_err(backend)?;
@@ -615,9 +615,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Embedded::open(dir.path()).unwrap();
-            super::super::durable(s.write(vec![Write::Operator(op(1)), Write::Operator(op(2))]))
-                .await
-                .unwrap();
+            super::super::durable(s.write(vec![
+                Write::Operator { op: op(1), base: 0 },
+                Write::Operator { op: op(2), base: 0 },
+            ]))
+            .await
+            .unwrap();
             super::super::durable(s.write(vec![Write::DeleteOperator(2)]))
                 .await
                 .unwrap();
@@ -635,7 +638,7 @@ mod tests {
         let s = Embedded::open(dir.path()).unwrap();
         s.close();
         assert!(
-            super::super::durable(s.write(vec![Write::Operator(op(1))]))
+            super::super::durable(s.write(vec![Write::Operator { op: op(1), base: 0 }]))
                 .await
                 .is_err()
         );

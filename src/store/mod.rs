@@ -25,6 +25,9 @@ pub enum StoreError {
     /// Not written, and never will be (the hub reloads its state from the store).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A record changed meanwhile through another node: nothing was written.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The write needs the assigner's lease, which another node holds now.
     #[error("fenced: this node no longer holds the assigner lease")]
     Fenced,
@@ -52,7 +55,13 @@ pub enum Write {
     /// The writes of this batch apply only while this token holds the assigner lease
     /// (Redis; the embedded store has one process and no lease).
     Fence(std::sync::Arc<str>),
-    Operator(StoredOperator),
+    /// An operator record; `base` is the version the change was made from (0: there was
+    /// none). On Redis the write is refused (a conflict) unless the stored record still has
+    /// that version, so two nodes changing one operator at once cannot overwrite each other.
+    Operator {
+        op: StoredOperator,
+        base: u64,
+    },
     DeleteOperator(u64),
     Department(Department),
     Chat(Chat),

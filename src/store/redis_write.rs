@@ -42,12 +42,38 @@ if last >= tonumber(ARGV[1]) then return 'dup' end
 if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then
   return redis.error_reply('FENCED the assigner lease is held by another node')
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[6])
 local A = ARGV
+-- Checks first (a script cannot roll back): each versioned record must still be at the
+-- version its change was made from, as the earlier writes of this call leave it.
+local arity = {set=2, sadd=2, srem=2, del=1, zadd=3, zaddnx=3, zrembelow=2, hset=3, raise=2,
+  advance=3, event=4, sstart=4, send=5, setv=4}
+local seen = {}
 local i, n = 7, #A
 while i <= n do
   local op = A[i]
+  local k = arity[op]
+  if not k then return redis.error_reply('BADOP ' .. tostring(op)) end
+  if op == 'setv' then
+    local key = A[i+1]
+    local have = seen[key]
+    if have == nil then
+      local cur = redis.call('GET', key)
+      have = 0
+      if cur then have = tonumber(cjson.decode(cur).version) or 0 end
+    end
+    if have ~= tonumber(A[i+3]) then
+      return redis.error_reply('CONFLICT ' .. key .. ' changed meanwhile through another node')
+    end
+    seen[key] = tonumber(A[i+4])
+  end
+  i = i + 1 + k
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[6])
+i = 7
+while i <= n do
+  local op = A[i]
   if op == 'set' then redis.call('SET', A[i+1], A[i+2]); i = i + 3
+  elseif op == 'setv' then redis.call('SET', A[i+1], A[i+2]); i = i + 5
   elseif op == 'sadd' then redis.call('SADD', A[i+1], A[i+2]); i = i + 3
   elseif op == 'srem' then redis.call('SREM', A[i+1], A[i+2]); i = i + 3
   elseif op == 'del' then redis.call('DEL', A[i+1]); i = i + 2
@@ -246,6 +272,9 @@ impl Writer {
         match inv.invoke_async::<String>(c).await {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("FENCED") => Err(Failure::Refused(StoreError::Fenced)),
+            Err(e) if e.code() == Some("CONFLICT") => Err(Failure::Refused(StoreError::Conflict(
+                "the operator was changed meanwhile through another node; read it and retry".into(),
+            ))),
             Err(e) if e.code().is_some() => {
                 // Redis answered with an error: the script did not run, or refused.
                 Err(Failure::Refused(StoreError::Backend(format!("redis: {e}"))))
@@ -327,9 +356,15 @@ fn encode(keys: &Keys, w: &Write, ops: &mut Vec<String>) {
     let mut op = |parts: &[&str]| ops.extend(parts.iter().map(|p| p.to_string()));
     match w {
         Write::Fence(_) => {}
-        Write::Operator(o) => {
+        Write::Operator { op: o, base } => {
             let id = o.record.id.to_string();
-            op(&["set", &keys.operator(o.record.id), &json(o)]);
+            op(&[
+                "setv",
+                &keys.operator(o.record.id),
+                &json(o),
+                &base.to_string(),
+                &o.version.to_string(),
+            ]);
             op(&["sadd", &keys.operators(), &id]);
         }
         Write::DeleteOperator(id) => {
