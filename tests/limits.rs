@@ -76,7 +76,9 @@ async fn slow_consumer_is_closed_with_1008_and_others_go_on() {
     // holds, so only a reader that does not keep up can fill it. The flips are `activity`
     // reports (no store write, so thousands take a moment): the status turns offline
     // (`inactive`) and back.
-    let mut slow = hub.widget(&DEPTS).await;
+    let query: Vec<String> = DEPTS.iter().map(|d| format!("department={d}")).collect();
+    let mut slow =
+        Client::connect_small_buffer(&hub.ws_url(&format!("/ws/widget?{}", query.join("&")))).await;
     let mut fast = forward(hub.widget(&[1]).await);
     assert_eq!(fast.recv().await.unwrap()["online"], false);
     let (mut op, _) = hub.connect(1).await;

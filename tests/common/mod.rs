@@ -229,6 +229,28 @@ impl Client {
         Client { ws, next_ref: 0 }
     }
 
+    /// Like [`Client::connect`] with a small socket receive buffer (4 KiB): a reader that
+    /// stops reading backs the hub up after a few KiB instead of the megabytes the kernel
+    /// would buffer otherwise.
+    pub async fn connect_small_buffer(url: &str) -> Client {
+        let addr: SocketAddr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let stream = MaybeTlsStream::Plain(stream);
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, stream))
+            .await
+            .expect("connect in time")
+            .expect("upgrade accepted");
+        Client { ws, next_ref: 0 }
+    }
+
     /// The HTTP status of a refused upgrade.
     pub async fn refused(url: &str) -> u16 {
         match tokio_tungstenite::connect_async(url).await {
