@@ -248,8 +248,14 @@ impl Cluster {
                 .await
         };
         let held = match tokio::time::timeout(self.lease / 3, round).await {
-            Ok(Ok(t)) => t,
+            Ok(Ok(t)) => {
+                // Redis answered: this is whether we hold it.
+                *self.token.lock() = t.clone();
+                t
+            }
             _ => {
+                // No answer: not held as far as we know, but the round may still have run
+                // in Redis, so the token is kept for the next round to renew.
                 self.reset_shared();
                 None
             }
@@ -259,7 +265,6 @@ impl Cluster {
             let margin = self.lease / 10;
             hub.lease_until(started + (self.lease - margin).as_millis() as u64);
         }
-        *self.token.lock() = held.clone();
         held
     }
 
@@ -268,7 +273,8 @@ impl Cluster {
     /// now is read from the core: it stops on its own when its lease lapsed or a write of
     /// its was fenced.
     async fn elect_once(&self, hub: &Hub) -> bool {
-        let was = hub.read(|c| c.assigner);
+        let before = self.token.lock().clone();
+        let mut was = hub.read(|c| c.assigner);
         let Some(token) = self.hold_lead(hub).await else {
             if was {
                 tracing::warn!(node = %self.node, "this node no longer assigns chats");
@@ -276,6 +282,12 @@ impl Cluster {
             }
             return false;
         };
+        if was && before.as_deref() != Some(token.as_str()) {
+            // A new token while assigning (the lease key vanished, e.g. Redis restarted
+            // without it): start over under it, resync first, as on any acquisition.
+            hub.run(|c, _| c.stop_assigning());
+            was = false;
+        }
         if !was {
             // The resync must end within the lease, and the lease must still be ours after it.
             match tokio::time::timeout(self.lease / 2, self.resync(hub)).await {
@@ -310,8 +322,10 @@ impl Cluster {
         let token = self.token.lock().take();
         if let Some(token) = token {
             // Stop deciding first, then hand over at once rather than after the lease: no
-            // moment with two deciders.
-            hub.run(|c, _| c.stop_assigning());
+            // moment with two deciders. The writes made while assigning (fenced by the
+            // token) land first: released before, they would be refused.
+            let (_, flushed) = hub.run(|c, _| c.stop_assigning());
+            let _ = tokio::time::timeout(self.lease, crate::store::durable(flushed)).await;
             let release = redis::Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
             );
@@ -444,10 +458,9 @@ impl Cluster {
             }
             let c = conn.as_mut().expect("connected");
             let block = if leaving_until.is_some() { 0.05 } else { 0.5 };
-            let popped: redis::RedisResult<Option<(String, String)>> = tokio::select! {
-                r = c.blpop(&key, block) => r,
-                _ = hub.shutdown.cancelled(), if leaving_until.is_none() => continue,
-            };
+            // Never cancelled: a BLPOP dropped mid-way would still pop a call in Redis, and
+            // its answer would be lost. It blocks half a second at most.
+            let popped: redis::RedisResult<Option<(String, String)>> = c.blpop(&key, block).await;
             let raw = match popped {
                 Ok(Some((_, raw))) => raw,
                 Ok(None) => continue,

@@ -65,8 +65,10 @@ pub struct Shared {
     release: mpsc::UnboundedSender<Release>,
     /// Changes whose frames are held: while any is, later frames queue behind them.
     held: Arc<AtomicUsize>,
-    /// A store write failed and the state is being rebuilt: changes are refused.
-    diverged: AtomicBool,
+    /// A store write failed and the state is being rebuilt: changes are refused, and frames
+    /// are shown to nobody. Set by the release task as soon as it sees a failure (before a
+    /// later change could be shown), cleared by [`Hub::heal`].
+    diverged: Arc<AtomicBool>,
     /// Cluster: until when (ms, [`Hub::now_ms`]) the assigner lease is surely still ours.
     lease_until: AtomicU64,
     /// Where timers go to the timer task (`crate::timers`).
@@ -89,6 +91,8 @@ impl Hub {
         let cfg = Arc::new(cfg);
         let snapshot = store.load()?;
         let (release_tx, releases) = mpsc::unbounded_channel();
+        // Subscribed before the boot writes: their failure, too, is seen.
+        let failures = store.diverged();
         let core_cfg = cfg.clone();
         let mut core = Core::new(cfg.clone(), snapshot);
         let (writes, timers) = core.take_effects();
@@ -114,7 +118,7 @@ impl Hub {
             leaving: Mutex::new(Vec::new()),
             release: release_tx,
             held: Arc::new(AtomicUsize::new(0)),
-            diverged: AtomicBool::new(false),
+            diverged: Arc::new(AtomicBool::new(false)),
             lease_until: AtomicU64::new(0),
             timers: timers_tx,
         }));
@@ -132,8 +136,8 @@ impl Hub {
         for t in timers {
             hub.schedule(t);
         }
-        tokio::spawn(release(releases, hub.held.clone()));
-        tokio::spawn(hub.clone().heal());
+        tokio::spawn(release(releases, hub.held.clone(), hub.diverged.clone()));
+        tokio::spawn(hub.clone().heal(failures));
         Ok(hub)
     }
 
@@ -219,8 +223,7 @@ impl Hub {
     /// Rebuilds the state from the store whenever a write failed: the failed change and
     /// everything applied after it are dropped from memory (the store refused them all), the
     /// live sockets stay and hear the state as it is now.
-    async fn heal(self) {
-        let mut failures = self.store.diverged();
+    async fn heal(self, mut failures: tokio::sync::watch::Receiver<u64>) {
         loop {
             tokio::select! {
                 r = failures.changed() => if r.is_err() { return },
@@ -234,8 +237,9 @@ impl Hub {
                 }
                 // Not gated on `ready()`: the embedded store turns ready again only with a
                 // successful commit, which needs the rebuild first. A store that cannot be
-                // read yet fails the load, and the next round tries again.
-                {
+                // read yet fails the load, and the next round tries again. But a write whose
+                // answer was lost must be settled first: it may still land.
+                if !self.store.settling() {
                     let st = self.store.clone();
                     match tokio::task::spawn_blocking(move || st.load()).await {
                         Ok(Ok(snapshot)) => {
@@ -558,11 +562,18 @@ fn deliver(frames: Vec<(Arc<Peer>, Frame)>) {
 
 /// Shows each change's frames once its writes are durable, in the order of changes (the
 /// store acknowledges in that order), and answers its caller after that.
-async fn release(mut rx: mpsc::UnboundedReceiver<Release>, held: Arc<AtomicUsize>) {
+async fn release(
+    mut rx: mpsc::UnboundedReceiver<Release>,
+    held: Arc<AtomicUsize>,
+    diverged: Arc<AtomicBool>,
+) {
     while let Some(r) = rx.recv().await {
         let result = store::durable(r.ticket).await;
         if result.is_ok() {
             deliver(r.frames);
+        } else {
+            // Before `held` can reach 0: no change made on the failed state is shown.
+            diverged.store(true, Ordering::Release);
         }
         held.fetch_sub(1, Ordering::AcqRel);
         let _ = r.done.send(result);

@@ -495,7 +495,9 @@ async fn chaos_partitioned_node_writes_nothing_that_survives_and_rejoins() {
         assert!(Instant::now() < deadline, "B takes over");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep_until((cut + Duration::from_millis(1500)).into()).await;
+    // Past the writer's 2 s response timeout: the cut-off node's calls go unanswered and
+    // are settled (RESOLVE) once the path is back, while the held calls arrive late.
+    tokio::time::sleep_until((cut + Duration::from_millis(3000)).into()).await;
     proxy.heal();
     let mut outcomes = Vec::new();
     while let Some(r) = tries.join_next().await {

@@ -27,7 +27,19 @@ impl Core {
         // Alone this node assigns; in a cluster it is elected again (and resynced first).
         self.assigner = !old.cluster;
         self.remote = std::mem::take(&mut old.remote);
+        // Closes the store does not have (their write failed) are forgotten: the chat is live.
         self.recently_closed = std::mem::take(&mut old.recently_closed);
+        let live: Vec<u64> = self
+            .recently_closed
+            .0
+            .iter()
+            .copied()
+            .filter(|id| self.chats.contains_key(id))
+            .collect();
+        for id in live {
+            self.recently_closed.1.remove(&id);
+            self.recently_closed.0.retain(|c| *c != id);
+        }
         self.next_chat_id = self.next_chat_id.max(old.next_chat_id);
         self.next_seq = self.next_seq.max(old.next_seq);
         self.assign_clock = self.assign_clock.max(old.assign_clock);

@@ -147,6 +147,11 @@ pub trait Store: Send + Sync + 'static {
     fn diverged(&self) -> watch::Receiver<u64>;
     /// Takes writes again; called once the hub rebuilt its state from the store.
     fn resume(&self);
+    /// True while the writer is still finding out whether a write whose answer was lost
+    /// was applied: the store cannot be read for a rebuild yet (it may still change).
+    fn settling(&self) -> bool {
+        false
+    }
 
     /// Up to `limit` events from `from`, oldest first, of the `types` asked for.
     fn read_events(
@@ -228,6 +233,7 @@ pub(crate) struct Gate {
     /// Jobs of this generation or older are refused; 0: none.
     refused: std::sync::atomic::AtomicU64,
     signal: watch::Sender<u64>,
+    settling: std::sync::atomic::AtomicBool,
 }
 
 impl Gate {
@@ -236,7 +242,17 @@ impl Gate {
             generation: 1.into(),
             refused: 0.into(),
             signal: watch::channel(0).0,
+            settling: false.into(),
         }
+    }
+
+    pub(crate) fn settling(&self, on: bool) {
+        self.settling
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    pub(crate) fn is_settling(&self) -> bool {
+        self.settling.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// True when the job may be written.

@@ -158,7 +158,9 @@ impl RedisStore {
             .map_err(backend)?;
         let healthy = Arc::new(AtomicBool::new(true));
         let (queue, rx) = Queue::new();
+        let stale = Arc::new(AtomicBool::new(false));
         let writer = super::redis_write::Writer {
+            stale: stale.clone(),
             client: client.clone(),
             keys: Keys(prefix.to_string()),
             id: format!("{}", crate::feed::unix_ms()) + &format!("-{:016x}", rand::random::<u64>()),
@@ -167,7 +169,7 @@ impl RedisStore {
             max_events,
         };
         let writer = tokio::spawn(writer.run(rx));
-        tokio::spawn(health_loop(conn.clone(), healthy.clone()));
+        tokio::spawn(health_loop(conn.clone(), healthy.clone(), stale));
         let (signal, events) = tokio::sync::watch::channel(0);
         tokio::spawn(super::redis_feed::follow(
             client.clone(),
@@ -192,13 +194,20 @@ impl RedisStore {
 }
 
 /// Pings Redis so `/readyz` turns not-ready when it goes away even without writes.
-async fn health_loop(mut conn: ConnectionManager, healthy: Arc<AtomicBool>) {
+async fn health_loop(
+    mut conn: ConnectionManager,
+    healthy: Arc<AtomicBool>,
+    stale: Arc<AtomicBool>,
+) {
     loop {
         let ok = redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
             .is_ok();
         healthy.store(ok, Ordering::Relaxed);
+        if !ok {
+            stale.store(true, Ordering::Release);
+        }
         tokio::time::sleep(Duration::from_millis(if ok { 1000 } else { 200 })).await;
         if Arc::strong_count(&healthy) == 1 {
             return; // the store is gone
@@ -239,6 +248,11 @@ impl Store for RedisStore {
         let mut conn = self
             .client
             .get_connection_with_timeout(Duration::from_secs(5))
+            .map_err(backend)?;
+        // A Redis cut off mid-read (a partition) must not hold the rebuild for minutes.
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(backend)?;
+        conn.set_write_timeout(Some(Duration::from_secs(5)))
             .map_err(backend)?;
         let operators = read_kind(&mut conn, &keys.operators(), |id| keys.operator(id))?;
         let departments = read_kind(&mut conn, &keys.departments(), |id| keys.department(id))?;
@@ -371,6 +385,10 @@ impl Store for RedisStore {
 
     fn resume(&self) {
         self.queue.resume();
+    }
+
+    fn settling(&self) -> bool {
+        self.queue.gate.is_settling()
     }
 
     fn close(&self) {

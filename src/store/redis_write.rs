@@ -158,6 +158,8 @@ pub(super) struct Writer {
     pub id: String,
     pub gate: Arc<Gate>,
     pub healthy: Arc<AtomicBool>,
+    /// Set by the health loop when a ping failed: reconnect before the next call.
+    pub stale: Arc<AtomicBool>,
     pub max_events: u64,
 }
 
@@ -205,8 +207,11 @@ impl Writer {
                     self.healthy.store(false, Ordering::Relaxed);
                     // Later writes were computed on top of this one: refused until the hub
                     // has reloaded, whatever this one's outcome.
+                    self.gate.settling(true);
                     self.gate.fail(&jobs[0]);
-                    match self.resolve(&mut conn, seq, &mut rx).await {
+                    let settled = self.resolve(&mut conn, seq, &mut rx).await;
+                    self.gate.settling(false);
+                    match settled {
                         Some(true) => Ok(()),
                         Some(false) => Err(StoreError::Unavailable(cause)),
                         None => Err(StoreError::Closed),
@@ -220,6 +225,11 @@ impl Writer {
     }
 
     async fn connect(&self, conn: &mut Option<MultiplexedConnection>) -> Result<(), String> {
+        // Pings failed since: the connection is likely dead; a fresh one tells at once
+        // (refused) instead of a write sent into a dead one (outcome unknown).
+        if self.stale.swap(false, Ordering::AcqRel) {
+            *conn = None;
+        }
         if conn.is_none() {
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(Duration::from_millis(500)))
@@ -280,14 +290,11 @@ impl Writer {
                 Err(Failure::Refused(StoreError::Backend(format!("redis: {e}"))))
             }
             Err(e) => {
+                // Sent on a connection that broke: redis-rs reports every request in flight
+                // on a closed connection alike ("broken pipe"), sent or not. Only a call that
+                // never had a connection (above) is surely not applied.
                 *conn = None;
-                if never_sent(&e) {
-                    Err(Failure::Refused(StoreError::Unavailable(format!(
-                        "redis: {e}"
-                    ))))
-                } else {
-                    Err(Failure::Unknown(format!("redis: {e}")))
-                }
+                Err(Failure::Unknown(format!("redis: {e}")))
             }
         }
     }
@@ -340,15 +347,6 @@ impl Writer {
             }
         }
     }
-}
-
-/// True when the call surely did not reach Redis: the connection was refused, or had been
-/// closed by Redis before the call was written to it (a broken pipe: Redis reads no part of
-/// what is written after it closed). Anything else (a reset or a timeout while waiting for
-/// the answer) leaves the outcome unknown. redis-rs keeps the `io::Error` to itself, so the
-/// broken pipe is told by `io::ErrorKind::BrokenPipe`'s message.
-fn never_sent(e: &redis::RedisError) -> bool {
-    e.is_connection_refusal() || e.to_string().contains("broken pipe")
 }
 
 /// Appends the script operations of one write.

@@ -128,7 +128,12 @@ impl Operator {
                 // Acked once what it changed is durable and on its way to the sockets (its
                 // own `operator_status` before the ack). A failed write is not the client's
                 // doing: the hub rebuilds and tells everyone the state again.
-                let _ = crate::store::durable(shown).await;
+                // Bounded: the read loop (pongs) must go on during a long store outage.
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    crate::store::durable(shown),
+                )
+                .await;
                 Ok(None)
             }
             OperatorRequest::Logout {} => {
