@@ -1,17 +1,23 @@
 //! Several hub processes on one Redis act as one service (SPEC.md section 8).
 //!
-//! Each node publishes what changed on the channel `{prefix}events` and keeps its own
-//! connection counts in `{prefix}conns:{node}`; the other nodes apply those notes to their
-//! own state, so an operator connected to node A is online for a widget on node B, and each
-//! node sends the resulting events to its own clients exactly once (its own echoes are
-//! ignored). A node that stops renewing its lease (`{prefix}node:{id}`) stops counting
-//! within the lease; the grace then applies. After any pub/sub interruption a node
-//! resynchronises from Redis, which covers the notes it missed.
+//! The change log is the replication: the notes of a change (what other nodes must hear)
+//! are written by the store's script in the same atomic step as the change's records, as
+//! one entry of the Redis Stream `{prefix}log` per write group, with a global sequence
+//! number (`{prefix}log:seq`); the node's connection counts in `{prefix}conns:{node}` are
+//! updated in that step too. Every node follows the stream (`XREAD BLOCK`) and applies the
+//! entries of the others in stream order, so an operator connected to node A is online for a
+//! widget on node B, and each node sends the resulting events to its own clients exactly
+//! once. A gap in the sequence numbers (entries trimmed away while the node lagged) or a
+//! reconnect makes the node reload the whole state ([`Cluster::resync`]) and read on. A node
+//! that stops renewing its lease (`{prefix}node:{id}`) stops counting within the lease; the
+//! grace then applies.
 //!
 //! Chats have a single writer: the node holding `{prefix}leader` (elected by lease) runs
 //! every chat change and all auto-assignment, so one chat never gets two owners and no
 //! operator passes capacity. Other nodes forward chat changes to it (`{prefix}calls:{node}`,
-//! answers on `{prefix}reply:{node}`) and apply the chats and messages it publishes.
+//! answers on the pub/sub channel `{prefix}reply:{node}`: the only use of pub/sub, for
+//! nothing replicated, as a caller that misses its answer times out) and apply the chats and
+//! messages it logs.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,6 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
+use redis::streams::{StreamId, StreamRangeReply, StreamReadOptions};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -27,12 +34,18 @@ use crate::core::ChatOp;
 use crate::error::Error;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use crate::core::Origin;
 use crate::hub::Hub;
 use crate::model::{Chat, ChatMessage, Department, StoredOperator};
 use crate::store::redis::Keys;
+use crate::store::{Conns, NoteWrite, Write};
+
+/// How long one `XREAD` of the change log blocks; the reader's connection answers slower.
+const READ_BLOCK: Duration = Duration::from_millis(1000);
+
+/// Entries taken from the change log per read at most.
+const READ_COUNT: usize = 512;
 
 /// A change other nodes must hear about.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,8 +72,6 @@ pub enum Note {
     NodeState { counts: Vec<(u64, u32, u32)> },
     /// A chat as the assigning node left it.
     Chat { chat: Chat },
-    /// The sender lost notes (a publish failed): every other node reads the state again.
-    Resync {},
     /// A message written in a chat; `origin` does not get it back.
     Message {
         chat: u64,
@@ -69,11 +80,31 @@ pub enum Note {
     },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Envelope {
-    node: String,
-    #[serde(flatten)]
-    note: Note,
+/// The store write of a note of `node`: one element of its change's log entry, with what
+/// it changes in the node's connection counts.
+pub fn note_write(node: &str, note: Note) -> Write {
+    let conns = match &note {
+        Note::Presence {
+            operator,
+            all,
+            idle,
+            ..
+        } => Conns::One(*operator, *all, *idle),
+        Note::NodeState { counts } => Conns::All(counts.clone()),
+        _ => Conns::Keep,
+    };
+    Write::Note(NoteWrite {
+        node: node.to_string(),
+        json: serde_json::to_string(&note).expect("notes serialize"),
+        conns,
+    })
+}
+
+/// Whether an entry with sequence number `seq` follows the last one seen (`last`) without
+/// a gap. Redis numbers entries 1, 2, 3… across nodes; a jump means entries were trimmed
+/// away before this node read them.
+fn follows(last: u64, seq: u64) -> bool {
+    seq <= last + 1
 }
 
 pub struct Cluster {
@@ -142,12 +173,8 @@ impl Cluster {
         })
     }
 
-    fn channel(&self) -> String {
-        format!("{}events", self.keys.0)
-    }
-
     fn conns_key(&self, node: &str) -> String {
-        format!("{}conns:{node}", self.keys.0)
+        self.keys.conns(node)
     }
 
     fn leader_key(&self) -> String {
@@ -188,18 +215,19 @@ impl Cluster {
         format!("{}reply:{node}", self.keys.0)
     }
 
-    /// Starts the publisher, the subscriber, the node watcher, the election and the
-    /// server of forwarded chat changes; the first election round is over on return.
+    /// Starts the change log reader, the reply subscriber, the node watcher, the election
+    /// and the server of forwarded chat changes; the first election round is over on return.
     pub async fn start(self, hub: Hub) {
-        let (tx, rx) = mpsc::unbounded_channel();
         let me = Arc::new(self);
         // A node restarting under its old id holds no connection yet.
         if let Ok(mut c) = me.client.get_multiplexed_async_connection().await {
             let _: redis::RedisResult<()> = c.del(me.conns_key(&me.node)).await;
         }
-        hub.attach_cluster(me.clone(), tx);
-        hub.on_leave(tokio::spawn(me.clone().publish(rx, hub.clone())));
+        hub.attach_cluster(me.clone());
+        hub.on_leave(tokio::spawn(me.clone().leave_cluster(hub.clone())));
+        tokio::spawn(me.clone().refresh(hub.clone()));
         tokio::spawn(me.clone().subscribe(hub.clone()));
+        tokio::spawn(me.clone().read_changes(hub.clone()));
         tokio::spawn(me.clone().watch_nodes(hub.clone()));
         tokio::spawn(me.clone().serve_calls(hub.clone()));
         {
@@ -541,111 +569,54 @@ impl Cluster {
         let _ = tx.send(result);
     }
 
-    /// Publishes notes in batches (one round trip each). Every lease, and after any failed
-    /// round, it sends this node's whole state instead of trusting earlier notes: a note lost
-    /// in an outage, or counts dropped by nodes that saw our lease lapse, heal within a lease.
-    async fn publish(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Note>, hub: Hub) {
-        let mut conn = None;
-        let mut stale = false;
-        // Notes were dropped since the last successful round.
-        let mut lost = false;
-        let mut batch = Vec::new();
-        let mut refresh = tokio::time::interval(self.lease);
-        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Every lease, logs this node's whole connection counts: counts other nodes dropped
+    /// while they saw our node lease lapse (a pause) come back within a lease.
+    async fn refresh(self: Arc<Self>, hub: Hub) {
+        let mut every = tokio::time::interval(self.lease);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
         loop {
             tokio::select! {
-                n = rx.recv() => match n {
-                    Some(n) => batch.push(n),
-                    None => return,
-                },
-                _ = refresh.tick() => stale = true,
-                _ = hub.shutdown.cancelled() => break,
+                _ = every.tick() => {}
+                _ = hub.shutdown.cancelled() => return,
             }
-            while batch.len() < 512 {
-                match rx.try_recv() {
-                    Ok(n) => batch.push(n),
-                    Err(_) => break,
-                }
-            }
-            if conn.is_none() {
-                conn = self.client.get_multiplexed_async_connection().await.ok();
-            }
-            let Some(c) = conn.as_mut() else {
-                tracing::warn!(
-                    notes = batch.len(),
-                    "redis unreachable: cluster notes dropped; the next full state covers them"
-                );
-                lost |= !batch.is_empty();
-                batch.clear();
-                stale = true;
-                continue;
-            };
-            let mut pipe = redis::pipe();
-            for note in batch.drain(..) {
-                self.add_note(&mut pipe, note);
-            }
-            // Last: the state read now is newer than every note of the batch.
-            if stale {
-                let counts = hub.read(|core| core.local_counts());
-                self.full_state(&mut pipe, counts);
-            }
-            if lost {
-                // Notes of records and chats were dropped: the others read everything again.
-                self.add_note(&mut pipe, Note::Resync {});
-            }
-            match pipe.query_async::<()>(c).await {
-                Ok(()) => (stale, lost) = (false, false),
-                Err(e) => {
-                    tracing::warn!(cause = %e, "cluster publish failed");
-                    conn = None;
-                    (stale, lost) = (true, true);
-                }
-            }
+            hub.run(|c, _| c.note_node_state());
         }
-        // Leaving: what is queued still goes out, then our connections stop counting.
+    }
+
+    /// At a clean shutdown, once the connections are gone: our counts are dropped from
+    /// `{prefix}conns:{node}` and, through the log, from the other nodes. The store is
+    /// closed by then, so this is a script of its own that appends the entry as `BATCH` does.
+    async fn leave_cluster(self: Arc<Self>, hub: Hub) {
+        hub.shutdown.cancelled().await;
+        let gone = async {
+            while !hub.tasks.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), gone).await;
+        let script = redis::Script::new(
+            "redis.call('DEL', KEYS[1]) \
+             local seq = redis.call('INCR', KEYS[3]) \
+             redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'node', ARGV[1], 'seq', seq, 'notes', ARGV[2]) \
+             return seq",
+        );
+        let notes = serde_json::to_string(&[Note::NodeState { counts: Vec::new() }])
+            .expect("notes serialize");
         if let Ok(mut c) = self.client.get_multiplexed_async_connection().await {
-            let mut pipe = redis::pipe();
-            while let Ok(n) = rx.try_recv() {
-                self.add_note(&mut pipe, n);
-            }
-            self.full_state(&mut pipe, Vec::new());
-            let _: redis::RedisResult<()> = pipe.query_async(&mut c).await;
+            let _ = script
+                .key(self.conns_key(&self.node))
+                .key(self.keys.changes())
+                .key(self.keys.changes_seq())
+                .arg(&self.node)
+                .arg(notes)
+                .arg(crate::store::redis::CHANGES_MAXLEN)
+                .invoke_async::<i64>(&mut c)
+                .await;
         }
     }
 
-    fn add_note(&self, pipe: &mut redis::Pipeline, note: Note) {
-        if let Note::Presence {
-            operator,
-            all,
-            idle,
-            ..
-        } = note
-        {
-            let key = self.conns_key(&self.node);
-            if all == 0 {
-                pipe.hdel(&key, operator).ignore();
-            } else {
-                pipe.hset(&key, operator, format!("{all},{idle}")).ignore();
-            }
-        }
-        let payload = serde_json::to_string(&Envelope {
-            node: self.node.clone(),
-            note,
-        })
-        .expect("notes serialize");
-        pipe.publish(self.channel(), payload).ignore();
-    }
-
-    /// Rewrites `{prefix}conns:{node}` and tells the others to replace our counts.
-    fn full_state(&self, pipe: &mut redis::Pipeline, counts: Vec<(u64, u32, u32)>) {
-        let key = self.conns_key(&self.node);
-        pipe.del(&key).ignore();
-        for (op, all, idle) in &counts {
-            pipe.hset(&key, *op, format!("{all},{idle}")).ignore();
-        }
-        self.add_note(pipe, Note::NodeState { counts });
-    }
-
+    /// Answers to our forwarded calls, on `{prefix}reply:{node}`.
     async fn subscribe(self: Arc<Self>, hub: Hub) {
         loop {
             if hub.shutdown.is_cancelled() {
@@ -653,13 +624,7 @@ impl Cluster {
             }
             match self.client.get_async_pubsub().await {
                 Ok(mut ps) => {
-                    if ps.subscribe(self.channel()).await.is_ok()
-                        && ps.subscribe(self.reply_channel(&self.node)).await.is_ok()
-                    {
-                        // Subscribed first, then read the state: nothing falls in between.
-                        if let Err(e) = self.resync(&hub).await {
-                            tracing::warn!(cause = %e, "cluster resync failed");
-                        }
+                    if ps.subscribe(self.reply_channel(&self.node)).await.is_ok() {
                         let mut stream = ps.on_message();
                         loop {
                             let msg = tokio::select! {
@@ -667,24 +632,13 @@ impl Cluster {
                                 _ = hub.shutdown.cancelled() => return,
                             };
                             let Some(msg) = msg else { break };
-                            if msg.get_channel_name() != self.channel() {
-                                if let Ok(reply) =
-                                    serde_json::from_slice::<Reply>(msg.get_payload_bytes())
-                                {
-                                    self.answer(reply);
-                                }
-                                continue;
-                            }
-                            let Ok(env) =
-                                serde_json::from_slice::<Envelope>(msg.get_payload_bytes())
-                            else {
-                                continue;
-                            };
-                            if env.node != self.node {
-                                self.apply(&hub, &env.node, env.note).await;
+                            if let Ok(reply) =
+                                serde_json::from_slice::<Reply>(msg.get_payload_bytes())
+                            {
+                                self.answer(reply);
                             }
                         }
-                        tracing::warn!("cluster subscription lost; reconnecting");
+                        tracing::warn!("cluster reply subscription lost; reconnecting");
                     }
                 }
                 Err(e) => tracing::debug!(cause = %e, "cluster subscribe failed"),
@@ -692,6 +646,130 @@ impl Cluster {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = hub.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// The id and sequence number of the newest log entry, read in one step: what a reader
+    /// starts after. An empty log (trimmed) starts at its start with the current number.
+    async fn newest(
+        c: &mut redis::aio::MultiplexedConnection,
+        keys: &Keys,
+    ) -> redis::RedisResult<(String, u64)> {
+        let (range, seq): (StreamRangeReply, Option<u64>) = redis::pipe()
+            .atomic()
+            .cmd("XREVRANGE")
+            .arg(keys.changes())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("GET")
+            .arg(keys.changes_seq())
+            .query_async(c)
+            .await?;
+        Ok(match range.ids.first() {
+            Some(e) => (e.id.clone(), e.get::<u64>("seq").unwrap_or(0)),
+            None => ("0-0".to_string(), seq.unwrap_or(0)),
+        })
+    }
+
+    /// Follows the change log on a connection of its own and applies the entries of other
+    /// nodes in the log's order. On every (re)connect: the newest entry first, then a full
+    /// resync, then the entries after it, so nothing falls in between; a gap in the sequence
+    /// numbers (entries trimmed away while we lagged) is healed the same way.
+    async fn read_changes(self: Arc<Self>, hub: Hub) {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(READ_BLOCK + Duration::from_secs(2)));
+        let options = StreamReadOptions::default()
+            .block(READ_BLOCK.as_millis() as usize)
+            .count(READ_COUNT);
+        let mut conn = None;
+        // The id and sequence number of the last entry seen; None: (re)start from the newest.
+        let mut at: Option<(String, u64)> = None;
+        loop {
+            if hub.shutdown.is_cancelled() {
+                return;
+            }
+            if conn.is_none() {
+                conn = self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .ok();
+            }
+            let Some(c) = conn.as_mut() else {
+                at = None;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = hub.shutdown.cancelled() => return,
+                }
+                continue;
+            };
+            if at.is_none() {
+                match Self::newest(c, &self.keys).await {
+                    Ok(start) => match self.resync(&hub).await {
+                        Ok(()) => at = Some(start),
+                        Err(e) => {
+                            tracing::warn!(cause = %e, "cluster resync failed");
+                            conn = None;
+                        }
+                    },
+                    Err(_) => conn = None,
+                }
+                continue;
+            }
+            let Some((id, mut last)) = at.clone() else {
+                continue;
+            };
+            let (keys, ids) = ([self.keys.changes()], [id.as_str()]);
+            let read = tokio::select! {
+                r = c.xread_options::<_, _, Option<redis::streams::StreamReadReply>>(&keys, &ids, &options) => r,
+                _ = hub.shutdown.cancelled() => return,
+            };
+            let entries: Vec<StreamId> = match read {
+                Ok(Some(reply)) => reply.keys.into_iter().flat_map(|k| k.ids).collect(),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "change log read failed: reconnecting and reloading");
+                    conn = None;
+                    at = None;
+                    continue;
+                }
+            };
+            let newest = entries.last().map(|e| e.id.clone()).unwrap_or(id);
+            for e in &entries {
+                let seq = e.get::<u64>("seq").unwrap_or(0);
+                if !follows(last, seq) {
+                    tracing::warn!(last, seq, "change log entries missed: reloading the state");
+                    // Newer than every entry of this read: the rest of it is covered.
+                    let last_seq = entries
+                        .last()
+                        .and_then(|e| e.get::<u64>("seq"))
+                        .unwrap_or(seq);
+                    if let Err(e) = self.resync(&hub).await {
+                        tracing::warn!(cause = %e, "cluster resync failed");
+                        at = None;
+                        conn = None;
+                    } else {
+                        at = Some((newest.clone(), last_seq));
+                    }
+                    break;
+                }
+                last = last.max(seq);
+                at = Some((e.id.clone(), last));
+                let node = e.get::<String>("node").unwrap_or_default();
+                if node == self.node {
+                    continue;
+                }
+                let notes = e
+                    .get::<String>("notes")
+                    .and_then(|n: String| serde_json::from_str::<Vec<Note>>(&n).ok())
+                    .unwrap_or_default();
+                for note in notes {
+                    self.apply(&hub, &node, note).await;
+                }
             }
         }
     }
@@ -709,7 +787,6 @@ impl Cluster {
             Note::NodeState { counts } => {
                 hub.run(|c, now| c.replace_node(node, counts, now));
             }
-            Note::Resync {} => self.resync_soon(),
             Note::Operator { id, record } => {
                 hub.run(|c, now| c.apply_operator(id, record, now));
             }
@@ -928,6 +1005,16 @@ fn lease_holder(token: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn replication_gap_is_a_jump_in_the_log_sequence() {
+        assert!(super::follows(0, 1));
+        assert!(super::follows(41, 42));
+        // Seen already (a read started before a resync): no gap.
+        assert!(super::follows(42, 40));
+        assert!(!super::follows(41, 43));
+        assert!(!super::follows(0, 7));
+    }
+
     #[test]
     fn lease_holder_is_the_node_id_of_the_token() {
         assert_eq!(super::lease_holder("node-a:7:00ff"), "node-a");

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Secrets, Tokens};
-use crate::cluster::{Cluster, Note};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::core::{ChatOp, Core, Origin, Timer};
 use crate::error::Result;
@@ -55,8 +55,6 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Connection tasks, waited for on shutdown.
     pub tasks: TaskTracker,
-    /// Cluster mode: where notes for the other nodes go.
-    notes: OnceLock<mpsc::UnboundedSender<Note>>,
     /// Cluster mode: forwards chat changes to the assigning node.
     cluster: OnceLock<Arc<Cluster>>,
     /// Tasks that leave the cluster cleanly after shutdown (lease release, last notes).
@@ -113,7 +111,6 @@ impl Hub {
             api_key: secrets.api_key,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            notes: OnceLock::new(),
             cluster: OnceLock::new(),
             leaving: Mutex::new(Vec::new()),
             release: release_tx,
@@ -158,10 +155,19 @@ impl Hub {
         (r, ticket)
     }
 
-    /// Performs the effects of the change just run, in order: writes to the store, frames
-    /// held until they are durable, notes for other nodes, timers.
+    /// Performs the effects of the change just run, in order: writes to the store (the
+    /// notes for other nodes among them: replicated only if the change is durable), frames
+    /// held until they are durable, timers.
     fn finish(&self, core: &mut Core) -> Ticket {
-        let (writes, timers) = core.take_effects();
+        let (mut writes, timers) = core.take_effects();
+        if self.cluster.get().is_some() {
+            let node = &self.cfg.server.node_id;
+            writes.extend(
+                core.take_notes()
+                    .into_iter()
+                    .map(|n| crate::cluster::note_write(node, n)),
+            );
+        }
         let frames = core.take_outbox();
         let ticket = if self.diverged.load(Ordering::Acquire) {
             // Made on a state about to be replaced: shown to nobody.
@@ -194,12 +200,6 @@ impl Hub {
             }
             answer
         };
-        // Sent under the lock, so other nodes hear changes in the order they happened.
-        if let Some(tx) = self.notes.get() {
-            for n in core.take_notes() {
-                let _ = tx.send(n);
-            }
-        }
         for t in timers {
             self.schedule(t);
         }
@@ -430,9 +430,8 @@ impl Hub {
     }
 
     /// Joins the cluster: from now on changes are told to the other nodes.
-    pub fn attach_cluster(&self, cluster: Arc<Cluster>, tx: mpsc::UnboundedSender<Note>) {
+    pub fn attach_cluster(&self, cluster: Arc<Cluster>) {
         let _ = self.cluster.set(cluster);
-        let _ = self.notes.set(tx);
     }
 
     /// Runs a chat change: here when this node assigns (always when alone), else on the

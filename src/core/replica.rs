@@ -25,6 +25,15 @@ impl Core {
         }
     }
 
+    /// Notes every connection count of this node, replacing what others hold of it: heals
+    /// counts other nodes dropped while they saw this node's lease lapse.
+    pub fn note_node_state(&mut self) {
+        if self.cluster {
+            let counts = self.local_counts();
+            self.notes.push(Note::NodeState { counts });
+        }
+    }
+
     /// Another node's connections of an operator.
     pub fn apply_presence(
         &mut self,

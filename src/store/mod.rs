@@ -92,6 +92,31 @@ pub enum Write {
         at: u64,
         reason: Reason,
     },
+    /// A replication note of this node for the others (Redis: one entry of the `{prefix}log`
+    /// stream per write group, with the group's notes in order). The embedded store runs
+    /// alone and ignores it.
+    Note(NoteWrite),
+}
+
+/// One replication note, serialized, and what it changes in the sender's connection
+/// counts (`{prefix}conns:{node}`), written in the same step.
+#[derive(Debug, Clone)]
+pub struct NoteWrite {
+    /// The sending node.
+    pub node: String,
+    /// The note as JSON: one element of the stream entry's `notes` array.
+    pub json: String,
+    pub conns: Conns,
+}
+
+/// What a note changes in `{prefix}conns:{node}`.
+#[derive(Debug, Clone)]
+pub enum Conns {
+    Keep,
+    /// One operator's connections now: (operator, all, idle); `all` 0 removes the field.
+    One(u64, u32, u32),
+    /// Every count of the node, replacing the hash.
+    All(Vec<(u64, u32, u32)>),
 }
 
 /// A page of closed chats. A chat retention deleted while the page was read is scanned but

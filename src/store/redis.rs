@@ -30,6 +30,8 @@ pub struct RedisStore {
     pub(super) max_events: u64,
 }
 
+pub use super::redis_write::CHANGES_MAXLEN;
+
 /// Key names, in one place (docs/redis.md lists them).
 #[derive(Clone)]
 pub struct Keys(pub String);
@@ -88,6 +90,18 @@ impl Keys {
     /// A role one node holds at a time (`webhooks`).
     pub fn role(&self, name: &str) -> String {
         format!("{}role:{name}", self.0)
+    }
+    /// The replication stream: one entry per write group of any node.
+    pub fn changes(&self) -> String {
+        format!("{}log", self.0)
+    }
+    /// The global sequence number of [`Keys::changes`] entries.
+    pub fn changes_seq(&self) -> String {
+        format!("{}log:seq", self.0)
+    }
+    /// A node's connection counts per operator (`all,idle`).
+    pub fn conns(&self, node: &str) -> String {
+        format!("{}conns:{node}", self.0)
     }
     pub fn log(&self, op: u64) -> String {
         format!("{}log:{op}", self.0)

@@ -18,7 +18,7 @@ use redis::{AsyncConnectionConfig, Client};
 use tokio::sync::mpsc;
 
 use super::redis::Keys;
-use super::{Gate, Job, StoreError, Write};
+use super::{Conns, Gate, Job, StoreError, Write};
 use crate::model::ChatStatus;
 
 /// Writes taken into one script call at most.
@@ -33,7 +33,10 @@ const SEQ_TTL_MS: u64 = 24 * 3600 * 1000;
 /// KEYS[1]: this writer's last applied sequence number; KEYS[2]: the assigner lease.
 /// ARGV[1]: the call's sequence number; ARGV[2]: the lease token the call needs ('' none);
 /// ARGV[3]: the feed stream; ARGV[4]: the feed digests; ARGV[5]: the feed's MAXLEN;
-/// ARGV[6]: TTL of KEYS[1]; ARGV[7..]: the operations, each a name and fixed arguments.
+/// ARGV[6]: TTL of KEYS[1]; ARGV[7]: the replication stream; ARGV[8]: its sequence number;
+/// ARGV[9]: this node; ARGV[10]: the stream's MAXLEN; ARGV[11..]: the operations, each a
+/// name and fixed arguments. The `note` operations of the call become ONE stream entry
+/// (`node`, `seq`, `notes`: a JSON array in the order of the writes), appended last.
 /// Answers 'ok', 'dup' (this sequence number was applied already) or an error: FENCED when
 /// the lease is not the caller's.
 pub(super) const BATCH: &str = r#"
@@ -45,10 +48,11 @@ end
 local A = ARGV
 -- Checks first (a script cannot roll back): each versioned record must still be at the
 -- version its change was made from, as the earlier writes of this call leave it.
-local arity = {set=2, sadd=2, srem=2, del=1, zadd=3, zaddnx=3, zrembelow=2, hset=3, raise=2,
-  advance=3, event=4, sstart=4, send=5, setv=4}
+local arity = {set=2, sadd=2, srem=2, del=1, zadd=3, zaddnx=3, zrembelow=2, hset=3, hdel=2,
+  note=1, raise=2, advance=3, event=4, sstart=4, send=5, setv=4}
 local seen = {}
-local i, n = 7, #A
+local notes = {}
+local i, n = 11, #A
 while i <= n do
   local op = A[i]
   local k = arity[op]
@@ -69,7 +73,7 @@ while i <= n do
   i = i + 1 + k
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[6])
-i = 7
+i = 11
 while i <= n do
   local op = A[i]
   if op == 'set' then redis.call('SET', A[i+1], A[i+2]); i = i + 3
@@ -82,6 +86,8 @@ while i <= n do
   elseif op == 'zrembelow' then
     redis.call('ZREMRANGEBYSCORE', A[i+1], '-inf', '(' .. A[i+2]); i = i + 3
   elseif op == 'hset' then redis.call('HSET', A[i+1], A[i+2], A[i+3]); i = i + 4
+  elseif op == 'hdel' then redis.call('HDEL', A[i+1], A[i+2]); i = i + 3
+  elseif op == 'note' then notes[#notes + 1] = A[i+1]; i = i + 2
   elseif op == 'raise' then
     -- a high-water mark only goes up (chat ids never repeat)
     if tonumber(redis.call('GET', A[i+1]) or '0') < tonumber(A[i+2]) then
@@ -138,6 +144,11 @@ while i <= n do
     return redis.error_reply('BADOP ' .. tostring(op))
   end
 end
+if #notes > 0 then
+  local seq = redis.call('INCR', ARGV[8])
+  redis.call('XADD', ARGV[7], 'MAXLEN', '~', ARGV[10], '*',
+    'node', ARGV[9], 'seq', seq, 'notes', '[' .. table.concat(notes, ',') .. ']')
+end
 return 'ok'
 "#;
 
@@ -149,6 +160,10 @@ if last >= tonumber(ARGV[1]) then return 1 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 0
 ";
+
+/// Entries the replication stream keeps at least (`MAXLEN ~`): a node that lags further
+/// behind finds a gap in the sequence numbers and reloads the whole state.
+pub const CHANGES_MAXLEN: u64 = 100_000;
 
 /// The writer task's fixed parts.
 pub(super) struct Writer {
@@ -259,10 +274,13 @@ impl Writer {
         }
         let writes = jobs.iter().flat_map(|j| j.writes.iter());
         let mut fence = String::new();
+        let mut node = "";
         let mut ops: Vec<String> = Vec::new();
         for w in writes {
-            if let Write::Fence(token) = w {
-                fence = token.to_string();
+            match w {
+                Write::Fence(token) => fence = token.to_string(),
+                Write::Note(n) => node = &n.node,
+                _ => {}
             }
             encode(&self.keys, w, &mut ops);
         }
@@ -274,7 +292,11 @@ impl Writer {
             .arg(self.keys.events())
             .arg(self.keys.event_digests())
             .arg(self.max_events)
-            .arg(SEQ_TTL_MS);
+            .arg(SEQ_TTL_MS)
+            .arg(self.keys.changes())
+            .arg(self.keys.changes_seq())
+            .arg(node)
+            .arg(CHANGES_MAXLEN);
         for o in &ops {
             inv.arg(o);
         }
@@ -408,6 +430,33 @@ fn encode(keys: &Keys, w: &Write, ops: &mut Vec<String>) {
         }
         Write::Meta { key, value } => {
             op(&["hset", &keys.meta(), key, value]);
+        }
+        Write::Note(n) => {
+            let key = keys.conns(&n.node);
+            match &n.conns {
+                Conns::Keep => {}
+                Conns::One(operator, 0, _) => op(&["hdel", &key, &operator.to_string()]),
+                Conns::One(operator, all, idle) => {
+                    op(&[
+                        "hset",
+                        &key,
+                        &operator.to_string(),
+                        &format!("{all},{idle}"),
+                    ]);
+                }
+                Conns::All(counts) => {
+                    op(&["del", &key]);
+                    for (operator, all, idle) in counts {
+                        op(&[
+                            "hset",
+                            &key,
+                            &operator.to_string(),
+                            &format!("{all},{idle}"),
+                        ]);
+                    }
+                }
+            }
+            op(&["note", &n.json]);
         }
         Write::Log(l) => {
             op(&[
