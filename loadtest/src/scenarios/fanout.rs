@@ -89,7 +89,7 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> Result<Report> {
 /// What flips the department's state: a WebSocket (the hub's operator, the baseline's
 /// publisher) or the uWS peer's `POST /publish`.
 enum Flipper {
-    Ws(Ws),
+    Ws(Box<Ws>),
     Http(UwsPublisher),
 }
 
@@ -166,13 +166,13 @@ async fn measure(
                 hello["operator"]
             );
         }
-        Flipper::Ws(ws)
+        Flipper::Ws(Box::new(ws))
     } else {
-        Flipper::Ws(
+        Flipper::Ws(Box::new(
             connector
                 .connect_to(0, &format!("/pub?department={flip_department}"))
                 .await?,
-        )
+        ))
     };
 
     // Widgets.
@@ -239,7 +239,7 @@ async fn measure(
     let ack_errors = Arc::new(AtomicU64::new(0));
     let (mut sink, publisher, mut stream) = match flipper {
         Flipper::Ws(ws) => {
-            let (sink, stream) = ws.split();
+            let (sink, stream) = (*ws).split();
             (Some(sink), None, Some(stream))
         }
         Flipper::Http(p) => (None, Some(p), None),
