@@ -170,14 +170,15 @@ impl Peer {
         self.push(Out::Text(frame.clone()))
     }
 
-    /// Takes every queued frame, in order.
+    /// Takes every queued frame, in order. The queue's allocation goes with them: an idle
+    /// socket holds none (the next push allocates again, a cost small next to a write).
     pub fn drain(&self, into: &mut Vec<Out>) {
-        let mut q = self.queue.lock();
-        into.extend(q.frames.drain(..));
-        q.bytes = 0;
-        if q.frames.capacity() > 64 {
-            q.frames.shrink_to_fit();
-        }
+        let frames = {
+            let mut q = self.queue.lock();
+            q.bytes = 0;
+            std::mem::take(&mut q.frames)
+        };
+        into.extend(frames);
     }
 
     /// Asks the connection task to close with `code` (first request wins).
@@ -197,18 +198,22 @@ impl Peer {
 
     /// Resolves when frames were queued or a close was requested since the last call.
     pub fn woken(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(|cx| {
-            if self.woke.swap(false, Ordering::AcqRel) {
-                return std::task::Poll::Ready(());
-            }
-            self.wake.register(cx.waker());
-            // A wake between the check and the registration must not be lost.
-            if self.woke.swap(false, Ordering::AcqRel) {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
+        std::future::poll_fn(|cx| self.poll_woken(cx))
+    }
+
+    /// [`Peer::woken`] as a poll: ready when woken since the last ready, else the task of
+    /// `cx` is registered to be woken.
+    pub fn poll_woken(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.woke.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Ready(());
+        }
+        self.wake.register(cx.waker());
+        // A wake between the check and the registration must not be lost.
+        if self.woke.swap(false, Ordering::AcqRel) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     fn notify(&self) {

@@ -27,14 +27,14 @@ use tokio_tungstenite::tungstenite::{
 
 /// WebSocket buffer settings of the server side.
 ///
-/// MUST MATCH THE HUB'S: `presence_hub::ws::ws_config` (src/ws/mod.rs: `READ_BUFFER` 1 KiB,
-/// `WRITE_BUFFER` 8 KiB, frame and message limit `limits.max_message_bytes`, 64 KiB by
-/// default). Otherwise the per-connection memory ratio hub/baseline compares buffer sizes
+/// MUST MATCH THE HUB'S for widgets: `presence_hub::ws::ws_config_for` (src/ws/mod.rs:
+/// `WIDGET_READ_BUFFER` 128 bytes, `WRITE_BUFFER` 8 KiB, frame and message limit
+/// `limits.max_message_bytes`, 64 KiB by default). Otherwise the per-connection memory ratio hub/baseline compares buffer sizes
 /// rather than the hub's own cost. (tungstenite's default read buffer is 128 KiB, allocated
 /// eagerly per connection.)
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(128)
         .write_buffer_size(8 * 1024)
         .max_message_size(Some(64 * 1024))
         .max_frame_size(Some(64 * 1024))

@@ -1,6 +1,7 @@
 //! The system under test: a presence-hub (spawned with a temp config, or already running at
-//! `--hub-url`) or the baseline server (spawned as a child `presence-loadtest baseline-server`),
-//! with its PID for RSS/CPU figures and, for the hub, its back-end HTTP API.
+//! `--hub-url`), the baseline server (spawned as a child `presence-loadtest baseline-server`)
+//! or the uWebSockets.js peer (`node uws-server.js` from `loadtest/peers/uws/`), with its PID
+//! for RSS/CPU figures and, for the hub, its back-end HTTP API.
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +20,10 @@ use tokio::process::{Child, Command};
 #[serde(rename_all = "lowercase")]
 pub enum TargetKind {
     Hub,
+    /// The bare tokio-tungstenite broadcast server (`src/baseline.rs`).
     Baseline,
+    /// µWebSockets through uWebSockets.js with its built-in pub/sub (`peers/uws/`).
+    Uws,
 }
 
 impl TargetKind {
@@ -27,8 +31,27 @@ impl TargetKind {
         match self {
             TargetKind::Hub => "hub",
             TargetKind::Baseline => "baseline",
+            TargetKind::Uws => "uws",
         }
     }
+
+    /// Text frames a widget socket gets on open, per department: the hub and the baseline
+    /// send the department's `widget_status`, the uWS peer sends nothing.
+    pub fn widget_greeting(self) -> usize {
+        match self {
+            TargetKind::Hub | TargetKind::Baseline => 1,
+            TargetKind::Uws => 0,
+        }
+    }
+}
+
+/// What `--compare` runs after the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    /// The bare tokio-tungstenite baseline server.
+    Baseline,
+    /// The uWebSockets.js peer server.
+    Uws,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -36,9 +59,14 @@ pub struct TargetArgs {
     /// What to load: the hub or the bare baseline server.
     #[arg(long, value_enum, default_value = "hub")]
     pub target: TargetKind,
-    /// Run against the hub, then against the baseline (spawned), and print hub/baseline ratios.
-    #[arg(long)]
-    pub compare: bool,
+    /// Run against the hub, then against the given peer server(s), spawned, and print hub/peer
+    /// ratios: `--compare` alone = the baseline, `--compare uws`, `--compare baseline,uws`.
+    #[arg(long, value_enum, num_args = 0..=1, value_delimiter = ',', default_missing_value = "baseline")]
+    pub compare: Vec<Peer>,
+    /// Directory of the uWebSockets.js peer (uws-server.js, package.json, package-lock.json);
+    /// its node_modules are installed with `npm ci` when missing.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/uws"))]
+    pub uws_dir: PathBuf,
     /// presence-hub binary to spawn [default: presence-hub next to this executable].
     #[arg(long)]
     pub hub_bin: Option<PathBuf>,
@@ -86,11 +114,25 @@ pub struct TargetArgs {
 impl TargetArgs {
     /// Targets to run, in order.
     pub fn kinds(&self) -> Vec<TargetKind> {
-        if self.compare {
-            vec![TargetKind::Hub, TargetKind::Baseline]
-        } else {
-            vec![self.target]
+        if self.compare.is_empty() {
+            return vec![self.target];
         }
+        let mut kinds = vec![TargetKind::Hub];
+        for peer in &self.compare {
+            let kind = match peer {
+                Peer::Baseline => TargetKind::Baseline,
+                Peer::Uws => TargetKind::Uws,
+            };
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        kinds
+    }
+
+    /// Whether any peer server runs besides the hub (`--compare …` or `--target` ≠ hub).
+    pub fn has_peer(&self) -> bool {
+        !self.compare.is_empty() || self.target != TargetKind::Hub
     }
 
     pub fn id_base(&self) -> u64 {
@@ -160,6 +202,7 @@ impl Target {
                 }
                 _ => spawn_baseline(args).await,
             },
+            TargetKind::Uws => spawn_uws(args).await,
         }
     }
 
@@ -432,6 +475,123 @@ async fn spawn_baseline(args: &TargetArgs) -> Result<Target> {
     })
 }
 
+/// Start the uWebSockets.js peer: `node uws-server.js` in `--uws-dir` (after `npm ci` when
+/// its node_modules are missing), PORT and PIDS_FILE in its environment; its PID is the one
+/// it writes to PIDS_FILE.
+async fn spawn_uws(args: &TargetArgs) -> Result<Target> {
+    let dir = &args.uws_dir;
+    if !dir.join("uws-server.js").exists() {
+        bail!("no uws-server.js in {} (--uws-dir)", dir.display());
+    }
+    if !dir.join("node_modules").join("uwebsockets").exists() {
+        eprintln!(
+            "installing the uWS peer's node_modules (npm ci in {})…",
+            dir.display()
+        );
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .context("running npm ci (is Node 20 with npm installed?)")?;
+        if !status.success() {
+            bail!("npm ci in {} failed: {status}", dir.display());
+        }
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("presence-loadtest-uws-")
+        .tempdir()?;
+    let pids_file = tmp.path().join("pids");
+    let log_path = tmp.path().join("uws.log");
+    let log = std::fs::File::create(&log_path)?;
+    let port = free_port()?;
+    let mut cmd = Command::new("node");
+    cmd.arg("uws-server.js")
+        .current_dir(dir)
+        .env("PORT", port.to_string())
+        .env("PIDS_FILE", &pids_file)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    die_with_parent(&mut cmd);
+    let child = cmd.spawn().context("spawning node uws-server.js")?;
+    let mut target = Target {
+        kind: TargetKind::Uws,
+        urls: vec![format!("http://127.0.0.1:{port}")],
+        pids: Vec::new(),
+        api: None,
+        jwt_secret: args.jwt_secret.clone(),
+        child: Some(child),
+        tmp: Some(tmp),
+        log_path: Some(log_path),
+    };
+    // The server writes its PID once it listens.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        target.check_alive()?;
+        let pids = std::fs::read_to_string(&pids_file).unwrap_or_default();
+        let pid = pids
+            .lines()
+            .find_map(|l| l.strip_prefix("server ")?.trim().parse::<u32>().ok());
+        if let Some(pid) = pid {
+            target.pids = vec![pid];
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the uWS peer did not listen within 15 s\n{}",
+                target.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("uws spawned: pid {}, {}", target.pids[0], target.urls[0]);
+    Ok(target)
+}
+
+/// Publishes to the uWS peer's `POST /publish` in order, one request at a time on one
+/// keep-alive connection (concurrent requests could overtake each other and reorder flips).
+pub struct UwsPublisher {
+    tx: tokio::sync::mpsc::UnboundedSender<Value>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl UwsPublisher {
+    pub fn new(base: &str) -> Result<UwsPublisher> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let url = format!("{}/publish", base.trim_end_matches('/'));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+        let task = tokio::spawn(async move {
+            while let Some(body) = rx.recv().await {
+                let resp = http.post(&url).json(&body).send().await?;
+                if !resp.status().is_success() {
+                    bail!("POST /publish → {}", resp.status());
+                }
+            }
+            Ok(())
+        });
+        Ok(UwsPublisher { tx, task })
+    }
+
+    /// Queue one publish; it is sent after every one queued before it.
+    pub fn publish(&self, body: Value) -> Result<()> {
+        self.tx
+            .send(body)
+            .map_err(|_| anyhow!("the uWS publisher stopped"))
+    }
+
+    /// Wait until every queued publish was answered.
+    pub async fn finish(self) -> Result<()> {
+        drop(self.tx);
+        self.task.await?
+    }
+}
+
 /// An operator JWT: HS256, claims `sub` (id as a string) and `exp`.
 pub fn mint_token(secret: &str, operator: u64, ttl: Duration) -> Result<String> {
     let exp = (SystemTime::now() + ttl)
@@ -640,5 +800,52 @@ impl Api {
             }
         }
         Ok(totals)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        json: Option<String>,
+    }
+
+    fn kinds(args: &[&str]) -> Vec<TargetKind> {
+        let cli = Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+            .expect("arguments parse");
+        cli.target.kinds()
+    }
+
+    #[test]
+    fn compare_alone_means_the_baseline() {
+        use TargetKind::*;
+        assert_eq!(kinds(&[]), vec![Hub]);
+        assert_eq!(kinds(&["--compare"]), vec![Hub, Baseline]);
+        // A flag right after `--compare` is not taken as its value.
+        assert_eq!(
+            kinds(&["--compare", "--json", "x.json"]),
+            vec![Hub, Baseline]
+        );
+    }
+
+    #[test]
+    fn compare_names_the_peers() {
+        use TargetKind::*;
+        assert_eq!(kinds(&["--compare", "uws"]), vec![Hub, Uws]);
+        assert_eq!(kinds(&["--compare=uws"]), vec![Hub, Uws]);
+        assert_eq!(
+            kinds(&["--compare", "baseline,uws"]),
+            vec![Hub, Baseline, Uws]
+        );
+        assert_eq!(kinds(&["--compare", "uws,uws"]), vec![Hub, Uws]);
+        assert_eq!(kinds(&["--target", "uws"]), vec![Uws]);
+        assert!(Cli::try_parse_from(["t", "--compare", "socketio"]).is_err());
     }
 }

@@ -1,5 +1,5 @@
-//! Results: one run per target (hub, baseline), a human table with a hub/baseline ratio
-//! column when both ran, pass/fail checks, and the same as JSON.
+//! Results: one run per target (hub, baseline, uws), a human table with a hub/peer ratio
+//! column for every peer that ran, pass/fail checks, and the same as JSON.
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
@@ -18,6 +18,9 @@ pub struct Report {
     pub notes: Vec<String>,
     /// hub value / baseline value for every metric both runs have (with --compare).
     pub ratios: BTreeMap<String, f64>,
+    /// hub value / uWS value for every metric both runs have (with --compare uws).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ratios_uws: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,6 +58,7 @@ impl Report {
             checks: Vec::new(),
             notes: Vec::new(),
             ratios: BTreeMap::new(),
+            ratios_uws: BTreeMap::new(),
         }
     }
 
@@ -75,12 +79,18 @@ impl Report {
         self.checks.iter().all(|c| c.ok)
     }
 
-    /// Compute the hub/baseline ratios; call once all runs are in.
+    /// Compute the hub/baseline and hub/uws ratios; call once all runs are in.
     pub fn finish(&mut self) {
-        let (Some(hub), Some(base)) = (self.run("hub"), self.run("baseline")) else {
-            return;
-        };
+        self.ratios = self.ratios_to("baseline");
+        self.ratios_uws = self.ratios_to("uws");
+    }
+
+    /// hub / `peer` for every metric both runs have (empty if either did not run).
+    fn ratios_to(&self, peer: &str) -> BTreeMap<String, f64> {
         let mut ratios = BTreeMap::new();
+        let (Some(hub), Some(base)) = (self.run("hub"), self.run(peer)) else {
+            return ratios;
+        };
         for m in &hub.metrics {
             if let Some(b) = base.metrics.iter().find(|b| b.name == m.name)
                 && b.value != 0.0
@@ -89,7 +99,7 @@ impl Report {
                 ratios.insert(m.name.clone(), m.value / b.value);
             }
         }
-        self.ratios = ratios;
+        ratios
     }
 
     fn run(&self, target: &str) -> Option<&Run> {
@@ -112,14 +122,20 @@ impl Report {
                 }
             }
         }
-        let with_ratio = !self.ratios.is_empty();
+        let ratio_columns: Vec<(&str, &BTreeMap<String, f64>)> = [
+            ("hub/baseline", &self.ratios),
+            ("hub/uws", &self.ratios_uws),
+        ]
+        .into_iter()
+        .filter(|(_, r)| !r.is_empty())
+        .collect();
         let w0 = names.iter().map(|(n, _)| n.len()).max().unwrap_or(6).max(6);
         let mut header = format!("{:<w0$}  {:<6}", "metric", "unit");
         for r in &self.runs {
             header += &format!("  {:>14}", r.target);
         }
-        if with_ratio {
-            header += &format!("  {:>12}", "hub/baseline");
+        for (title, _) in &ratio_columns {
+            header += &format!("  {title:>12}");
         }
         println!("{header}");
         println!("{}", "-".repeat(header.chars().count()));
@@ -134,9 +150,8 @@ impl Report {
                     .unwrap_or_else(|| "-".into());
                 line += &format!("  {cell:>14}");
             }
-            if with_ratio {
-                let cell = self
-                    .ratios
+            for (_, ratios) in &ratio_columns {
+                let cell = ratios
                     .get(*name)
                     .map(|v| format!("{v:.2}x"))
                     .unwrap_or_else(|| "-".into());
@@ -236,6 +251,35 @@ impl Run {
             name,
             if secs > 0.0 { count as f64 / secs } else { 0.0 },
             "/s",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(target: &str, value: f64) -> Run {
+        let mut r = Run::new(target);
+        r.add("rss_per_conn", value, "KiB");
+        r
+    }
+
+    #[test]
+    fn ratios_are_hub_over_each_peer() {
+        let mut report = Report::new("idle", serde_json::json!({}));
+        report.runs = vec![run("hub", 4.0), run("baseline", 2.0), run("uws", 1.0)];
+        report.finish();
+        assert_eq!(report.ratios.get("rss_per_conn"), Some(&2.0));
+        assert_eq!(report.ratios_uws.get("rss_per_conn"), Some(&4.0));
+
+        let mut hub_only = Report::new("idle", serde_json::json!({}));
+        hub_only.runs = vec![run("hub", 4.0), run("uws", 0.0)];
+        hub_only.finish();
+        assert!(hub_only.ratios.is_empty(), "no baseline run");
+        assert!(
+            hub_only.ratios_uws.is_empty(),
+            "a zero peer value gives no ratio"
         );
     }
 }

@@ -23,6 +23,8 @@ struct Job {
     /// This worker binds to source addresses after those of workers 0..index.
     index: usize,
     concurrency: usize,
+    /// Text frames that establish a connection (1: the hub's greeting; 0: the uWS peer).
+    greeting: usize,
     paths: Vec<String>,
 }
 
@@ -56,7 +58,7 @@ pub async fn worker_main() -> Result<()> {
         &connector,
         job.paths.len(),
         job.concurrency,
-        1,
+        job.greeting,
         |i| job.paths[i].clone(),
         |_, ws, _| tokio::spawn(client::hold(ws, stop_rx.clone())),
     )
@@ -104,6 +106,7 @@ pub async fn open(
     urls: &[String],
     sources: usize,
     concurrency: usize,
+    greeting: usize,
     paths: Vec<String>,
     k: usize,
 ) -> Result<(Pool, Connected<()>)> {
@@ -132,6 +135,7 @@ pub async fn open(
             sources,
             index,
             concurrency: concurrency.div_ceil(k).max(1),
+            greeting,
             paths: chunk.to_vec(),
         };
         stdin

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
@@ -29,16 +29,34 @@ use crate::protocol::{error_frame, request_ref};
 
 pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
-/// Bytes the read buffer starts with. tungstenite's default (128 KiB, allocated eagerly)
-/// is sized for throughput; presence traffic is tiny and connections are many.
+/// Bytes the read buffer starts with, and reads at most at once. tungstenite's default
+/// (128 KiB, allocated eagerly) is sized for throughput; presence traffic is tiny and
+/// connections are many.
 pub const READ_BUFFER: usize = 1024;
+/// The read buffer of a widget socket: widgets only receive (what they may send is a ping,
+/// a pong, a close, or a frame answered with an error), and they are the many.
+pub const WIDGET_READ_BUFFER: usize = 128;
 /// Frames are buffered up to this before a write to the socket; a flush follows each batch.
 pub const WRITE_BUFFER: usize = 8 * 1024;
 
-/// The socket settings of every connection (the load tester's baseline uses the same).
+/// The socket settings of every connection but widgets' (the fuzzer's too).
 pub fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
+    ws_config_with_read_buffer(max_message_bytes, READ_BUFFER)
+}
+
+/// The socket settings of a connection of `kind` (the load tester's baseline, a widget
+/// server, uses the widgets').
+pub fn ws_config_for(kind: Kind, max_message_bytes: usize) -> WebSocketConfig {
+    let read_buffer = match kind {
+        Kind::Widget => WIDGET_READ_BUFFER,
+        Kind::Operator(_) | Kind::Visitor(_) => READ_BUFFER,
+    };
+    ws_config_with_read_buffer(max_message_bytes, read_buffer)
+}
+
+fn ws_config_with_read_buffer(max_message_bytes: usize, read_buffer: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes))
@@ -186,11 +204,12 @@ fn spawn<H: Handler>(
                     return;
                 }
             };
-            let ws = WebSocketStream::from_raw_socket(
+            // Boxed, like every once-per-socket step: only the loop's state stays in the task.
+            let ws = Box::pin(WebSocketStream::from_raw_socket(
                 io,
                 Role::Server,
-                Some(ws_config(hub.cfg.limits.max_message_bytes)),
-            )
+                Some(ws_config_for(kind, hub.cfg.limits.max_message_bytes)),
+            ))
             .await;
             run(hub.clone(), ws, peer.clone(), handler, origin_ok).await;
             hub.remove_peer(peer.id);
@@ -269,8 +288,9 @@ async fn serve<H: Handler>(
                     Some(Ok(Message::Text(text))) => {
                         // Events keep flowing to the client while its request waits (for the
                         // store, or the assigning node of a cluster).
-                        let request = handler.on_text(hub, peer, text.as_str());
-                        tokio::pin!(request);
+                        // Boxed: an operator's request future is ~3 KiB, and held inline
+                        // it would make every socket's task that large while idle.
+                        let mut request = Box::pin(handler.on_text(hub, peer, text.as_str()));
                         let flow = loop {
                             tokio::select! {
                                 biased;
@@ -333,6 +353,9 @@ async fn flush(
         }
         peer.drain(batch);
         if batch.is_empty() {
+            // An idle socket keeps no batch allocation (one per wake-up on this thread is
+            // cheap next to the write).
+            batch.shrink_to_fit();
             return None;
         }
         if !write_batch(ws, peer, batch).await {
@@ -346,32 +369,51 @@ async fn flush(
 
 /// Writes the frames; false when the socket failed or the hub asked to close meanwhile
 /// (a reader that does not read must not hold the task in a write forever).
+///
+/// Written as one poll function over the socket's `Sink` methods rather than `feed` and
+/// `flush` futures: its state is a few words, and it is part of every socket's task.
 async fn write_batch(ws: &mut Socket, peer: &Peer, batch: &mut Vec<Out>) -> bool {
-    let write = async {
-        for out in batch.drain(..) {
-            let msg = match out {
-                Out::Text(t) => Message::Text(t),
-                Out::Ping => Message::Ping(Default::default()),
+    use futures::Sink;
+    use std::task::Poll;
+    // Frames handed to the socket so far.
+    let mut sent = 0;
+    let ok = std::future::poll_fn(|cx| {
+        loop {
+            let mut sink = std::pin::Pin::new(&mut *ws);
+            let step = if sent < batch.len() {
+                sink.as_mut().poll_ready(cx).map(|r| {
+                    r.and_then(|()| {
+                        let msg = match std::mem::replace(&mut batch[sent], Out::Ping) {
+                            Out::Text(t) => Message::Text(t),
+                            Out::Ping => Message::Ping(Default::default()),
+                        };
+                        sent += 1;
+                        sink.start_send(msg)
+                    })
+                    .map(|()| false)
+                })
+            } else {
+                sink.poll_flush(cx).map(|r| r.map(|()| true))
             };
-            ws.feed(msg).await?;
-        }
-        ws.flush().await
-    };
-    tokio::pin!(write);
-    // Most writes complete at once: only a write that has to wait races the close request.
-    if let std::task::Poll::Ready(r) = futures::poll!(&mut write) {
-        return r.is_ok();
-    }
-    loop {
-        tokio::select! {
-            r = &mut write => return r.is_ok(),
-            _ = peer.woken() => {
-                if peer.closing().is_some() {
-                    return false;
-                }
+            match step {
+                Poll::Ready(Ok(false)) => continue,
+                Poll::Ready(Ok(true)) => return Poll::Ready(true),
+                Poll::Ready(Err(_)) => return Poll::Ready(false),
+                Poll::Pending => break,
             }
         }
-    }
+        // The write has to wait: a close request ends it (frames queued meanwhile wait for
+        // the next batch).
+        while peer.poll_woken(cx).is_ready() {
+            if peer.closing().is_some() {
+                return Poll::Ready(false);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    batch.clear();
+    ok
 }
 
 fn close_reason(code: u16) -> &'static str {
@@ -391,6 +433,12 @@ pub const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 /// Sends a close frame (ahead of anything still in the hub's queue, which is not written)
 /// and waits briefly for the client's answer.
 async fn close(ws: &mut Socket, code: u16, reason: &str) {
+    // Boxed: it runs once per socket, and its timer held inline would be part of every
+    // socket's task for its whole life.
+    Box::pin(close_now(ws, code, reason)).await
+}
+
+async fn close_now(ws: &mut Socket, code: u16, reason: &str) {
     let frame = CloseFrame {
         code: CloseCode::from(code),
         reason: reason.to_string().into(),
@@ -401,4 +449,22 @@ async fn close(ws: &mut Socket, code: u16, reason: &str) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn widget_sockets_get_the_small_read_buffer() {
+        let widget = ws_config_for(Kind::Widget, 65536);
+        assert_eq!(widget.read_buffer_size, WIDGET_READ_BUFFER);
+        assert_eq!(widget.max_message_size, Some(65536));
+        for kind in [Kind::Operator(1), Kind::Visitor(1)] {
+            let c = ws_config_for(kind, 4096);
+            assert_eq!(c.read_buffer_size, READ_BUFFER, "{kind:?}");
+            assert_eq!(c.write_buffer_size, WRITE_BUFFER);
+            assert_eq!(c.max_frame_size, Some(4096));
+        }
+    }
 }

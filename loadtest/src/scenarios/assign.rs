@@ -66,8 +66,8 @@ struct Decision {
 }
 
 pub async fn run(common: &Common, args: &AssignArgs) -> Result<Report> {
-    if common.target.compare || common.target.target == TargetKind::Baseline {
-        bail!("assign runs against the hub only (the baseline server has no chats)");
+    if common.target.has_peer() {
+        bail!("assign runs against the hub only (the peer servers have no chats)");
     }
     let operators = args.operators.max(1);
     let k = args.departments.clamp(1, operators);

@@ -10,7 +10,8 @@
 //! change costs O(subscribers) or O(connections).
 //!
 //! Against the baseline the "operator" is a `/pub?department=…` connection publishing the same
-//! `widget_status` frames.
+//! `widget_status` frames; against the uWS peer, `POST /publish` requests with the same body
+//! (sent in order, one at a time), which uWS's pub/sub fans out as one text frame.
 
 use std::{
     sync::{
@@ -32,7 +33,7 @@ use super::{frame_type, on_target, parse_duration};
 use crate::{
     Common,
     client::{self, Connector, Ws},
-    hub::{Target, TargetKind, mint_token, own_cpu_secs},
+    hub::{Target, TargetKind, UwsPublisher, mint_token, own_cpu_secs},
     report::{Report, Run},
 };
 
@@ -85,6 +86,13 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> Result<Report> {
     Ok(report)
 }
 
+/// What flips the department's state: a WebSocket (the hub's operator, the baseline's
+/// publisher) or the uWS peer's `POST /publish`.
+enum Flipper {
+    Ws(Box<Ws>),
+    Http(UwsPublisher),
+}
+
 /// State shared by the flipper and every widget task.
 struct Shared {
     base: Instant,
@@ -131,9 +139,13 @@ async fn measure(
         bail!("{n_conns} connections need more open files than this process may have");
     }
 
-    // The flipper: an operator of the flipping department (hub) or a publisher (baseline).
+    // The flipper: an operator of the flipping department (hub), a publisher socket
+    // (baseline) or an HTTP publisher (uWS).
     let connector = Connector::new(&target.urls, common.target.sources).await?;
-    let flipper: Ws = if is_hub {
+    let greeting = target.kind.widget_greeting();
+    let flipper: Flipper = if target.kind == TargetKind::Uws {
+        Flipper::Http(UwsPublisher::new(&target.urls[0])?)
+    } else if is_hub {
         let api = target.api()?;
         api.put_department(flip_department, 4).await?;
         api.put_operator(base, &[flip_department], 4).await?;
@@ -154,11 +166,13 @@ async fn measure(
                 hello["operator"]
             );
         }
-        ws
+        Flipper::Ws(Box::new(ws))
     } else {
-        connector
-            .connect_to(0, &format!("/pub?department={flip_department}"))
-            .await?
+        Flipper::Ws(Box::new(
+            connector
+                .connect_to(0, &format!("/pub?department={flip_department}"))
+                .await?,
+        ))
     };
 
     // Widgets.
@@ -181,7 +195,7 @@ async fn measure(
         &connector,
         n_conns,
         args.connect_concurrency,
-        1,
+        greeting,
         |i| format!("/ws/widget?department={}", department_of(i)),
         |i, ws, greeting| {
             let on_flipping = department_of(i) == flip_department;
@@ -221,10 +235,16 @@ async fn measure(
     );
 
     // Flip, open loop.
-    let (mut sink, mut stream) = flipper.split();
     let acks = Arc::new(Mutex::new(client::new_histogram()));
     let ack_errors = Arc::new(AtomicU64::new(0));
-    let reader = {
+    let (mut sink, publisher, mut stream) = match flipper {
+        Flipper::Ws(ws) => {
+            let (sink, stream) = (*ws).split();
+            (Some(sink), None, Some(stream))
+        }
+        Flipper::Http(p) => (None, Some(p), None),
+    };
+    let reader = stream.take().map(|mut stream| {
         let (shared, acks, ack_errors) = (shared.clone(), acks.clone(), ack_errors.clone());
         tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
@@ -253,7 +273,7 @@ async fn measure(
                 }
             }
         })
-    };
+    });
     let cpu_before = target.cpu_secs();
     let own_cpu_before = own_cpu_secs();
     eprintln!("flipping {flips} times at {}/s…", args.rate);
@@ -271,9 +291,14 @@ async fn measure(
             let reason = if online { "operators" } else { "none" };
             json!({"type": "widget_status", "department": flip_department, "online": online, "reason": reason})
         };
-        sink.send(Message::text(frame.to_string()))
-            .await
-            .context("sending a flip")?;
+        match (&mut sink, &publisher) {
+            (Some(sink), _) => sink
+                .send(Message::text(frame.to_string()))
+                .await
+                .context("sending a flip")?,
+            (None, Some(p)) => p.publish(frame)?,
+            (None, None) => unreachable!("a flipper is a socket or a publisher"),
+        }
     }
     let last_flip = t0.elapsed();
 
@@ -288,6 +313,12 @@ async fn measure(
     let cpu = target.cpu_secs().zip(cpu_before).map(|(a, b)| a - b);
     let received = shared.received.load(Relaxed);
     target.check_alive()?;
+    if let Some(p) = publisher {
+        tokio::time::timeout(Duration::from_secs(10), p.finish())
+            .await
+            .context("the uWS publishes did not finish")?
+            .context("publishing to the uWS peer")?;
+    }
 
     let mut hist = client::new_histogram();
     for h in &shared.hist {
@@ -343,8 +374,12 @@ async fn measure(
 
     // Tear down.
     let _ = stop_tx.send(true);
-    let _ = sink.close().await;
-    reader.abort();
+    if let Some(mut sink) = sink {
+        let _ = sink.close().await;
+    }
+    if let Some(reader) = reader {
+        reader.abort();
+    }
     let mut lost = 0;
     for (_, h) in connected.items {
         if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(10), h).await {

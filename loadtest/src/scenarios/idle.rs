@@ -115,8 +115,8 @@ pub async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
         .await?;
         report.runs.push(run);
     }
-    if common.target.compare && args.kind == ConnKind::Operator {
-        report.note("the baseline has no auth: its run used widget sockets");
+    if !common.target.compare.is_empty() && args.kind == ConnKind::Operator {
+        report.note("the peer servers have no auth: their runs used widget sockets");
     }
     Ok(report)
 }
@@ -149,6 +149,12 @@ async fn measure(
         }
     }
     let target_kind = target.kind;
+    // The uWS peer greets nobody: its sockets are established once upgraded.
+    let greeting = if as_operator {
+        1
+    } else {
+        target_kind.widget_greeting()
+    };
     let path = |i: usize| {
         if as_operator {
             format!("/ws/operator?token={}", tokens[i % operators])
@@ -174,6 +180,7 @@ async fn measure(
             &target.urls,
             common.target.sources,
             args.connect_concurrency,
+            greeting,
             paths,
             args.workers,
         )
@@ -186,7 +193,7 @@ async fn measure(
             &connector,
             n,
             args.connect_concurrency,
-            1,
+            greeting,
             path,
             |_, ws, _| tokio::spawn(client::hold(ws, stop_rx.clone())),
         )
