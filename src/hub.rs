@@ -568,9 +568,11 @@ async fn release(
 ) {
     while let Some(r) = rx.recv().await {
         let result = store::durable(r.ticket).await;
-        if result.is_ok() {
+        // A change without writes queued behind a failed one was made on the failed state:
+        // shown to nobody (the rebuild sends everyone the state after).
+        if result.is_ok() && !diverged.load(Ordering::Acquire) {
             deliver(r.frames);
-        } else {
+        } else if result.is_err() {
             // Before `held` can reach 0: no change made on the failed state is shown.
             diverged.store(true, Ordering::Release);
         }

@@ -410,7 +410,10 @@ async fn chaos_paused_leader_decides_nothing_after_waking() {
     }
     tokio::time::sleep_until((paused + Duration::from_millis(2500)).into()).await;
     pa.resume();
-    // More chats, through the node that slept: they go to the assigner of now.
+    // More chats, through the node that slept: they go to the assigner of now. Right after
+    // waking, the node may be rebuilding (its fenced writes were refused): a 503 then, and
+    // the chat must not exist.
+    let mut acked = 0;
     for n in 3..5 {
         let (s, v) = a
             .post(
@@ -418,10 +421,11 @@ async fn chaos_paused_leader_decides_nothing_after_waking() {
                 json!({"department": 1, "visitor": {"name": format!("v{n}")}}),
             )
             .await;
-        assert_eq!(s, 201, "{v}");
+        assert!(s == 201 || s == 503, "{s} {v}");
+        acked += usize::from(s == 201);
     }
     let chats = agree(&a, &b).await;
-    assert_eq!(chats.len(), 5);
+    assert_eq!(chats.len(), 3 + acked, "acknowledged ⇔ there");
     assert_capacity(&chats, 2);
     let feed = b.feed().await;
     assert_one_decider(&feed);
