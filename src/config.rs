@@ -191,7 +191,7 @@ pub struct Webhooks {
     /// Key of the `X-Presence-Hub-Signature` HMAC.
     pub secret: Masked,
     /// Event types delivered; empty = all.
-    pub types: Vec<crate::feed::EventType>,
+    pub types: Vec<crate::event_type::EventType>,
     /// Events per POST at most.
     pub batch: usize,
     /// A POST not answered within this is a failed attempt.

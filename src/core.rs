@@ -1,4 +1,4 @@
-//! The hub's state and every change to it, behind one lock held by [`crate::hub::Hub`].
+//! The hub's state and every change to it, behind one lock held by the hub.
 //!
 //! A change runs to its end in one critical section: it validates, mutates, and collects its
 //! effects: the store writes, the timers it needs and the frames for the peers, which the hub
@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use crate::answer::{ChatAnswer, DepartmentView};
 use crate::assign::{self, Candidate, Queued};
-use crate::cluster::Note;
 use crate::config::{Config, Strategy};
 use crate::error::{Error, Result};
 use crate::feed::{EventType, LogEvent};
@@ -26,6 +26,7 @@ use crate::model::{
     Chat, ChatMessage, ChatStatus, ChatView, Department, DeptReason, DeptState, OperatorRecord,
     OperatorView, Sender, SenderKind, StoredOperator, VisitorChatView, next_version, now_rfc3339,
 };
+pub use crate::note::{Note, Origin};
 use crate::peer::{Kind, Peer};
 use crate::presence::{ConnId, Presence, Settings, Status};
 use crate::protocol::{AssignReason, Event, Frame};
@@ -43,14 +44,15 @@ mod rebuild;
 mod replica;
 
 /// Who asks for a change: the back end (API key, may change anything) or an operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Actor {
     Backend,
     Operator(u64),
 }
 
 /// A partial settings change (`set_status`, `PATCH …/status`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SettingsChange {
     pub online: Option<bool>,
@@ -442,13 +444,6 @@ fn unknown_chat(id: u64) -> Error {
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Where a message came from: its socket does not get it back as an event.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Origin {
-    pub node: String,
-    pub conn: ConnId,
 }
 
 /// A change to a chat. In a cluster every chat change runs on the assigning node (the

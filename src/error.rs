@@ -1,4 +1,5 @@
-//! The hub's error type, mapped once to wire codes (SPEC.md section 6) and HTTP statuses.
+//! The hub's error types: [`Error`], mapped once to wire codes and HTTP statuses, and the
+//! errors of the store and the feed that map into it. A leaf: it depends on no other module.
 
 use http::StatusCode;
 
@@ -24,6 +25,36 @@ pub enum Error {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A store's answer to a write or read; see the store module.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Backend(String),
+    #[error("store is closed")]
+    Closed,
+    /// Not written, and never will be (the hub reloads its state from the store).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A record changed meanwhile through another node: nothing was written.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The write needs the assigner's lease, which another node holds now.
+    #[error("fenced: this node no longer holds the assigner lease")]
+    Fenced,
+}
+
+/// A feed query that cannot be answered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FeedError {
+    /// The position asked for was dropped by retention: events would be skipped.
+    #[error("events after {0} were dropped by retention; reload and continue with after=$")]
+    Gone(String),
+    #[error("`{0}` is not an event id of this hub")]
+    BadId(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -62,21 +93,21 @@ impl Error {
     }
 }
 
-impl From<crate::store::StoreError> for Error {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
         match e {
-            crate::store::StoreError::Conflict(m) => Error::Conflict(m),
+            StoreError::Conflict(m) => Error::Conflict(m),
             e => Error::Unavailable(format!("store unavailable: {e}")),
         }
     }
 }
 
-impl From<crate::feed::FeedError> for Error {
-    fn from(e: crate::feed::FeedError) -> Self {
+impl From<FeedError> for Error {
+    fn from(e: FeedError) -> Self {
         match e {
-            crate::feed::FeedError::Gone(_) => Error::Gone(e.to_string()),
-            crate::feed::FeedError::BadId(_) => Error::BadRequest(e.to_string()),
-            crate::feed::FeedError::Store(s) => s.into(),
+            FeedError::Gone(_) => Error::Gone(e.to_string()),
+            FeedError::BadId(_) => Error::BadRequest(e.to_string()),
+            FeedError::Store(s) => s.into(),
         }
     }
 }

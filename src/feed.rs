@@ -7,47 +7,9 @@
 use std::collections::BTreeSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
 use crate::protocol::Frame;
 
-/// The kinds of event in the log (the `type` of each).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventType {
-    OperatorStatus,
-    DepartmentStatus,
-    Chat,
-    ChatAssigned,
-    Message,
-    Session,
-}
-
-impl EventType {
-    pub const ALL: [EventType; 6] = [
-        EventType::OperatorStatus,
-        EventType::DepartmentStatus,
-        EventType::Chat,
-        EventType::ChatAssigned,
-        EventType::Message,
-        EventType::Session,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventType::OperatorStatus => "operator_status",
-            EventType::DepartmentStatus => "department_status",
-            EventType::Chat => "chat",
-            EventType::ChatAssigned => "chat_assigned",
-            EventType::Message => "message",
-            EventType::Session => "session",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<EventType> {
-        EventType::ALL.into_iter().find(|t| t.as_str() == s)
-    }
-}
+pub use crate::event_type::EventType;
 
 /// A `types` filter; empty = every type.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -152,16 +114,7 @@ pub struct Page {
     pub last_id: Option<String>,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum FeedError {
-    /// The position asked for was dropped by retention: events would be skipped.
-    #[error("events after {0} were dropped by retention; reload and continue with after=$")]
-    Gone(String),
-    #[error("`{0}` is not an event id of this hub")]
-    BadId(String),
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-}
+pub use crate::error::FeedError;
 
 impl Position {
     pub fn id(&self) -> Option<&str> {

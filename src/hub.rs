@@ -18,8 +18,9 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::answer::ChatAnswer;
 use crate::auth::{Secrets, Tokens};
-use crate::cluster::Cluster;
+use crate::command::{Change, Socket, WatchChat};
 use crate::config::Config;
 use crate::core::{ChatOp, Core, Origin, Timer};
 use crate::error::Result;
@@ -36,6 +37,15 @@ struct Release {
     ticket: Ticket,
     frames: Vec<(Arc<Peer>, Frame)>,
     done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// What the hub needs of the cluster it joined (`cluster::Cluster` implements it), so that
+/// the hub does not depend on the cluster module.
+pub trait Membership: Send + Sync + 'static {
+    /// Runs a chat change on the assigning node. `None`: this node assigns now, run it here.
+    fn forward(&self, op: ChatOp) -> futures::future::BoxFuture<'_, Result<Option<ChatAnswer>>>;
+    /// Reloads the other nodes' state soon (after this node rebuilt its own).
+    fn resync_soon(&self);
 }
 
 pub struct Shared {
@@ -56,7 +66,7 @@ pub struct Shared {
     /// Connection tasks, waited for on shutdown.
     pub tasks: TaskTracker,
     /// Cluster mode: forwards chat changes to the assigning node.
-    cluster: OnceLock<Arc<Cluster>>,
+    cluster: OnceLock<Arc<dyn Membership>>,
     /// Tasks that leave the cluster cleanly after shutdown (lease release, last notes).
     leaving: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Held frames, in the order of their changes, for the release task.
@@ -165,7 +175,7 @@ impl Hub {
             writes.extend(
                 core.take_notes()
                     .into_iter()
-                    .map(|n| crate::cluster::note_write(node, n)),
+                    .map(|n| crate::note::note_write(node, n)),
             );
         }
         let frames = core.take_outbox();
@@ -218,6 +228,19 @@ impl Hub {
         let r = r?;
         store::durable(ticket).await?;
         Ok(r)
+    }
+
+    /// Applies a command and waits until it is durable: its typed answer is what the
+    /// client is acknowledged with. The one way for a change from a client.
+    pub async fn apply<C: Change>(&self, command: C) -> Result<C::Answer> {
+        self.commit(|core, now| command.apply(core, now)).await
+    }
+
+    /// Applies a command without waiting for it to be durable (socket events: the socket's
+    /// task goes on; what the change shows is still held until durable). The ticket says
+    /// when it is.
+    pub fn apply_now<C: Change>(&self, command: C) -> (Result<C::Answer>, Ticket) {
+        self.run(|core, now| command.apply(core, now))
     }
 
     /// Rebuilds the state from the store whenever a write failed: the failed change and
@@ -429,19 +452,31 @@ impl Hub {
         }
     }
 
+    /// The gauges of a metrics scrape: connections by kind, open HTTP connections, operators
+    /// online.
+    pub fn gauges(&self) -> crate::metrics::Gauges {
+        let mut g = crate::metrics::Gauges::default();
+        for p in self.peers.iter() {
+            match p.kind {
+                Kind::Operator(_) => g.operators += 1,
+                Kind::Widget => g.widgets += 1,
+                Kind::Visitor(_) => g.visitors += 1,
+            }
+        }
+        g.http = self.limits.http_open();
+        g.online = self.read(|c| c.online_operators());
+        g
+    }
+
     /// Joins the cluster: from now on changes are told to the other nodes.
-    pub fn attach_cluster(&self, cluster: Arc<Cluster>) {
+    pub fn attach_cluster(&self, cluster: Arc<dyn Membership>) {
         let _ = self.cluster.set(cluster);
     }
 
     /// Runs a chat change: here when this node assigns (always when alone), else on the
     /// assigning node of the cluster. `watch`: the socket that opened or wrote in the chat
     /// watches it from now on.
-    pub async fn chat(
-        &self,
-        op: ChatOp,
-        watch: Option<(u64, &Arc<Peer>)>,
-    ) -> Result<serde_json::Value> {
+    pub async fn chat(&self, op: ChatOp, watch: Option<(u64, &Arc<Peer>)>) -> Result<ChatAnswer> {
         let target = match &op {
             ChatOp::Create { .. } => None,
             ChatOp::HandOver { chat }
@@ -467,7 +502,7 @@ impl Hub {
         &self,
         op: ChatOp,
         watch: Option<(u64, &Arc<Peer>)>,
-    ) -> Result<serde_json::Value> {
+    ) -> Result<ChatAnswer> {
         let chat = match &op {
             ChatOp::Open { chat, .. } | ChatOp::Message { chat, .. } => Some(*chat),
             _ => None,
@@ -475,9 +510,13 @@ impl Hub {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         loop {
             if let Some(cluster) = self.cluster.get().filter(|_| !self.read(|c| c.assigner)) {
-                if let Some(v) = cluster.call(op.clone()).await? {
+                if let Some(v) = cluster.forward(op.clone()).await? {
                     if let (Some((me, peer)), Some(chat)) = (watch, chat) {
-                        self.run(|c, _| c.watch(me, peer, chat));
+                        let _ = self.apply_now(WatchChat {
+                            operator: me.into(),
+                            socket: Socket(peer.clone()),
+                            chat: chat.into(),
+                        });
                     }
                     return Ok(v);
                 }
@@ -499,7 +538,7 @@ impl Hub {
                     if c.cluster && !c.assigner {
                         return Ok(None);
                     }
-                    let v = c.exec(op.clone(), now)?;
+                    let v = op.clone().apply(c, now)?;
                     if let (Some((me, peer)), Some(chat)) = (watch, chat) {
                         c.watch(me, peer, chat);
                     }

@@ -1,14 +1,11 @@
 //! Prometheus metrics: connections by kind, operators online, events sent, slow consumers
-//! dropped, HTTP request latency. Gauges are read from the hub when scraped.
+//! dropped, HTTP request latency. Gauges are read from the hub when scraped (`Hub::gauges`).
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-
-use crate::hub::Hub;
-use crate::peer::Kind;
 
 fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -41,22 +38,23 @@ pub fn request(method: &str, status: u16, took: Duration) {
         .record(took.as_secs_f64());
 }
 
+/// The gauges read at a scrape (see `Hub::gauges`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub operators: usize,
+    pub widgets: usize,
+    pub visitors: usize,
+    /// Open HTTP connections (the scrape's own among them): they count in max_connections.
+    pub http: usize,
+    pub online: usize,
+}
+
 /// The Prometheus text of this process.
-pub fn render(hub: &Hub) -> String {
-    let (mut operators, mut widgets, mut visitors) = (0usize, 0usize, 0usize);
-    for p in hub.peers.iter() {
-        match p.kind {
-            Kind::Operator(_) => operators += 1,
-            Kind::Widget => widgets += 1,
-            Kind::Visitor(_) => visitors += 1,
-        }
-    }
-    gauge!("presence_hub_connections", "kind" => "operator").set(operators as f64);
-    gauge!("presence_hub_connections", "kind" => "widget").set(widgets as f64);
-    gauge!("presence_hub_connections", "kind" => "visitor").set(visitors as f64);
-    // Open HTTP connections (this scrape's own among them): they count in max_connections.
-    gauge!("presence_hub_connections", "kind" => "http").set(hub.limits.http_open() as f64);
-    let online = hub.read(|c| c.online_operators());
-    gauge!("presence_hub_operators_online").set(online as f64);
+pub fn render(g: &Gauges) -> String {
+    gauge!("presence_hub_connections", "kind" => "operator").set(g.operators as f64);
+    gauge!("presence_hub_connections", "kind" => "widget").set(g.widgets as f64);
+    gauge!("presence_hub_connections", "kind" => "visitor").set(g.visitors as f64);
+    gauge!("presence_hub_connections", "kind" => "http").set(g.http as f64);
+    gauge!("presence_hub_operators_online").set(g.online as f64);
     handle().render()
 }

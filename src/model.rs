@@ -206,7 +206,7 @@ pub struct Chat {
     pub avoid: Option<u64>,
     /// Why auto-assignment gave the chat to its owner; None when the owner took it.
     #[serde(default)]
-    pub assign_reason: Option<crate::protocol::AssignReason>,
+    pub assign_reason: Option<AssignReason>,
     /// Grows with every change, like [`StoredOperator::version`].
     #[serde(default)]
     pub version: u64,
@@ -314,3 +314,50 @@ pub fn next_version(prev: u64) -> u64 {
         .map_or(0, |d| d.as_micros() as u64);
     now.max(prev + 1)
 }
+
+/// Why a chat was given to its owner (`chat_assigned`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssignReason {
+    Auto,
+    AcceptTimeout,
+    OperatorUnavailable,
+}
+
+/// Ids that cross modules, typed so that an operator id is never passed as a chat id. On the
+/// wire they are plain numbers.
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(pub u64);
+
+        impl From<u64> for $name {
+            fn from(id: u64) -> Self {
+                $name(id)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// An operator (the platform's user id).
+    OperatorId
+);
+id_type!(
+    /// A chat.
+    ChatId
+);
+id_type!(
+    /// A department.
+    DeptId
+);

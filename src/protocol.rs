@@ -149,13 +149,7 @@ pub enum Event<'a> {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AssignReason {
-    Auto,
-    AcceptTimeout,
-    OperatorUnavailable,
-}
+pub use crate::model::AssignReason;
 
 impl Event<'_> {
     pub fn frame(&self) -> Frame {

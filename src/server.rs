@@ -78,7 +78,7 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
         .merge(crate::console::router())
         .layer(axum::middleware::from_fn_with_state(
             hub.clone(),
-            crate::limits::http::body_deadline,
+            crate::api::limits::body_deadline,
         ));
     let sweeper = tokio::spawn(hub.clone().sweep());
     let cleaner = tokio::spawn(hub.clone().clean());
@@ -108,14 +108,14 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
             .admit_http(hub.peers.len(), hub.cfg.limits.max_connections)
         else {
             metrics::counter!("presence_hub_connections_refused_total").increment(1);
-            tokio::spawn(crate::limits::http::refuse(stream));
+            tokio::spawn(crate::api::limits::refuse(stream));
             continue;
         };
         let _ = stream.set_nodelay(true);
         // The peer's address rides along in the request, for the connection's log span.
         let svc = TowerToHyperService::new(app.clone().map_request(
             move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(PeerAddr(addr));
+                req.extensions_mut().insert(crate::ws::PeerAddr(addr));
                 req
             },
         ));
@@ -174,7 +174,3 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(4096)
 }
-
-/// The remote address of the connection a request came on.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);

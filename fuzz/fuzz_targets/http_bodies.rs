@@ -95,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
     let hub = hub();
     let app = presence_hub::api::router(hub.clone()).layer(axum::middleware::from_fn_with_state(
         hub,
-        presence_hub::limits::http::body_deadline,
+        presence_hub::api::limits::body_deadline,
     ));
     let res = runtime().block_on(async {
         let res = app.oneshot(req).await.unwrap();

@@ -29,7 +29,7 @@ pub async fn create(State(hub): State<Hub>, bytes: Bytes) -> Response {
         hub.chat(ChatOp::Create { req }, None).await
     };
     match run.await {
-        Ok(created) => ok(StatusCode::CREATED, created),
+        Ok(created) => ok(StatusCode::CREATED, created.wire()),
         Err(e) => e.into_response(),
     }
 }
@@ -46,12 +46,9 @@ async fn find(hub: &Hub, cid: u64) -> Result<Chat, Error> {
 }
 
 pub async fn get(State(hub): State<Hub>, Path(raw): Path<String>) -> Response {
-    let run = async {
-        let chat = find(&hub, id(&raw)?).await?;
-        Ok::<_, Error>(serde_json::to_value(chat.view()).expect("chats serialize"))
-    };
+    let run = async { find(&hub, id(&raw)?).await };
     match run.await {
-        Ok(chat) => ok(StatusCode::OK, chat),
+        Ok(chat) => ok(StatusCode::OK, chat.view()),
         Err(e) => e.into_response(),
     }
 }
@@ -206,7 +203,7 @@ pub async fn patch(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes
         hub.chat(ChatOp::HandOver { chat: cid }, None).await
     };
     match run.await {
-        Ok(chat) => ok(StatusCode::OK, chat),
+        Ok(chat) => ok(StatusCode::OK, chat.wire()),
         Err(e) => e.into_response(),
     }
 }
@@ -224,7 +221,7 @@ pub async fn close(State(hub): State<Hub>, Path(raw): Path<String>) -> Response 
         .await
     };
     match run.await {
-        Ok(chat) => ok(StatusCode::OK, chat),
+        Ok(chat) => ok(StatusCode::OK, chat.wire()),
         Err(e) => e.into_response(),
     }
 }

@@ -9,6 +9,7 @@ use http::StatusCode;
 use serde::Deserialize;
 
 use super::{body, id, ok};
+use crate::command;
 use crate::config::{Strategy, parse_duration};
 use crate::error::Error;
 use crate::hours::{Hours, Schedule};
@@ -67,7 +68,7 @@ pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) 
             hours: p.hours,
             version: 0,
         };
-        hub.commit(|c, now| Ok(c.put_department(dept, now))).await
+        hub.apply(command::PutDepartment { department: dept }).await
     };
     match run.await {
         Ok(v) => ok(StatusCode::OK, v),

@@ -5,6 +5,7 @@ mod audit;
 mod chats;
 mod departments;
 mod events;
+pub mod limits;
 mod operators;
 mod widget;
 
@@ -116,7 +117,7 @@ async fn require_api_key(State(hub): State<Hub>, req: Request, next: Next) -> Re
         )
         .into_response();
     }
-    if let Err(e) = crate::limits::http::api_rate(&hub) {
+    if let Err(e) = limits::api_rate(&hub) {
         return e.into_response();
     }
     next.run(req).await
@@ -148,7 +149,7 @@ async fn readyz(State(hub): State<Hub>) -> Response {
 }
 
 async fn metrics(State(hub): State<Hub>) -> Response {
-    let text = crate::metrics::render(&hub);
+    let text = crate::metrics::render(&hub.gauges());
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
         .body(Body::from(text))

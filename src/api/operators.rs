@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{body, id, ok, query};
+use crate::command::{self, DeleteOperator, PutOperators, SetSettings};
 use crate::core::{Actor, OperatorFilter, SettingsChange};
 use crate::error::Error;
 use crate::hub::Hub;
@@ -74,8 +75,11 @@ pub async fn put(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes) 
         crate::limits::record::departments(limits, "departments", p.departments.len())?;
         crate::limits::record::departments(limits, "watch_departments", p.watch_departments.len())?;
         let (record, change) = record(oid, p);
-        hub.commit(|c, now| Ok(c.put_operator(record, change, now)))
-            .await
+        hub.apply(command::PutOperator {
+            record,
+            settings: change,
+        })
+        .await
     };
     match run.await {
         Ok((view, created)) => ok(
@@ -113,23 +117,10 @@ pub async fn put_many(State(hub): State<Hub>, bytes: Bytes) -> Response {
             if !seen.insert(oid) {
                 return Err(Error::bad(format!("operator {oid} is listed twice")));
             }
-            records.push(record(oid, p));
+            let (record, settings) = record(oid, p);
+            records.push(command::PutOperator { record, settings });
         }
-        hub.commit(|c, now| {
-            let mut created = 0;
-            let mut views = Vec::with_capacity(records.len());
-            for (record, change) in records {
-                let (view, new) = c.put_operator(record, change, now);
-                created += usize::from(new);
-                views.push(view);
-            }
-            Ok(json!({
-                "operators": views,
-                "created": created,
-                "updated": views.len() - created,
-            }))
-        })
-        .await
+        hub.apply(PutOperators { operators: records }).await
     };
     match run.await {
         Ok(v) => ok(StatusCode::OK, v),
@@ -147,7 +138,10 @@ pub async fn get(State(hub): State<Hub>, Path(raw): Path<String>) -> Response {
 pub async fn delete(State(hub): State<Hub>, Path(raw): Path<String>) -> Response {
     let run = async {
         let oid = id(&raw)?;
-        hub.commit(|c, now| c.delete_operator(oid, now)).await
+        hub.apply(DeleteOperator {
+            operator: oid.into(),
+        })
+        .await
     };
     match run.await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -173,8 +167,12 @@ pub async fn patch_status(
     let run = async {
         let oid = id(&raw)?;
         let change: SettingsChange = body(&bytes)?;
-        hub.commit(|c, now| c.set_settings(Actor::Backend, oid, change, now))
-            .await
+        hub.apply(SetSettings {
+            actor: Actor::Backend,
+            operator: oid.into(),
+            change,
+        })
+        .await
     };
     match run.await {
         Ok(view) => ok(StatusCode::OK, view),

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::answer::ChatAnswer;
 use futures::StreamExt;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::Cluster;
@@ -33,7 +33,7 @@ struct Call {
 #[derive(Debug, Serialize, Deserialize)]
 struct Reply {
     id: u64,
-    ok: Option<Value>,
+    ok: Option<ChatAnswer>,
     code: Option<String>,
     message: Option<String>,
 }
@@ -65,7 +65,7 @@ impl Cluster {
     /// assigns (a failover), waits for one; a node that answers it no longer assigns (it
     /// stepped down before running the change) is passed over for the next one.
     /// `Ok(None)`: this node was elected meanwhile.
-    pub async fn call(&self, op: ChatOp) -> Result<Option<Value>, Error> {
+    pub async fn call(&self, op: ChatOp) -> Result<Option<ChatAnswer>, Error> {
         let unavailable = |m: &str| Error::Unavailable(format!("cluster: {m}"));
         let mut c = self
             .shared()
@@ -104,7 +104,7 @@ impl Cluster {
         leader: &str,
         op: ChatOp,
         deadline: tokio::time::Instant,
-    ) -> Result<Value, Error> {
+    ) -> Result<ChatAnswer, Error> {
         let unavailable = |m: &str| Error::Unavailable(format!("cluster: {m}"));
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();

@@ -10,6 +10,7 @@ use redis::AsyncCommands;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadOptions};
 
 use super::{Cluster, Note};
+use crate::command::{Change, Replicate};
 use crate::hub::Hub;
 use crate::store::redis::Keys;
 
@@ -199,34 +200,7 @@ impl Cluster {
     }
 
     pub(super) async fn apply(&self, hub: &Hub, node: &str, note: Note) {
-        match note {
-            Note::Presence {
-                operator,
-                all,
-                idle,
-                logout,
-            } => {
-                hub.run(|c, now| c.apply_presence(node, operator, all, idle, logout, now));
-            }
-            Note::NodeState { counts } => {
-                hub.run(|c, now| c.replace_node(node, counts, now));
-            }
-            Note::Operator { id, record } => {
-                hub.run(|c, now| c.apply_operator(id, record, now));
-            }
-            Note::Department { department } => {
-                hub.run(|c, now| c.apply_department(department, now));
-            }
-            Note::Chat { chat } => {
-                hub.run(|c, now| c.apply_chat(chat, now));
-            }
-            Note::Message {
-                chat,
-                message,
-                origin,
-            } => {
-                hub.run(|c, _| c.apply_message(chat, message, origin));
-            }
-        }
+        let node = node.to_string();
+        let _ = hub.run(|c, now| Replicate { node, note }.apply(c, now));
     }
 }

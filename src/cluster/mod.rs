@@ -29,72 +29,18 @@ use std::time::Duration;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use crate::answer::ChatAnswer;
 use futures::StreamExt;
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::error::Error;
 use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
 
-use crate::core::Origin;
 use crate::hub::Hub;
 use crate::model::{Chat, ChatMessage, Department, StoredOperator};
 use crate::store::redis::Keys;
-use crate::store::{Conns, NoteWrite, Write};
 
-/// A change other nodes must hear about.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Note {
-    /// This node's connections of an operator now: all, and those idle; `logout`: the last
-    /// one ended with a logout (no grace anywhere).
-    Presence {
-        operator: u64,
-        all: u32,
-        idle: u32,
-        #[serde(default)]
-        logout: bool,
-    },
-    /// The operator's record and settings as now (None: deleted). Carried in the note: the
-    /// store write may land in Redis after the note arrives.
-    Operator {
-        id: u64,
-        record: Option<StoredOperator>,
-    },
-    /// The department as now.
-    Department { department: Department },
-    /// Every connection count of the sending node, replacing what others hold of it.
-    NodeState { counts: Vec<(u64, u32, u32)> },
-    /// A chat as the assigning node left it.
-    Chat { chat: Chat },
-    /// A message written in a chat; `origin` does not get it back.
-    Message {
-        chat: u64,
-        message: ChatMessage,
-        origin: Option<Origin>,
-    },
-}
-
-/// The store write of a note of `node`: one element of its change's log entry, with what
-/// it changes in the node's connection counts.
-pub fn note_write(node: &str, note: Note) -> Write {
-    let conns = match &note {
-        Note::Presence {
-            operator,
-            all,
-            idle,
-            ..
-        } => Conns::One(*operator, *all, *idle),
-        Note::NodeState { counts } => Conns::All(counts.clone()),
-        _ => Conns::Keep,
-    };
-    Write::Note(NoteWrite {
-        node: node.to_string(),
-        json: serde_json::to_string(&note).expect("notes serialize"),
-        conns,
-    })
-}
+pub use crate::note::{Note, note_write};
 
 pub struct Cluster {
     pub node: String,
@@ -111,7 +57,7 @@ pub struct Cluster {
     /// Set at shutdown once the assigner lease is released (or was not held).
     released: std::sync::atomic::AtomicBool,
     /// Chat changes forwarded to the assigning node and waiting for its answer.
-    pending: parking_lot::Mutex<HashMap<u64, oneshot::Sender<Result<Value, Error>>>>,
+    pending: parking_lot::Mutex<HashMap<u64, oneshot::Sender<Result<ChatAnswer, Error>>>>,
     next_call: AtomicU64,
 }
 
@@ -382,6 +328,19 @@ impl Cluster {
                 }
             }
         }
+    }
+}
+
+impl crate::hub::Membership for Cluster {
+    fn forward(
+        &self,
+        op: crate::core::ChatOp,
+    ) -> futures::future::BoxFuture<'_, crate::error::Result<Option<ChatAnswer>>> {
+        Box::pin(self.call(op))
+    }
+
+    fn resync_soon(&self) {
+        Cluster::resync_soon(self);
     }
 }
 

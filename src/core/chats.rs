@@ -11,9 +11,11 @@ impl Core {
         self.chats.get(&id).map(|e| e.chat.clone())
     }
 
-    pub fn chat(&self, id: u64) -> Result<Value> {
+    fn chat_answer(&self, id: u64) -> Result<ChatAnswer> {
         let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
-        Ok(serde_json::to_value(e.chat.view()).expect("chats serialize"))
+        Ok(ChatAnswer::Chat {
+            chat: e.chat.clone(),
+        })
     }
 
     /// Live chats matching `f` with an id above `after`, in id order, `limit` at most.
@@ -43,7 +45,7 @@ impl Core {
         )
     }
 
-    pub fn create_chat(&mut self, req: NewChat, now: Instant) -> Result<(Value, String)> {
+    pub fn create_chat(&mut self, req: NewChat, now: Instant) -> Result<ChatAnswer> {
         if !req.visitor.is_object() {
             return Err(Error::bad("visitor must be a JSON object"));
         }
@@ -99,7 +101,16 @@ impl Core {
         self.to_assign.insert(req.department);
         self.emit_chat(id);
         self.settle(now);
-        Ok((self.chat(id)?, token))
+        let chat = self
+            .chats
+            .get(&id)
+            .ok_or_else(|| unknown_chat(id))?
+            .chat
+            .clone();
+        Ok(ChatAnswer::Created {
+            chat,
+            visitor_token: token,
+        })
     }
 
     /// Takes in a chat that is not known yet (loaded, created, or replicated).
@@ -121,7 +132,7 @@ impl Core {
     }
 
     /// `PATCH /api/v1/chats/{id}` `{"status":"pending"}`: a bot hands the chat to humans.
-    pub fn hand_over(&mut self, id: u64, now: Instant) -> Result<Value> {
+    pub fn hand_over(&mut self, id: u64, now: Instant) -> Result<ChatAnswer> {
         let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
         if e.chat.status != ChatStatus::Bot {
             return Err(Error::Conflict(
@@ -130,11 +141,11 @@ impl Core {
         }
         self.transition(id, |c| c.status = ChatStatus::Pending);
         self.settle(now);
-        self.chat(id)
+        self.chat_answer(id)
     }
 
     /// Closes a chat: by its owner, or by the back end.
-    pub fn close_chat(&mut self, actor: Actor, id: u64, now: Instant) -> Result<Value> {
+    pub fn close_chat(&mut self, actor: Actor, id: u64, now: Instant) -> Result<ChatAnswer> {
         let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
         if let Actor::Operator(me) = actor
             && e.chat.owner != Some(me)
@@ -149,11 +160,11 @@ impl Core {
         self.transition(id, |c| c.status = ChatStatus::Closed);
         self.settle(now);
         let closed = self.last_closed.take().ok_or_else(|| unknown_chat(id))?;
-        Ok(serde_json::to_value(closed.view()).expect("chats serialize"))
+        Ok(ChatAnswer::Chat { chat: closed })
     }
 
     /// `open_chat`: the seed's opening rules; the opener watches the chat from now on.
-    pub fn open_chat(&mut self, me: u64, id: u64, now: Instant) -> Result<Value> {
+    pub fn open_chat(&mut self, me: u64, id: u64, now: Instant) -> Result<ChatAnswer> {
         let takes = {
             let op = self
                 .operators
@@ -168,7 +179,10 @@ impl Core {
         }
         self.settle(now);
         let e = &self.chats[&id];
-        Ok(json!({ "chat": e.chat.view(), "messages": e.history }))
+        Ok(ChatAnswer::Opened {
+            chat: e.chat.clone(),
+            messages: e.history.iter().cloned().collect(),
+        })
     }
 
     pub fn leave_chat(&mut self, me: u64, conn: ConnId, id: u64) -> Result<()> {
@@ -194,7 +208,7 @@ impl Core {
         whisper: bool,
         origin: Option<Origin>,
         now: Instant,
-    ) -> Result<Value> {
+    ) -> Result<ChatAnswer> {
         check_text(&text)?;
         let (takes, name) = {
             let op = self
@@ -221,7 +235,7 @@ impl Core {
         };
         let message = self.append_message(id, from, text, whisper, origin);
         self.settle(now);
-        Ok(json!({ "message": message }))
+        Ok(ChatAnswer::Sent { message })
     }
 
     pub fn visitor_message(
@@ -229,7 +243,7 @@ impl Core {
         id: u64,
         text: String,
         origin: Option<Origin>,
-    ) -> Result<Value> {
+    ) -> Result<ChatAnswer> {
         check_text(&text)?;
         let e = self.chats.get(&id).ok_or_else(|| unknown_chat(id))?;
         if e.chat.status == ChatStatus::Closed {
@@ -247,7 +261,7 @@ impl Core {
             name,
         };
         let message = self.append_message(id, from, text, false, origin);
-        Ok(json!({ "message": message }))
+        Ok(ChatAnswer::Sent { message })
     }
 
     fn append_message(
@@ -494,12 +508,9 @@ impl Core {
     }
 
     /// Runs a chat change; the answer is what the client is acknowledged with.
-    pub fn exec(&mut self, op: ChatOp, now: Instant) -> Result<Value> {
+    pub fn exec(&mut self, op: ChatOp, now: Instant) -> Result<ChatAnswer> {
         match op {
-            ChatOp::Create { req } => {
-                let (chat, token) = self.create_chat(req, now)?;
-                Ok(json!({ "chat": chat, "visitor_token": token }))
-            }
+            ChatOp::Create { req } => self.create_chat(req, now),
             ChatOp::HandOver { chat } => self.hand_over(chat, now),
             ChatOp::Close { by, chat } => {
                 let actor = by.map_or(Actor::Backend, Actor::Operator);

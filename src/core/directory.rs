@@ -274,7 +274,7 @@ impl Core {
         self.send_to_operator(id, &misconfigured_frame());
     }
 
-    pub fn put_department(&mut self, mut dept: Department, now: Instant) -> Value {
+    pub fn put_department(&mut self, mut dept: Department, now: Instant) -> DepartmentView {
         let id = dept.id;
         if dept.version == 0 {
             dept.version = next_version(self.departments.get(&id).map_or(0, |d| d.version));

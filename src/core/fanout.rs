@@ -81,32 +81,23 @@ impl Core {
         out
     }
 
-    pub fn department_view(&self, id: u64) -> Value {
-        let dept = self.department(id);
+    pub fn department_view(&self, id: u64) -> DepartmentView {
         let state = self.dept_state(id);
         let counts = self.counts.get(&id).copied().unwrap_or_default();
-        let online_ops = self
-            .members
-            .get(&id)
-            .map_or(0, |m| m.iter().filter(|o| self.is_online(**o)).count());
-        let mut v = serde_json::to_value(&dept).expect("departments serialize");
-        let extra = json!({
-            "online": state.online,
-            "reason": state.reason,
-            "operators": self.members.get(&id).map_or(0, |m| m.len()),
-            "operators_online": online_ops,
-            "pending_chats": counts.pending,
-            "queued_chats": self.queues.get(&id).map_or(0, |q| q.len()),
-            "active_chats": counts.active,
-            "bot_chats": counts.bot,
-        });
-        if let (Some(obj), Value::Object(more)) = (v.as_object_mut(), extra) {
-            obj.extend(more);
-            if state.reason == DeptReason::Closed {
-                obj.insert("opens_at".into(), json!(state.opens_at_rfc3339()));
-            }
+        let members = self.members.get(&id);
+        DepartmentView {
+            department: self.department(id),
+            online: state.online,
+            reason: state.reason,
+            operators: members.map_or(0, |m| m.len()),
+            operators_online: members
+                .map_or(0, |m| m.iter().filter(|o| self.is_online(**o)).count()),
+            pending_chats: counts.pending,
+            queued_chats: self.queues.get(&id).map_or(0, |q| q.len()),
+            active_chats: counts.active,
+            bot_chats: counts.bot,
+            opens_at: (state.reason == DeptReason::Closed).then(|| state.opens_at_rfc3339()),
         }
-        v
     }
 
     /// A node that starts assigning in a cluster logs the state of every operator and

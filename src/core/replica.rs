@@ -5,6 +5,27 @@
 use super::*;
 
 impl Core {
+    /// Applies what `node` did, read from the change log.
+    pub fn apply_note(&mut self, node: &str, note: Note, now: Instant) {
+        match note {
+            Note::Presence {
+                operator,
+                all,
+                idle,
+                logout,
+            } => self.apply_presence(node, operator, all, idle, logout, now),
+            Note::NodeState { counts } => self.replace_node(node, counts, now),
+            Note::Operator { id, record } => self.apply_operator(id, record, now),
+            Note::Department { department } => self.apply_department(department, now),
+            Note::Chat { chat } => self.apply_chat(chat, now),
+            Note::Message {
+                chat,
+                message,
+                origin,
+            } => self.apply_message(chat, message, origin),
+        }
+    }
+
     pub(super) fn note_presence(&mut self, id: u64) {
         if !self.cluster {
             return;

@@ -4,7 +4,6 @@
 //! is in [`http`]; the per-socket rate is a [`Bucket`] in the WebSocket loop.
 
 pub mod bucket;
-pub mod http;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -16,22 +16,7 @@ use crate::feed::{FeedError, LogEvent, Page, Position, Types};
 use crate::model::{Chat, ChatMessage, Department, StoredOperator};
 use crate::presence::Reason;
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    #[error("{0}")]
-    Backend(String),
-    #[error("store is closed")]
-    Closed,
-    /// Not written, and never will be (the hub reloads its state from the store).
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    /// A record changed meanwhile through another node: nothing was written.
-    #[error("conflict: {0}")]
-    Conflict(String),
-    /// The write needs the assigner's lease, which another node holds now.
-    #[error("fenced: this node no longer holds the assigner lease")]
-    Fenced,
-}
+pub use crate::error::StoreError;
 
 /// Everything live that is persisted, read once at start. Closed chats stay in the store
 /// (for `chats.retention`) but are not part of it.

@@ -116,7 +116,7 @@ pub fn upgrade<H: Handler>(hub: Hub, mut req: Request, kind: Kind, handler: H) -
         return e.into_response();
     }
     let origin_ok = origin_ok(&hub, req.headers());
-    let addr = req.extensions().get::<crate::server::PeerAddr>().copied();
+    let addr = req.extensions().get::<PeerAddr>().copied();
     match accept(&mut req) {
         Ok((res, on_upgrade)) => {
             // A widget takes its place last, once nothing else can refuse it (the place is
@@ -180,7 +180,7 @@ fn spawn<H: Handler>(
     kind: Kind,
     handler: H,
     origin_ok: bool,
-    addr: Option<crate::server::PeerAddr>,
+    addr: Option<PeerAddr>,
 ) {
     let peer = hub.new_peer(kind);
     let span = tracing::info_span!(
@@ -468,3 +468,7 @@ mod tests {
         }
     }
 }
+
+/// The remote address of the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);

@@ -11,6 +11,9 @@ use http::header;
 use serde_json::{Value, json};
 
 use super::{Flow, Handler};
+use crate::command::{
+    ConnectOperator, DisconnectOperator, LeaveChat, SetActive, SetSettings, Socket,
+};
 use crate::core::{Actor, ChatOp, SettingsChange};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
@@ -67,8 +70,11 @@ struct Operator {
 
 impl Handler for Operator {
     fn start(&mut self, hub: &Hub, peer: &Arc<Peer>) -> Result<()> {
-        hub.run(|core, now| core.connect_operator(self.id, peer.clone(), now))
-            .0
+        hub.apply_now(ConnectOperator {
+            operator: self.id.into(),
+            socket: Socket(peer.clone()),
+        })
+        .0
     }
 
     async fn on_text(&mut self, hub: &Hub, peer: &Arc<Peer>, text: &str) -> Flow {
@@ -91,7 +97,11 @@ impl Handler for Operator {
 
     fn stop(&mut self, hub: &Hub, peer: &Arc<Peer>) {
         let logout = self.logged_out;
-        hub.run(|core, now| core.disconnect_operator(self.id, peer.id, logout, now));
+        let _ = hub.apply_now(DisconnectOperator {
+            operator: self.id.into(),
+            conn: peer.id,
+            logout,
+        });
     }
 }
 
@@ -117,14 +127,22 @@ impl Operator {
                 };
                 let target = operator.unwrap_or(me);
                 let view = hub
-                    .commit(|c, now| c.set_settings(Actor::Operator(me), target, change, now))
+                    .apply(SetSettings {
+                        actor: Actor::Operator(me),
+                        operator: target.into(),
+                        change,
+                    })
                     .await?;
                 Ok(Some(json!({ "operator": view })))
             }
             OperatorRequest::Activity { active } => {
                 let stamp = if active { hub.now_ms() } else { u64::MAX };
                 peer.last_activity.store(stamp, Ordering::Relaxed);
-                let (_, shown) = hub.run(|c, now| c.set_active(me, peer.id, active, now));
+                let (_, shown) = hub.apply_now(SetActive {
+                    operator: me.into(),
+                    conn: peer.id,
+                    active,
+                });
                 // Acked once what it changed is durable and on its way to the sockets (its
                 // own `operator_status` before the ack). A failed write is not the client's
                 // doing: the hub rebuilds and tells everyone the state again.
@@ -143,9 +161,13 @@ impl Operator {
             OperatorRequest::OpenChat { chat } => hub
                 .chat(ChatOp::Open { me, chat }, Some((me, peer)))
                 .await
-                .map(Some),
+                .map(|a| Some(wire(&a))),
             OperatorRequest::LeaveChat { chat } => hub
-                .commit(|c, _| c.leave_chat(me, peer.id, chat))
+                .apply(LeaveChat {
+                    operator: me.into(),
+                    conn: peer.id,
+                    chat: chat.into(),
+                })
                 .await
                 .map(|()| None),
             OperatorRequest::SendMessage {
@@ -162,12 +184,17 @@ impl Operator {
                     whisper,
                     origin,
                 };
-                hub.chat(op, Some((me, peer))).await.map(Some)
+                hub.chat(op, Some((me, peer))).await.map(|a| Some(wire(&a)))
             }
             OperatorRequest::CloseChat { chat } => {
-                let chat = hub.chat(ChatOp::Close { by: Some(me), chat }, None).await?;
-                Ok(Some(json!({ "chat": chat })))
+                let closed = hub.chat(ChatOp::Close { by: Some(me), chat }, None).await?;
+                Ok(Some(json!({ "chat": closed.wire() })))
             }
         }
     }
+}
+
+/// The result of an ack: what a chat change answered, as clients see it.
+fn wire(answer: &crate::answer::ChatAnswer) -> Value {
+    serde_json::to_value(answer.wire()).expect("answers serialize")
 }

@@ -7,6 +7,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 
 use super::{Flow, Handler};
+use crate::command::{ConnectVisitor, DisconnectVisitor, Socket};
 use crate::core::ChatOp;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
@@ -98,8 +99,11 @@ impl Handler for Visitor {
             }
             return Ok(());
         }
-        hub.run(|core, _| core.connect_visitor(self.chat, peer.clone()))
-            .0
+        hub.apply_now(ConnectVisitor {
+            chat: self.chat.into(),
+            socket: Socket(peer.clone()),
+        })
+        .0
     }
 
     async fn on_text(&mut self, hub: &Hub, peer: &Arc<Peer>, text: &str) -> Flow {
@@ -117,6 +121,7 @@ impl Handler for Visitor {
                 let origin = Some(hub.origin(peer.id));
                 hub.chat(ChatOp::VisitorMessage { chat, text, origin }, None)
                     .await
+                    .map(|a| serde_json::to_value(a.wire()).expect("answers serialize"))
             }
             Err(e) => Err(e),
         };
@@ -132,6 +137,9 @@ impl Handler for Visitor {
         if self.closed.is_some() {
             return;
         }
-        hub.run(|core, _| core.disconnect_visitor(self.chat, peer.id));
+        let _ = hub.apply_now(DisconnectVisitor {
+            chat: self.chat.into(),
+            conn: peer.id,
+        });
     }
 }

@@ -7,8 +7,10 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 
 use super::{Flow, Handler};
+use crate::command::{ConnectWidget, DisconnectWidget, Socket};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::model::DeptId;
 use crate::peer::{Kind, Peer};
 use crate::protocol::error_frame;
 
@@ -55,7 +57,10 @@ struct Widget {
 
 impl Handler for Widget {
     fn start(&mut self, hub: &Hub, peer: &Arc<Peer>) -> Result<()> {
-        hub.run(|core, _| core.connect_widget(peer.clone(), &self.depts));
+        let _ = hub.apply_now(ConnectWidget {
+            socket: Socket(peer.clone()),
+            departments: self.depts.iter().map(|d| DeptId(*d)).collect(),
+        });
         Ok(())
     }
 
@@ -68,6 +73,9 @@ impl Handler for Widget {
     }
 
     fn stop(&mut self, hub: &Hub, peer: &Arc<Peer>) {
-        hub.run(|core, _| core.disconnect_widget(peer.id, &self.depts));
+        let _ = hub.apply_now(DisconnectWidget {
+            conn: peer.id,
+            departments: self.depts.iter().map(|d| DeptId(*d)).collect(),
+        });
     }
 }

@@ -1,0 +1,453 @@
+//! Every change to the hub's state is one typed command, applied by the core (which does no
+//! I/O) and answered with a typed answer. The hub runs a command under its lock, makes the
+//! writes it produced durable, and only then shows its frames and answers
+//! (`Hub::apply`): command → checked → durable → applied → shown.
+//!
+//! Each command is a struct implementing [`Change`], so its caller gets its own answer type;
+//! [`Command`] gathers them all in one serde enum, for logs, fuzzing and tests that replay
+//! sequences of changes. Commands that attach a socket carry a [`Socket`]: a live handle that
+//! serializes as its connection id and is never read back (sockets do not travel).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::answer::{ChatAnswer, DepartmentView, PutOperatorsAnswer};
+use crate::core::{Actor, ChatOp, Core, Note, SettingsChange};
+use crate::error::Result;
+use crate::model::{ChatId, Department, DeptId, OperatorId, OperatorRecord, OperatorView};
+use crate::peer::Peer;
+use crate::presence::ConnId;
+
+/// A change: checked and applied to the core in one critical section.
+pub trait Change {
+    type Answer;
+    fn apply(self, core: &mut Core, now: Instant) -> Result<Self::Answer>;
+}
+
+/// A socket attached by a command: the live handle, serialized as its connection id.
+#[derive(Clone)]
+pub struct Socket(pub Arc<Peer>);
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Socket({})", self.0.id)
+    }
+}
+
+impl Serialize for Socket {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0.id)
+    }
+}
+
+impl<'de> Deserialize<'de> for Socket {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> std::result::Result<Self, D::Error> {
+        Err(serde::de::Error::custom(
+            "a socket is attached where it is open; it cannot be read from a command",
+        ))
+    }
+}
+
+/// Every change of the hub, one variant each.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    PutOperator(PutOperator),
+    PutOperators(PutOperators),
+    DeleteOperator(DeleteOperator),
+    SetSettings(SetSettings),
+    PutDepartment(PutDepartment),
+    ConnectOperator(ConnectOperator),
+    DisconnectOperator(DisconnectOperator),
+    SetActive(SetActive),
+    LeaveChat(LeaveChat),
+    WatchChat(WatchChat),
+    ConnectWidget(ConnectWidget),
+    DisconnectWidget(DisconnectWidget),
+    ConnectVisitor(ConnectVisitor),
+    DisconnectVisitor(DisconnectVisitor),
+    Chat(ChatOp),
+    Replicate(Replicate),
+}
+
+/// What any command answers, for [`Command`]'s callers.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    Done,
+    Operator(OperatorView),
+    PutOperator {
+        operator: OperatorView,
+        created: bool,
+    },
+    Operators(PutOperatorsAnswer),
+    Department(DepartmentView),
+    Chat(ChatAnswer),
+}
+
+impl Change for Command {
+    type Answer = Answer;
+
+    fn apply(self, core: &mut Core, now: Instant) -> Result<Answer> {
+        let done = |()| Answer::Done;
+        Ok(match self {
+            Command::PutOperator(c) => {
+                let (operator, created) = c.apply(core, now)?;
+                Answer::PutOperator { operator, created }
+            }
+            Command::PutOperators(c) => Answer::Operators(c.apply(core, now)?),
+            Command::DeleteOperator(c) => c.apply(core, now).map(done)?,
+            Command::SetSettings(c) => Answer::Operator(c.apply(core, now)?),
+            Command::PutDepartment(c) => Answer::Department(c.apply(core, now)?),
+            Command::ConnectOperator(c) => c.apply(core, now).map(done)?,
+            Command::DisconnectOperator(c) => c.apply(core, now).map(done)?,
+            Command::SetActive(c) => c.apply(core, now).map(done)?,
+            Command::LeaveChat(c) => c.apply(core, now).map(done)?,
+            Command::WatchChat(c) => c.apply(core, now).map(done)?,
+            Command::ConnectWidget(c) => c.apply(core, now).map(done)?,
+            Command::DisconnectWidget(c) => c.apply(core, now).map(done)?,
+            Command::ConnectVisitor(c) => c.apply(core, now).map(done)?,
+            Command::DisconnectVisitor(c) => c.apply(core, now).map(done)?,
+            Command::Chat(op) => Answer::Chat(op.apply(core, now)?),
+            Command::Replicate(c) => c.apply(core, now).map(done)?,
+        })
+    }
+}
+
+/// `PUT /api/v1/operators/{id}`: the record, and the settings it sets. Answers the view and
+/// whether the operator is new.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PutOperator {
+    pub record: OperatorRecord,
+    pub settings: SettingsChange,
+}
+
+impl Change for PutOperator {
+    type Answer = (OperatorView, bool);
+    fn apply(self, core: &mut Core, now: Instant) -> Result<(OperatorView, bool)> {
+        Ok(core.put_operator(self.record, self.settings, now))
+    }
+}
+
+/// `PUT /api/v1/operators` with a list: all of them in one change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PutOperators {
+    pub operators: Vec<PutOperator>,
+}
+
+impl Change for PutOperators {
+    type Answer = PutOperatorsAnswer;
+    fn apply(self, core: &mut Core, now: Instant) -> Result<PutOperatorsAnswer> {
+        let mut created = 0;
+        let mut operators = Vec::with_capacity(self.operators.len());
+        for p in self.operators {
+            let (view, new) = core.put_operator(p.record, p.settings, now);
+            created += usize::from(new);
+            operators.push(view);
+        }
+        Ok(PutOperatorsAnswer {
+            updated: operators.len() - created,
+            operators,
+            created,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeleteOperator {
+    pub operator: OperatorId,
+}
+
+impl Change for DeleteOperator {
+    type Answer = ();
+    fn apply(self, core: &mut Core, now: Instant) -> Result<()> {
+        core.delete_operator(self.operator.0, now)
+    }
+}
+
+/// `set_status` / `PATCH …/status`: a partial change of an operator's settings, checked
+/// against the actor's permissions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetSettings {
+    pub actor: Actor,
+    pub operator: OperatorId,
+    pub change: SettingsChange,
+}
+
+impl Change for SetSettings {
+    type Answer = OperatorView;
+    fn apply(self, core: &mut Core, now: Instant) -> Result<OperatorView> {
+        core.set_settings(self.actor, self.operator.0, self.change, now)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PutDepartment {
+    pub department: Department,
+}
+
+impl Change for PutDepartment {
+    type Answer = DepartmentView;
+    fn apply(self, core: &mut Core, now: Instant) -> Result<DepartmentView> {
+        Ok(core.put_department(self.department, now))
+    }
+}
+
+/// An operator's dashboard connected (after its `hello` is queued).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectOperator {
+    pub operator: OperatorId,
+    pub socket: Socket,
+}
+
+impl Change for ConnectOperator {
+    type Answer = ();
+    fn apply(self, core: &mut Core, now: Instant) -> Result<()> {
+        core.connect_operator(self.operator.0, self.socket.0, now)
+    }
+}
+
+/// A dashboard's socket closed; `logout`: on purpose (no grace).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DisconnectOperator {
+    pub operator: OperatorId,
+    pub conn: ConnId,
+    pub logout: bool,
+}
+
+impl Change for DisconnectOperator {
+    type Answer = ();
+    fn apply(self, core: &mut Core, now: Instant) -> Result<()> {
+        core.disconnect_operator(self.operator.0, self.conn, self.logout, now);
+        Ok(())
+    }
+}
+
+/// `activity`: a dashboard is in use or idle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetActive {
+    pub operator: OperatorId,
+    pub conn: ConnId,
+    pub active: bool,
+}
+
+impl Change for SetActive {
+    type Answer = ();
+    fn apply(self, core: &mut Core, now: Instant) -> Result<()> {
+        core.set_active(self.operator.0, self.conn, self.active, now);
+        Ok(())
+    }
+}
+
+/// `leave_chat`: the connection stops watching the chat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaveChat {
+    pub operator: OperatorId,
+    pub conn: ConnId,
+    pub chat: ChatId,
+}
+
+impl Change for LeaveChat {
+    type Answer = ();
+    fn apply(self, core: &mut Core, _: Instant) -> Result<()> {
+        core.leave_chat(self.operator.0, self.conn, self.chat.0)
+    }
+}
+
+/// The socket that opened or wrote in a chat (through another node) watches it here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WatchChat {
+    pub operator: OperatorId,
+    pub socket: Socket,
+    pub chat: ChatId,
+}
+
+impl Change for WatchChat {
+    type Answer = ();
+    fn apply(self, core: &mut Core, _: Instant) -> Result<()> {
+        core.watch(self.operator.0, &self.socket.0, self.chat.0);
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectWidget {
+    pub socket: Socket,
+    pub departments: Vec<DeptId>,
+}
+
+impl Change for ConnectWidget {
+    type Answer = ();
+    fn apply(self, core: &mut Core, _: Instant) -> Result<()> {
+        core.connect_widget(self.socket.0, &raw_ids(&self.departments));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DisconnectWidget {
+    pub conn: ConnId,
+    pub departments: Vec<DeptId>,
+}
+
+impl Change for DisconnectWidget {
+    type Answer = ();
+    fn apply(self, core: &mut Core, _: Instant) -> Result<()> {
+        core.disconnect_widget(self.conn, &raw_ids(&self.departments));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectVisitor {
+    pub chat: ChatId,
+    pub socket: Socket,
+}
+
+impl Change for ConnectVisitor {
+    type Answer = ();
+    fn apply(self, core: &mut Core, _: Instant) -> Result<()> {
+        core.connect_visitor(self.chat.0, self.socket.0)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DisconnectVisitor {
+    pub chat: ChatId,
+    pub conn: ConnId,
+}
+
+impl Change for DisconnectVisitor {
+    type Answer = ();
+    fn apply(self, core: &mut Core, _: Instant) -> Result<()> {
+        core.disconnect_visitor(self.chat.0, self.conn);
+        Ok(())
+    }
+}
+
+impl Change for ChatOp {
+    type Answer = ChatAnswer;
+    fn apply(self, core: &mut Core, now: Instant) -> Result<ChatAnswer> {
+        core.exec(self, now)
+    }
+}
+
+/// What another node did, read from the change log: applied here as it was there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Replicate {
+    pub node: String,
+    pub note: Note,
+}
+
+impl Change for Replicate {
+    type Answer = ();
+    fn apply(self, core: &mut Core, now: Instant) -> Result<()> {
+        core.apply_note(&self.node, self.note, now);
+        Ok(())
+    }
+}
+
+fn raw_ids(ids: &[DeptId]) -> Vec<u64> {
+    ids.iter().map(|d| d.0).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::peer::Kind;
+    use crate::store::Snapshot;
+
+    fn core() -> Core {
+        Core::new(Arc::new(Config::default()), Snapshot::default())
+    }
+
+    #[test]
+    fn commands_read_back_from_json_apply_and_keep_the_invariants() {
+        let cfg = Config::default();
+        let mut c = core();
+        let now = Instant::now();
+        let record = OperatorRecord {
+            id: 7,
+            name: "Ann".into(),
+            departments: vec![1],
+            watch_departments: vec![],
+            permissions: vec![],
+            max_chats: 2,
+            exclude_autoassign: false,
+            auto_accept: false,
+        };
+        let online = SettingsChange {
+            online: Some(true),
+            always_online: Some(true),
+            ..Default::default()
+        };
+        let script = vec![
+            Command::PutDepartment(PutDepartment {
+                department: Department::with_defaults(1, &cfg.assignment),
+            }),
+            Command::PutOperator(PutOperator {
+                record,
+                settings: online,
+            }),
+            Command::Chat(ChatOp::Create {
+                req: serde_json::from_str(r#"{"department":1}"#).expect("a new chat"),
+            }),
+            Command::SetSettings(SetSettings {
+                actor: Actor::Backend,
+                operator: OperatorId(7),
+                change: SettingsChange {
+                    online: Some(false),
+                    ..Default::default()
+                },
+            }),
+        ];
+        let json = serde_json::to_string(&script).expect("commands serialize");
+        let commands: Vec<Command> = serde_json::from_str(&json).expect("and read back");
+        let mut answers = Vec::new();
+        for cmd in commands {
+            answers.push(cmd.apply(&mut c, now).expect("each command applies"));
+            c.check_invariants()
+                .expect("invariants hold after each command");
+        }
+        match &answers[2] {
+            Answer::Chat(ChatAnswer::Created { chat, .. }) => {
+                assert_eq!(chat.owner, Some(7), "the always-online operator got it")
+            }
+            other => panic!("a created chat, got {other:?}"),
+        }
+        match &answers[3] {
+            Answer::Operator(view) => assert!(!view.settings.online, "went offline"),
+            other => panic!("an operator view, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_command_that_fails_answers_an_error_and_names_the_cause() {
+        let mut c = core();
+        let err = DeleteOperator {
+            operator: OperatorId(9),
+        }
+        .apply(&mut c, Instant::now())
+        .expect_err("operator 9 does not exist");
+        assert_eq!(err.code(), "not_found");
+    }
+
+    #[test]
+    fn a_socket_serializes_as_its_connection_and_is_never_read_back() {
+        let peer = Arc::new(Peer::new(42, Kind::Widget, 16, 0));
+        let cmd = Command::ConnectWidget(ConnectWidget {
+            socket: Socket(peer),
+            departments: vec![DeptId(3)],
+        });
+        let json = serde_json::to_string(&cmd).expect("serializes");
+        assert_eq!(
+            json,
+            r#"{"command":"connect_widget","socket":42,"departments":[3]}"#
+        );
+        let back = serde_json::from_str::<Command>(&json).expect_err("sockets do not travel");
+        assert!(back.to_string().contains("socket"), "{back}");
+    }
+}
