@@ -450,4 +450,150 @@ mod tests {
         let back = serde_json::from_str::<Command>(&json).expect_err("sockets do not travel");
         assert!(back.to_string().contains("socket"), "{back}");
     }
+
+    mod replay {
+        use super::*;
+        use crate::core::NewChat;
+        use crate::model::Permission;
+        use proptest::prelude::*;
+
+        /// A command over a small world: 3 departments, 4 operators, chat ids 1..8,
+        /// connections 1..6 (a connection belongs to the operator it first connected as).
+        fn command() -> impl Strategy<Value = Command> {
+            let dept = 1u64..4;
+            let op = 1u64..5;
+            let chat = 1u64..9;
+            let flag = proptest::option::of(any::<bool>());
+            let change = (flag.clone(), flag.clone(), flag).prop_map(|(o, i, a)| SettingsChange {
+                online: o,
+                invisible: i,
+                always_online: a,
+            });
+            prop_oneof![
+                (dept.clone(), any::<bool>(), 0u32..3).prop_map(|(id, disabled, max)| {
+                    let mut d = Department::with_defaults(id, &Config::default().assignment);
+                    d.disabled = disabled;
+                    d.max_chats = max;
+                    Command::PutDepartment(PutDepartment { department: d })
+                }),
+                (
+                    op.clone(),
+                    proptest::collection::vec(dept.clone(), 0..3),
+                    change.clone(),
+                    any::<bool>()
+                )
+                    .prop_map(|(id, departments, settings, all)| {
+                        Command::PutOperator(PutOperator {
+                            record: OperatorRecord {
+                                id,
+                                name: format!("op{id}"),
+                                departments,
+                                watch_departments: vec![],
+                                permissions: if all {
+                                    vec![Permission::OpenAll]
+                                } else {
+                                    vec![]
+                                },
+                                max_chats: 0,
+                                exclude_autoassign: false,
+                                auto_accept: false,
+                            },
+                            settings,
+                        })
+                    }),
+                op.clone()
+                    .prop_map(|id| Command::DeleteOperator(DeleteOperator {
+                        operator: OperatorId(id)
+                    })),
+                (op.clone(), change).prop_map(|(id, change)| Command::SetSettings(SetSettings {
+                    actor: Actor::Backend,
+                    operator: OperatorId(id),
+                    change,
+                })),
+                (dept, any::<bool>()).prop_map(|(department, bot)| Command::Chat(ChatOp::Create {
+                    req: NewChat {
+                        id: None,
+                        department,
+                        bot,
+                        priority: 0,
+                        visitor: serde_json::json!({}),
+                    },
+                })),
+                chat.clone()
+                    .prop_map(|chat| Command::Chat(ChatOp::HandOver { chat })),
+                (proptest::option::of(op.clone()), chat.clone())
+                    .prop_map(|(by, chat)| Command::Chat(ChatOp::Close { by, chat })),
+                (op.clone(), chat.clone())
+                    .prop_map(|(me, chat)| Command::Chat(ChatOp::Open { me, chat })),
+                (op.clone(), chat, any::<bool>()).prop_map(|(me, chat, whisper)| {
+                    Command::Chat(ChatOp::Message {
+                        me,
+                        chat,
+                        text: "hi".into(),
+                        whisper,
+                        origin: None,
+                    })
+                }),
+                (op.clone(), 1u64..7).prop_map(|(id, conn)| {
+                    Command::ConnectOperator(ConnectOperator {
+                        operator: OperatorId(id),
+                        socket: Socket(Arc::new(Peer::new(conn, Kind::Operator(id), 1024, 0))),
+                    })
+                }),
+                (op.clone(), 1u64..7, any::<bool>()).prop_map(|(id, conn, logout)| {
+                    Command::DisconnectOperator(DisconnectOperator {
+                        operator: OperatorId(id),
+                        conn,
+                        logout,
+                    })
+                }),
+                (op, 1u64..7, any::<bool>()).prop_map(|(id, conn, active)| {
+                    Command::SetActive(SetActive {
+                        operator: OperatorId(id),
+                        conn,
+                        active,
+                    })
+                }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            /// Any sequence of commands keeps the core's invariants (one owner per chat,
+            /// counts and queues in step, nobody past capacity by assignment), and a refused
+            /// command leaves nothing behind: no write, no frame, no timer, no note.
+            #[test]
+            fn replay_of_any_commands_keeps_the_invariants_and_refusals_leave_no_trace(
+                script in proptest::collection::vec(command(), 1..60)
+            ) {
+                let mut c = core();
+                let now = Instant::now();
+                // What the boot did (the offline-owners timer) is not the first command's.
+                let _ = (c.take_outbox(), c.take_effects(), c.take_notes());
+                // A connection id stays with the operator that opened it, as on a real hub.
+                let mut conns: std::collections::HashMap<ConnId, u64> = Default::default();
+                for cmd in script {
+                    if let Command::ConnectOperator(ConnectOperator { operator, socket }) = &cmd {
+                        if *conns.entry(socket.0.id).or_insert(operator.0) != operator.0 {
+                            continue;
+                        }
+                    }
+                    let result = cmd.apply(&mut c, now);
+                    let frames = c.take_outbox();
+                    let (writes, timers) = c.take_effects();
+                    let notes = c.take_notes();
+                    if let Err(e) = &result {
+                        prop_assert!(
+                            writes.is_empty() && frames.is_empty() && timers.is_empty() && notes.is_empty(),
+                            "refused ({e}) but left {} writes, {} frames, {} timers",
+                            writes.len(), frames.len(), timers.len()
+                        );
+                    }
+                    if let Err(broken) = c.check_invariants() {
+                        prop_assert!(false, "{broken}");
+                    }
+                }
+            }
+        }
+    }
 }
