@@ -573,10 +573,10 @@ mod tests {
                 // A connection id stays with the operator that opened it, as on a real hub.
                 let mut conns: std::collections::HashMap<ConnId, u64> = Default::default();
                 for cmd in script {
-                    if let Command::ConnectOperator(ConnectOperator { operator, socket }) = &cmd {
-                        if *conns.entry(socket.0.id).or_insert(operator.0) != operator.0 {
-                            continue;
-                        }
+                    if let Command::ConnectOperator(ConnectOperator { operator, socket }) = &cmd
+                        && *conns.entry(socket.0.id).or_insert(operator.0) != operator.0
+                    {
+                        continue;
                     }
                     let result = cmd.apply(&mut c, now);
                     let frames = c.take_outbox();
