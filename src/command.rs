@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::answer::{ChatAnswer, DepartmentView, PutOperatorsAnswer};
-use crate::core::{Actor, ChatOp, Core, Note, SettingsChange};
+use crate::core::{Actor, ChatOp, Core, Note, SettingsChange, Timer};
 use crate::error::Result;
 use crate::model::{ChatId, Department, DeptId, OperatorId, OperatorRecord, OperatorView};
 use crate::peer::Peer;
@@ -70,6 +70,8 @@ pub enum Command {
     DisconnectVisitor(DisconnectVisitor),
     Chat(ChatOp),
     Replicate(Replicate),
+    Expire(Expire),
+    Assign(Assign),
 }
 
 /// What any command answers, for [`Command`]'s callers.
@@ -112,6 +114,8 @@ impl Change for Command {
             Command::DisconnectVisitor(c) => c.apply(core, now).map(done)?,
             Command::Chat(op) => Answer::Chat(op.apply(core, now)?),
             Command::Replicate(c) => c.apply(core, now).map(done)?,
+            Command::Expire(c) => c.apply(core, now).map(done)?,
+            Command::Assign(c) => c.apply(core, now).map(done)?,
         })
     }
 }
@@ -345,6 +349,80 @@ impl Change for Replicate {
     type Answer = ();
     fn apply(self, core: &mut Core, now: Instant) -> Result<()> {
         core.apply_note(&self.node, self.note, now);
+        Ok(())
+    }
+}
+
+/// A timer came due: the change it stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "timer", rename_all = "snake_case")]
+pub enum Expire {
+    /// An operator's grace after their last connection closed is over.
+    GraceEnd { operator: OperatorId },
+    /// A chat assigned in `round` was not accepted in time.
+    AcceptDeadline { chat: ChatId, round: u64 },
+    /// One grace after assigning started: owners still offline give their chats back.
+    OfflineOwners,
+    /// A department's online hours started or ended.
+    HoursBoundary { department: DeptId, generation: u64 },
+}
+
+impl From<Timer> for Expire {
+    fn from(t: Timer) -> Expire {
+        match t {
+            Timer::GraceEnd { operator, .. } => Expire::GraceEnd {
+                operator: operator.into(),
+            },
+            Timer::AcceptDeadline { chat, round, .. } => Expire::AcceptDeadline {
+                chat: chat.into(),
+                round,
+            },
+            Timer::OfflineOwners { .. } => Expire::OfflineOwners,
+            Timer::HoursBoundary {
+                department,
+                generation,
+                ..
+            } => Expire::HoursBoundary {
+                department: department.into(),
+                generation,
+            },
+        }
+    }
+}
+
+impl Change for Expire {
+    type Answer = ();
+    fn apply(self, core: &mut Core, now: Instant) -> Result<()> {
+        match self {
+            Expire::GraceEnd { operator } => core.grace_ended(operator.0, now),
+            Expire::AcceptDeadline { chat, round } => core.accept_deadline(chat.0, round, now),
+            Expire::OfflineOwners => core.requeue_offline_owners(now),
+            Expire::HoursBoundary {
+                department,
+                generation,
+            } => core.hours_boundary(department.0, generation, now),
+        }
+        Ok(())
+    }
+}
+
+/// The cluster's election: this node starts assigning under its lease token (every write it
+/// makes as assigner carries the token, and is refused once another node holds the lease),
+/// or stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "assign", rename_all = "snake_case")]
+pub enum Assign {
+    Start { lease: String },
+    Stop,
+}
+
+impl Change for Assign {
+    type Answer = ();
+    fn apply(self, core: &mut Core, now: Instant) -> Result<()> {
+        match self {
+            Assign::Start { lease } => core.start_assigning_fenced(lease.into(), now),
+            Assign::Stop => core.stop_assigning(),
+        }
         Ok(())
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::answer::ChatAnswer;
 use crate::auth::{Secrets, Tokens};
-use crate::command::{Change, Socket, WatchChat};
+use crate::command::{Change, Expire, Socket, WatchChat};
 use crate::config::Config;
 use crate::core::{ChatOp, Core, Origin, Timer};
 use crate::error::Result;
@@ -136,7 +136,7 @@ impl Hub {
             hub.shutdown.clone(),
             move |t| {
                 if let Some(shared) = weak.upgrade() {
-                    Hub(shared).run(|core, now| t.fire(core, now));
+                    let _ = Hub(shared).apply_now(Expire::from(t));
                 }
             },
         ));

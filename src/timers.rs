@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
 
-use crate::core::{Core, Timer};
+use crate::core::Timer;
 
 /// What a timer is for: one timer at most waits per key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,20 +42,6 @@ impl Timer {
             | Timer::AcceptDeadline { at, .. }
             | Timer::OfflineOwners { at }
             | Timer::HoursBoundary { at, .. } => at,
-        }
-    }
-
-    /// Runs the change the timer stands for.
-    pub fn fire(self, core: &mut Core, now: Instant) {
-        match self {
-            Timer::GraceEnd { operator, .. } => core.grace_ended(operator, now),
-            Timer::AcceptDeadline { chat, round, .. } => core.accept_deadline(chat, round, now),
-            Timer::OfflineOwners { .. } => core.requeue_offline_owners(now),
-            Timer::HoursBoundary {
-                department,
-                generation,
-                ..
-            } => core.hours_boundary(department, generation, now),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::Cluster;
+use crate::command::Assign;
 use crate::hub::Hub;
 
 /// The node id in an assigner lease token (`{node}:{epoch}:{random}`).
@@ -75,14 +76,14 @@ impl Cluster {
         let Some(token) = self.hold_lead(hub).await else {
             if was {
                 tracing::warn!(node = %self.node, "this node no longer assigns chats");
-                hub.run(|c, _| c.stop_assigning());
+                let _ = hub.apply_now(Assign::Stop);
             }
             return false;
         };
         if was && before.as_deref() != Some(token.as_str()) {
             // A new token while assigning (the lease key vanished, e.g. Redis restarted
             // without it): start over under it, resync first, as on any acquisition.
-            hub.run(|c, _| c.stop_assigning());
+            let _ = hub.apply_now(Assign::Stop);
             was = false;
         }
         if !was {
@@ -102,8 +103,7 @@ impl Cluster {
                 return false;
             }
             tracing::info!(node = %self.node, lease = %token, "this node now assigns chats");
-            let fence: Arc<str> = token.into();
-            hub.run(|c, now| c.start_assigning_fenced(fence, now));
+            let _ = hub.apply_now(Assign::Start { lease: token });
         }
         true
     }
@@ -121,7 +121,7 @@ impl Cluster {
             // Stop deciding first, then hand over at once rather than after the lease: no
             // moment with two deciders. The writes made while assigning (fenced by the
             // token) land first: released before, they would be refused.
-            let (_, flushed) = hub.run(|c, _| c.stop_assigning());
+            let (_, flushed) = hub.apply_now(Assign::Stop);
             let _ = tokio::time::timeout(self.lease, crate::store::durable(flushed)).await;
             let release = redis::Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
