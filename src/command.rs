@@ -598,15 +598,21 @@ mod tests {
                     },
                 })),
                 chat.clone()
-                    .prop_map(|chat| Command::Chat(ChatOp::HandOver { chat })),
-                (proptest::option::of(op.clone()), chat.clone())
-                    .prop_map(|(by, chat)| Command::Chat(ChatOp::Close { by, chat })),
-                (op.clone(), chat.clone())
-                    .prop_map(|(me, chat)| Command::Chat(ChatOp::Open { me, chat })),
+                    .prop_map(|chat| Command::Chat(ChatOp::HandOver { chat: ChatId(chat) })),
+                (proptest::option::of(op.clone()), chat.clone()).prop_map(|(by, chat)| {
+                    Command::Chat(ChatOp::Close {
+                        by: by.map(OperatorId),
+                        chat: ChatId(chat),
+                    })
+                }),
+                (op.clone(), chat.clone()).prop_map(|(me, chat)| Command::Chat(ChatOp::Open {
+                    me: OperatorId(me),
+                    chat: ChatId(chat)
+                })),
                 (op.clone(), chat, any::<bool>()).prop_map(|(me, chat, whisper)| {
                     Command::Chat(ChatOp::Message {
-                        me,
-                        chat,
+                        me: OperatorId(me),
+                        chat: ChatId(chat),
                         text: "hi".into(),
                         whisper,
                         origin: None,

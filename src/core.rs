@@ -23,8 +23,9 @@ use crate::config::{Config, Strategy};
 use crate::error::{Error, Result};
 use crate::feed::{EventType, LogEvent};
 use crate::model::{
-    Chat, ChatMessage, ChatStatus, ChatView, Department, DeptReason, DeptState, OperatorRecord,
-    OperatorView, Sender, SenderKind, StoredOperator, VisitorChatView, next_version, now_rfc3339,
+    Chat, ChatId, ChatMessage, ChatStatus, ChatView, Department, DeptReason, DeptState, OperatorId,
+    OperatorRecord, OperatorView, Sender, SenderKind, StoredOperator, VisitorChatView,
+    next_version, now_rfc3339,
 };
 pub use crate::note::{Note, Origin};
 use crate::peer::{Kind, Peer};
@@ -455,26 +456,26 @@ pub enum ChatOp {
         req: NewChat,
     },
     HandOver {
-        chat: u64,
+        chat: ChatId,
     },
     /// `by`: the operator closing it; None for the back end.
     Close {
-        by: Option<u64>,
-        chat: u64,
+        by: Option<OperatorId>,
+        chat: ChatId,
     },
     Open {
-        me: u64,
-        chat: u64,
+        me: OperatorId,
+        chat: ChatId,
     },
     Message {
-        me: u64,
-        chat: u64,
+        me: OperatorId,
+        chat: ChatId,
         text: String,
         whisper: bool,
         origin: Option<Origin>,
     },
     VisitorMessage {
-        chat: u64,
+        chat: ChatId,
         text: String,
         origin: Option<Origin>,
     },

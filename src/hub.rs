@@ -488,7 +488,7 @@ impl Hub {
         let result = self.chat_here_or_there(op, watch).await;
         // A closed chat left live state; the store still knows it for a while.
         if let (Err(crate::error::Error::NotFound(_)), Some(id)) = (&result, target)
-            && let Ok(Some(c)) = self.store.stored_chat(id).await
+            && let Ok(Some(c)) = self.store.stored_chat(id.0).await
             && c.status == crate::model::ChatStatus::Closed
         {
             return Err(crate::error::Error::Conflict(format!(
@@ -515,7 +515,7 @@ impl Hub {
                         let _ = self.apply_now(WatchChat {
                             operator: me.into(),
                             socket: Socket(peer.clone()),
-                            chat: chat.into(),
+                            chat,
                         });
                     }
                     return Ok(v);
@@ -540,7 +540,7 @@ impl Hub {
                     }
                     let v = op.clone().apply(c, now)?;
                     if let (Some((me, peer)), Some(chat)) = (watch, chat) {
-                        c.watch(me, peer, chat);
+                        c.watch(me, peer, chat.0);
                     }
                     Ok(Some(v))
                 })

@@ -200,7 +200,7 @@ pub async fn patch(State(hub): State<Hub>, Path(raw): Path<String>, bytes: Bytes
                 "only {\"status\":\"pending\"} (hand a bot chat to humans) is supported",
             ));
         }
-        hub.chat(ChatOp::HandOver { chat: cid }, None).await
+        hub.chat(ChatOp::HandOver { chat: cid.into() }, None).await
     };
     match run.await {
         Ok(chat) => ok(StatusCode::OK, chat.wire()),
@@ -214,7 +214,7 @@ pub async fn close(State(hub): State<Hub>, Path(raw): Path<String>) -> Response 
         hub.chat(
             ChatOp::Close {
                 by: None,
-                chat: cid,
+                chat: cid.into(),
             },
             None,
         )

@@ -511,21 +511,21 @@ impl Core {
     pub fn exec(&mut self, op: ChatOp, now: Instant) -> Result<ChatAnswer> {
         match op {
             ChatOp::Create { req } => self.create_chat(req, now),
-            ChatOp::HandOver { chat } => self.hand_over(chat, now),
+            ChatOp::HandOver { chat } => self.hand_over(chat.0, now),
             ChatOp::Close { by, chat } => {
-                let actor = by.map_or(Actor::Backend, Actor::Operator);
-                self.close_chat(actor, chat, now)
+                let actor = by.map_or(Actor::Backend, |o| Actor::Operator(o.0));
+                self.close_chat(actor, chat.0, now)
             }
-            ChatOp::Open { me, chat } => self.open_chat(me, chat, now),
+            ChatOp::Open { me, chat } => self.open_chat(me.0, chat.0, now),
             ChatOp::Message {
                 me,
                 chat,
                 text,
                 whisper,
                 origin,
-            } => self.operator_message(me, chat, text, whisper, origin, now),
+            } => self.operator_message(me.0, chat.0, text, whisper, origin, now),
             ChatOp::VisitorMessage { chat, text, origin } => {
-                self.visitor_message(chat, text, origin)
+                self.visitor_message(chat.0, text, origin)
             }
         }
     }

@@ -159,7 +159,13 @@ impl Operator {
                 Ok(None)
             }
             OperatorRequest::OpenChat { chat } => hub
-                .chat(ChatOp::Open { me, chat }, Some((me, peer)))
+                .chat(
+                    ChatOp::Open {
+                        me: me.into(),
+                        chat: chat.into(),
+                    },
+                    Some((me, peer)),
+                )
                 .await
                 .map(|a| Some(wire(&a))),
             OperatorRequest::LeaveChat { chat } => hub
@@ -178,8 +184,8 @@ impl Operator {
                 crate::limits::record::text(&hub.cfg.limits, &text)?;
                 let origin = Some(hub.origin(peer.id));
                 let op = ChatOp::Message {
-                    me,
-                    chat,
+                    me: me.into(),
+                    chat: chat.into(),
                     text,
                     whisper,
                     origin,
@@ -187,7 +193,15 @@ impl Operator {
                 hub.chat(op, Some((me, peer))).await.map(|a| Some(wire(&a)))
             }
             OperatorRequest::CloseChat { chat } => {
-                let closed = hub.chat(ChatOp::Close { by: Some(me), chat }, None).await?;
+                let closed = hub
+                    .chat(
+                        ChatOp::Close {
+                            by: Some(me.into()),
+                            chat: chat.into(),
+                        },
+                        None,
+                    )
+                    .await?;
                 Ok(Some(json!({ "chat": closed.wire() })))
             }
         }

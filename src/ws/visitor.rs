@@ -119,9 +119,16 @@ impl Handler for Visitor {
                 }
                 let chat = self.chat;
                 let origin = Some(hub.origin(peer.id));
-                hub.chat(ChatOp::VisitorMessage { chat, text, origin }, None)
-                    .await
-                    .map(|a| serde_json::to_value(a.wire()).expect("answers serialize"))
+                hub.chat(
+                    ChatOp::VisitorMessage {
+                        chat: chat.into(),
+                        text,
+                        origin,
+                    },
+                    None,
+                )
+                .await
+                .map(|a| serde_json::to_value(a.wire()).expect("answers serialize"))
             }
             Err(e) => Err(e),
         };
