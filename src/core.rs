@@ -371,6 +371,12 @@ impl Core {
         )
     }
 
+    /// Adds a write to the change under way (a forwarded call's outcome: recorded in the
+    /// same atomic step as the change, under the change's fence).
+    pub fn record(&mut self, w: Write) {
+        self.writes.push(w);
+    }
+
     /// Takes the notes for other nodes (cluster mode).
     pub fn take_notes(&mut self) -> Vec<Note> {
         std::mem::take(&mut self.notes)

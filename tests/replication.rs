@@ -7,44 +7,40 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::API_KEY;
 use common::node::NodeProcess;
 use common::proxy::Proxy;
 use common::redis::RedisServer;
+use common::remote::Node;
 use serde_json::{Value, json};
 
 const CLUSTER: &str =
     "[cluster]\nnode_lease = \"600ms\"\n[presence]\ndisconnect_grace = \"300ms\"\n";
 
+/// One API call to the node at `base` (status 0: no answer).
 async fn call(
     base: &str,
     method: reqwest::Method,
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut r = reqwest::Client::new()
-        .request(method, format!("{base}{path}"))
-        .bearer_auth(API_KEY)
-        .timeout(Duration::from_secs(10));
-    if let Some(b) = body {
-        r = r.json(&b);
+    Node {
+        base: base.to_string(),
+        http: reqwest::Client::new(),
     }
-    let r = r.send().await.expect("the node answers");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    .call(method, path, body)
+    .await
 }
 
 /// Ids of the chats a node holds open.
 async fn open_chats(base: &str) -> Vec<u64> {
-    let (s, v) = call(base, reqwest::Method::GET, "/api/v1/chats?limit=1000", None).await;
-    assert_eq!(s, 200, "{v}");
-    v["chats"]
-        .as_array()
-        .expect("chats")
-        .iter()
-        .filter(|c| c["status"] != "closed")
-        .filter_map(|c| c["id"].as_u64())
-        .collect()
+    Node {
+        base: base.to_string(),
+        http: reqwest::Client::new(),
+    }
+    .chats()
+    .await
+    .into_keys()
+    .collect()
 }
 
 async fn redis_conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {

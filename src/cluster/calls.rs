@@ -1,52 +1,100 @@
-//! Chat changes forwarded to the assigning node: pushed to its list `{prefix}calls:{node}`,
-//! popped and run there, answered on the caller's pub/sub channel `{prefix}reply:{node}`. A
-//! node that no longer assigns answers so and the caller tries the next one; at a clean
-//! shutdown the assigner goes on answering that for a third of a lease.
+//! Chat changes forwarded to the assigning node, through one Redis Stream `{prefix}calls`
+//! read by a consumer group (at least once, each call with a unique id).
+//!
+//! - The caller appends the call (`XADD … MAXLEN ~`) on the cluster's shared connection and
+//!   waits up to 3 s. The assigner reads the group (`XREADGROUP … BLOCK`, consumer = its
+//!   node id, on a connection of its own that answers slower than the block time), and on
+//!   taking the lease, and every [`CLAIM_EVERY`] after, claims what is pending for any
+//!   consumer (`XAUTOCLAIM`): a call read by an assigner that died before acknowledging it
+//!   is run by the next one.
+//! - The call's outcome (success or error) is written under `{prefix}call:{id}` by the
+//!   store's script in the same atomic step as the change's writes, under the lease fence;
+//!   the script refuses the step when the key exists (a redelivery, or the caller gave up) or
+//!   the deadline passed. So a call is applied at most once, and "applied" and "answer
+//!   recorded" cannot come apart. A call found done is answered from the record.
+//! - The answer reaches the caller by pub/sub (`{prefix}reply:{node}`) as a mere wake-up: the
+//!   caller also reads the record every [`POLL_EVERY`], and at its deadline it settles the
+//!   call atomically ([`SETTLE`]): an outcome recorded by then is the answer, success
+//!   included; otherwise the call is marked cancelled and never runs. So a 503 is final, and a
+//!   lost notification never turns a success into a 503.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::answer::ChatAnswer;
 use futures::StreamExt;
 use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions};
 use tokio::sync::oneshot;
 
 use super::Cluster;
-use super::lease::lease_holder;
+use super::outcome::{self, Call, Next, Reply, Settled};
+use crate::answer::ChatAnswer;
 use crate::core::ChatOp;
 use crate::error::Error;
 use crate::hub::Hub;
+use crate::store::{CallDone, Write};
 
-/// A chat change forwarded to the assigning node.
-#[derive(Debug, Serialize, Deserialize)]
-struct Call {
-    id: u64,
-    from: String,
-    /// Unix milliseconds after which the caller no longer waits: the change is not made.
-    deadline: u64,
-    op: ChatOp,
-}
-
-/// Its answer, published on the caller's reply channel.
-#[derive(Debug, Serialize, Deserialize)]
-struct Reply {
-    id: u64,
-    ok: Option<ChatAnswer>,
-    code: Option<String>,
-    message: Option<String>,
-}
-
-/// The answer of a node that no longer assigns: the change was not run, the caller tries
-/// the node that assigns now.
+/// The answer of a node that no longer assigns: the change was not run; the call stays
+/// pending in the group for the next assigner.
 const NOT_ASSIGNER: &str = "this node no longer assigns chats";
 
 /// How long a forwarded chat change may take before the caller gives up.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The consumer group of the assigning nodes on `{prefix}calls`.
+const GROUP: &str = "assigners";
+
+/// Calls the stream keeps at least (`MAXLEN ~`); calls live 3 s, so this is far more than
+/// ever waits.
+const CALLS_MAXLEN: u64 = 10_000;
+
+/// How long one `XREADGROUP` blocks; the reader's connection answers slower
+/// ([`READER_TIMEOUT`]), so a blocked read is never cut by a response timeout.
+const READ_BLOCK: Duration = Duration::from_millis(500);
+const READER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the assigner claims calls left pending (by a dead assigner, or by itself when
+/// a commit failed), besides at once after taking the lease.
+const CLAIM_EVERY: Duration = Duration::from_millis(500);
+
+/// How often a waiting caller reads its call's record (pub/sub may lose the wake-up).
+const POLL_EVERY: Duration = Duration::from_millis(500);
+
+/// How long a call's outcome is kept: far past any deadline.
+const RECORD_TTL: Duration = Duration::from_secs(60);
+
+/// How long a caller keeps trying to settle its call when Redis does not answer.
+const SETTLE_FOR: Duration = Duration::from_secs(10);
+
+/// Settles a call whose caller stops waiting: answers the recorded outcome if there is
+/// one, else marks the call cancelled (the assigner's commit of it is refused from then on)
+/// and answers nil. KEYS[1]: `{prefix}call:{id}`; ARGV[1]: TTL (ms).
+const SETTLE: &str = "local v = redis.call('GET', KEYS[1]) \
+     if v then return v end \
+     redis.call('SET', KEYS[1], 'cancelled', 'PX', ARGV[1]) \
+     return false";
+
+/// Drops the consumers of the group that hold nothing pending, except the caller's own:
+/// the group keeps only consumers that matter (node ids generated at each start would
+/// otherwise pile up). A consumer dropped while it still reads comes back with its next
+/// read. KEYS[1]: `{prefix}calls`; ARGV[1]: the group; ARGV[2]: this node.
+const PRUNE: &str = "local n = 0 \
+     for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do \
+       local name, pending \
+       for j = 1, #c, 2 do \
+         if c[j] == 'name' then name = c[j + 1] elseif c[j] == 'pending' then pending = c[j + 1] end \
+       end \
+       if name and name ~= ARGV[2] and pending == 0 then \
+         redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name) \
+         n = n + 1 \
+       end \
+     end \
+     return n";
+
 /// Removes a forwarded call's entry from `pending` when its caller stops waiting.
-struct Forget<'a>(&'a Cluster, u64);
+struct Forget<'a>(&'a Cluster, String);
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
@@ -60,209 +108,306 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+fn unavailable(m: &str) -> Error {
+    Error::Unavailable(format!("cluster: {m}"))
+}
+
 impl Cluster {
-    /// Forwards a chat change to the assigning node and waits for its answer. While no node
-    /// assigns (a failover), waits for one; a node that answers it no longer assigns (it
-    /// stepped down before running the change) is passed over for the next one.
-    /// `Ok(None)`: this node was elected meanwhile.
-    pub async fn call(&self, op: ChatOp) -> Result<Option<ChatAnswer>, Error> {
-        let unavailable = |m: &str| Error::Unavailable(format!("cluster: {m}"));
-        let mut c = self
-            .shared()
-            .await
-            .map_err(|e| unavailable(&e.to_string()))?;
+    /// Forwards a chat change to whichever node assigns (now, or after a failover within
+    /// the 3 s) and waits for its answer. An error answer means the change was not made
+    /// and never will be.
+    pub async fn call(&self, op: ChatOp) -> Result<ChatAnswer, Error> {
+        let n = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let id = outcome::call_id(&self.node, self.run, n);
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
-        loop {
-            let leader = loop {
-                let leader: Option<String> = c.get(self.leader_key()).await.map_err(|e| {
-                    self.reset_shared();
-                    unavailable(&e.to_string())
-                })?;
-                match leader.as_deref().map(lease_holder) {
-                    Some(l) if l == self.node => return Ok(None),
-                    Some(l) => break l.to_string(),
-                    None if tokio::time::Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    None => return Err(unavailable("no node assigns chats right now")),
-                }
-            };
-            match self.call_once(&mut c, &leader, op.clone(), deadline).await {
-                Err(Error::Unavailable(m))
-                    if m == NOT_ASSIGNER && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => return other.map(Some),
-            }
-        }
-    }
-
-    pub(super) async fn call_once(
-        &self,
-        c: &mut redis::aio::MultiplexedConnection,
-        leader: &str,
-        op: ChatOp,
-        deadline: tokio::time::Instant,
-    ) -> Result<ChatAnswer, Error> {
-        let unavailable = |m: &str| Error::Unavailable(format!("cluster: {m}"));
-        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(id, tx);
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let call = serde_json::to_string(&Call {
-            id,
+        let call = Call {
+            id: id.clone(),
             from: self.node.clone(),
-            deadline: unix_ms() + left.as_millis() as u64,
+            deadline: unix_ms() + CALL_TIMEOUT.as_millis() as u64,
             op,
-        })
-        .expect("calls serialize");
-        let pushed: redis::RedisResult<()> = redis::pipe()
-            .rpush(self.calls_key(leader), call)
-            .ignore()
-            .pexpire(
-                self.calls_key(leader),
-                (CALL_TIMEOUT * 2).as_millis() as i64,
-            )
-            .ignore()
-            .query_async(c)
-            .await;
-        if let Err(e) = pushed {
-            self.reset_shared();
-            self.pending.lock().remove(&id);
-            return Err(unavailable(&e.to_string()));
-        }
+        };
+        let raw = serde_json::to_string(&call).expect("calls serialize");
+        let (tx, mut rx) = oneshot::channel();
+        self.pending.lock().insert(id.clone(), tx);
         // Whatever ends the wait (answer, timeout, the client going away) forgets the call.
-        let _forget = Forget(self, id);
-        match tokio::time::timeout(left, rx).await {
-            Ok(Ok(r)) => r,
-            _ => Err(unavailable("the assigning node did not answer in time")),
+        let _forget = Forget(self, id.clone());
+        let mut c = self.shared().await.map_err(|e| {
+            // Not connected: nothing was sent.
+            unavailable(&e.to_string())
+        })?;
+        let pushed: redis::RedisResult<String> = redis::cmd("XADD")
+            .arg(self.keys.calls())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(CALLS_MAXLEN)
+            .arg("*")
+            .arg("call")
+            .arg(&raw)
+            .query_async(&mut c)
+            .await;
+        if pushed.is_ok() {
+            let record = self.keys.call(&id);
+            let mut poll =
+                tokio::time::interval_at(deadline - CALL_TIMEOUT + POLL_EVERY, POLL_EVERY);
+            loop {
+                tokio::select! {
+                    r = &mut rx => match r {
+                        Ok(reply) => return reply.into_result(),
+                        Err(_) => break,
+                    },
+                    _ = poll.tick() => {
+                        let found = tokio::time::timeout(POLL_EVERY, c.get::<_, Option<String>>(&record)).await;
+                        if let Ok(Ok(Some(raw))) = found
+                            && let Settled::Done(reply) = outcome::settled(Some(&raw))
+                        {
+                            return reply.into_result();
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        } else {
+            // The append's answer was lost: it may be in the stream. Settled like a timeout.
+            self.reset_shared();
+        }
+        self.settle(&id).await
+    }
+
+    /// The caller stops waiting: the recorded outcome is the answer, or the call is
+    /// cancelled for good. Retried while Redis does not answer (the outcome must be known).
+    async fn settle(&self, id: &str) -> Result<ChatAnswer, Error> {
+        let script = redis::Script::new(SETTLE);
+        let until = tokio::time::Instant::now() + SETTLE_FOR;
+        loop {
+            let round = async {
+                let mut c = self.shared().await?;
+                script
+                    .key(self.keys.call(id))
+                    .arg(RECORD_TTL.as_millis() as u64)
+                    .invoke_async::<Option<String>>(&mut c)
+                    .await
+            };
+            match round.await {
+                Ok(record) => {
+                    return match outcome::settled(record.as_deref()) {
+                        Settled::Done(reply) => reply.into_result(),
+                        Settled::Cancelled => Err(unavailable(
+                            "the assigning node did not answer in time; the change was not made",
+                        )),
+                    };
+                }
+                Err(e) => {
+                    self.reset_shared();
+                    if tokio::time::Instant::now() >= until {
+                        tracing::warn!(call = %id, cause = %e, "a forwarded call could not be settled");
+                        return Err(unavailable(&format!(
+                            "redis did not answer; the outcome of the change is unknown: {e}"
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
     }
 
-    /// Runs chat changes other nodes forward to this one while it is the assigning node.
-    /// At shutdown it goes on until the lease is released and a third of the lease more,
-    /// answering what still arrives "no longer assigns" (the callers try the next
-    /// assigner): no caller waits in vain for a node that left.
+    /// Runs the chat changes other nodes forward while this node assigns: claims what is
+    /// pending first (a previous assigner may have read calls it never ran), then reads the
+    /// group. A node that does not assign reads nothing; at shutdown it returns once it
+    /// stopped assigning (what it read but did not run stays pending for the next one).
     pub(super) async fn serve_calls(self: Arc<Self>, hub: Hub) {
-        let key = self.calls_key(&self.node);
-        let mut conn = None;
-        let mut leaving_until: Option<tokio::time::Instant> = None;
+        let mut conn: Option<MultiplexedConnection> = None;
+        // When this node last claimed pending calls; None: not since it took the lease.
+        let mut claimed: Option<tokio::time::Instant> = None;
         loop {
-            if hub.shutdown.is_cancelled() && leaving_until.is_none() {
-                // Wait (bounded) for the lease to be released, then a third of the lease.
-                let released = async {
-                    while !self.released.load(Ordering::Acquire) {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(3), released).await;
-                leaving_until = Some(tokio::time::Instant::now() + self.lease / 3);
-            }
-            if leaving_until.is_some_and(|t| tokio::time::Instant::now() >= t) {
-                return;
+            if !hub.read(|c| c.assigner) {
+                if hub.shutdown.is_cancelled() {
+                    return;
+                }
+                claimed = None;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = hub.shutdown.cancelled() => {}
+                }
+                continue;
             }
             if conn.is_none() {
-                // Its own connection (BLPOP blocks it), answering slower than BLPOP blocks:
-                // a popped call is never lost to a response timeout.
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_response_timeout(Some(Duration::from_secs(2)));
-                conn = self
-                    .client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .ok();
+                conn = self.reader().await;
                 if conn.is_none() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
             }
             let c = conn.as_mut().expect("connected");
-            let block = if leaving_until.is_some() { 0.05 } else { 0.5 };
-            // Never cancelled: a BLPOP dropped mid-way would still pop a call in Redis, and
-            // its answer would be lost. It blocks half a second at most.
-            let popped: redis::RedisResult<Option<(String, String)>> = c.blpop(&key, block).await;
-            let raw = match popped {
-                Ok(Some((_, raw))) => raw,
-                Ok(None) => continue,
-                Err(_) => {
-                    conn = None;
-                    continue;
-                }
+            let served = if claimed.is_none_or(|t| t.elapsed() >= CLAIM_EVERY) {
+                let takeover = claimed.is_none();
+                claimed = Some(tokio::time::Instant::now());
+                self.claim_pending(&hub, c, takeover).await
+            } else {
+                self.read_new(&hub, c).await
             };
-            let Ok(call) = serde_json::from_str::<Call>(&raw) else {
-                continue;
-            };
-            if call.deadline < unix_ms() {
-                continue; // the caller gave up and answered its client already
+            if let Err(e) = served {
+                tracing::debug!(cause = %e, "reading forwarded calls failed; reconnecting");
+                conn = None;
             }
-            // Just elected: wait (bounded) for the resync to finish before taking changes.
-            for _ in 0..100 {
-                if leaving_until.is_some() || hub.read(|c| c.assigner) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if call.deadline < unix_ms() {
-                continue; // the caller stopped waiting meanwhile
-            }
-            // Checked under the lock with the change: a node that stepped down runs nothing.
-            let result = hub
-                .commit(|c, now| {
-                    if !c.assigner {
-                        return Err(Error::Unavailable(NOT_ASSIGNER.into()));
-                    }
-                    c.exec(call.op, now)
-                })
-                .await;
-            let reply = match result {
-                Ok(v) => Reply {
-                    id: call.id,
-                    ok: Some(v),
-                    code: None,
-                    message: None,
-                },
-                Err(Error::Unavailable(m)) if m == NOT_ASSIGNER => Reply {
-                    id: call.id,
-                    ok: None,
-                    code: Some("not_assigner".into()),
-                    message: Some(m),
-                },
-                Err(e) => Reply {
-                    id: call.id,
-                    ok: None,
-                    code: Some(e.code().into()),
-                    message: Some(e.to_string()),
-                },
-            };
-            let payload = serde_json::to_string(&reply).expect("replies serialize");
-            let _: redis::RedisResult<()> =
-                c.publish(self.reply_channel(&call.from), payload).await;
         }
     }
 
-    fn answer(&self, reply: Reply) {
-        let Some(tx) = self.pending.lock().remove(&reply.id) else {
-            return;
-        };
-        let result = match (reply.ok, reply.code) {
-            (Some(v), _) => Ok(v),
-            (None, code) => {
-                let m = reply.message.unwrap_or_default();
-                Err(match code.as_deref() {
-                    Some("bad_request") => Error::BadRequest(m),
-                    Some("forbidden") => Error::Forbidden(m),
-                    Some("not_found") => Error::NotFound(m),
-                    Some("conflict") => Error::Conflict(m),
-                    Some("not_assigner") => Error::Unavailable(NOT_ASSIGNER.into()),
-                    _ => Error::Unavailable(m),
-                })
+    /// The assigner's own connection to `{prefix}calls`, with the group created (from the
+    /// stream's start: a call appended before the group existed is still read).
+    async fn reader(&self) -> Option<MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(READER_TIMEOUT));
+        let mut c = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .ok()?;
+        let created: redis::RedisResult<()> = c
+            .xgroup_create_mkstream(self.keys.calls(), GROUP, "0")
+            .await;
+        match created {
+            Ok(()) => Some(c),
+            Err(e) if e.code() == Some("BUSYGROUP") => Some(c),
+            Err(e) => {
+                tracing::debug!(cause = %e, "creating the calls group failed");
+                None
             }
-        };
-        let _ = tx.send(result);
+        }
     }
 
-    /// Answers to our forwarded calls, on `{prefix}reply:{node}`.
+    /// Takes over every call pending in the group (read by any consumer, never
+    /// acknowledged) and serves it; on taking the lease (`takeover`) then drops the
+    /// consumers left with nothing pending ([`PRUNE`]).
+    async fn claim_pending(
+        &self,
+        hub: &Hub,
+        c: &mut MultiplexedConnection,
+        takeover: bool,
+    ) -> redis::RedisResult<()> {
+        let mut start = "0-0".to_string();
+        loop {
+            let reply: redis::streams::StreamAutoClaimReply = c
+                .xautoclaim_options(
+                    self.keys.calls(),
+                    GROUP,
+                    &self.node,
+                    0,
+                    &start,
+                    StreamAutoClaimOptions::default().count(64),
+                )
+                .await?;
+            for entry in &reply.claimed {
+                self.serve_one(hub, c, entry).await?;
+            }
+            if reply.next_stream_id == "0-0" || !hub.read(|core| core.assigner) {
+                if takeover {
+                    redis::Script::new(PRUNE)
+                        .key(self.keys.calls())
+                        .arg(GROUP)
+                        .arg(&self.node)
+                        .invoke_async::<i64>(c)
+                        .await?;
+                }
+                return Ok(());
+            }
+            start = reply.next_stream_id;
+        }
+    }
+
+    /// Reads new calls (blocking up to [`READ_BLOCK`]) and serves them.
+    async fn read_new(&self, hub: &Hub, c: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let options = StreamReadOptions::default()
+            .group(GROUP, &self.node)
+            .count(32)
+            .block(READ_BLOCK.as_millis() as usize);
+        // Never cancelled: a read dropped mid-way would still deliver calls in Redis (they
+        // would wait, pending, for the next claim).
+        let read: Option<redis::streams::StreamReadReply> = c
+            .xread_options(&[self.keys.calls()], &[">"], &options)
+            .await?;
+        for key in read.map(|r| r.keys).unwrap_or_default() {
+            for entry in &key.ids {
+                self.serve_one(hub, c, entry).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves one call: dropped when given up or too late, answered from the record when it
+    /// ran already, run otherwise. Acknowledged unless it was not run (this node stepped
+    /// down, or the commit failed): it stays pending and is claimed again while time is left.
+    async fn serve_one(
+        &self,
+        hub: &Hub,
+        c: &mut MultiplexedConnection,
+        entry: &StreamId,
+    ) -> redis::RedisResult<()> {
+        let ack = |c: &mut MultiplexedConnection| {
+            let mut c = c.clone();
+            let key = self.keys.calls();
+            let id = entry.id.clone();
+            async move { c.xack::<_, _, _, ()>(key, GROUP, &[id]).await }
+        };
+        // The wake-up and the acknowledgement in one round trip (the wake-up may be lost).
+        let answer = |c: &mut MultiplexedConnection, from: &str, reply: &str| {
+            let mut c = c.clone();
+            let mut pipe = redis::pipe();
+            pipe.publish(self.reply_channel(from), reply)
+                .ignore()
+                .xack(self.keys.calls(), GROUP, &[&entry.id])
+                .ignore();
+            async move { pipe.query_async::<()>(&mut c).await }
+        };
+        let call = entry
+            .get::<String>("call")
+            .and_then(|raw| serde_json::from_str::<Call>(&raw).ok());
+        let Some(call) = call else {
+            return ack(c).await; // not a call of ours
+        };
+        let record: Option<String> = c.get(self.keys.call(&call.id)).await?;
+        let reply = match outcome::next(&call, record.as_deref(), unix_ms()) {
+            Next::Drop => return ack(c).await,
+            Next::Answer(reply) => reply,
+            Next::Run => {
+                let (id, deadline, from) = (call.id.clone(), call.deadline, call.from.clone());
+                // Checked under the lock with the change: a node that stepped down runs
+                // nothing. The outcome, error included, is written with the change.
+                let result = hub
+                    .commit(|core, now| {
+                        if !core.assigner {
+                            return Err(Error::Unavailable(NOT_ASSIGNER.into()));
+                        }
+                        let result = core.exec(call.op, now);
+                        let reply = Reply::of(&id, &result).to_json();
+                        core.record(Write::CallDone(CallDone {
+                            id: id.clone(),
+                            reply: reply.clone(),
+                            deadline_ms: deadline,
+                            ttl_ms: RECORD_TTL.as_millis() as u64,
+                        }));
+                        Ok(reply)
+                    })
+                    .await;
+                match result {
+                    Ok(reply) => return answer(c, &from, &reply).await,
+                    Err(e) => {
+                        tracing::debug!(call = %id, cause = %e, "a forwarded call was not run");
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        answer(c, &call.from, &reply).await
+    }
+
+    fn answer(&self, reply: Reply) {
+        if let Some(tx) = self.pending.lock().remove(&reply.id) {
+            let _ = tx.send(reply);
+        }
+    }
+
+    /// Wake-ups for our forwarded calls, on `{prefix}reply:{node}`.
     pub(super) async fn subscribe(self: Arc<Self>, hub: Hub) {
         loop {
             if hub.shutdown.is_cancelled() {

@@ -9,14 +9,6 @@ use super::Cluster;
 use crate::command::Assign;
 use crate::hub::Hub;
 
-/// The node id in an assigner lease token (`{node}:{epoch}:{random}`).
-pub(super) fn lease_holder(token: &str) -> &str {
-    let mut parts = token.rsplitn(3, ':');
-    let _random = parts.next();
-    let _epoch = parts.next();
-    parts.next().unwrap_or(token)
-}
-
 impl Cluster {
     /// Renews our lease on `{prefix}leader`, or takes it when free under a new token (the
     /// epoch `{prefix}leader:epoch` incremented, plus a random part); answers the token we

@@ -14,14 +14,15 @@
 //!
 //! Chats have a single writer: the node holding `{prefix}leader` (elected by lease) runs
 //! every chat change and all auto-assignment, so one chat never gets two owners and no
-//! operator passes capacity. Other nodes forward chat changes to it (`{prefix}calls:{node}`,
-//! answers on the pub/sub channel `{prefix}reply:{node}`: the only use of pub/sub, for
-//! nothing replicated, as a caller that misses its answer times out) and apply the chats and
-//! messages it logs.
+//! operator passes capacity. Other nodes forward chat changes to it through the stream
+//! `{prefix}calls` (a consumer group; each call's outcome recorded with the change, see
+//! [`calls`]) and apply the chats and messages it logs. Pub/sub only wakes a caller up: its
+//! answer is read from Redis when the wake-up is lost.
 
 mod calls;
 mod changes;
 mod lease;
+mod outcome;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,7 +34,6 @@ use crate::answer::ChatAnswer;
 use futures::StreamExt;
 use tokio::sync::oneshot;
 
-use crate::error::Error;
 use redis::AsyncCommands;
 
 use crate::hub::Hub;
@@ -56,9 +56,11 @@ pub struct Cluster {
     shared: parking_lot::Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// Set at shutdown once the assigner lease is released (or was not held).
     released: std::sync::atomic::AtomicBool,
-    /// Chat changes forwarded to the assigning node and waiting for its answer.
-    pending: parking_lot::Mutex<HashMap<u64, oneshot::Sender<Result<ChatAnswer, Error>>>>,
+    /// Chat changes forwarded to the assigning node and waiting for its answer, by call id.
+    pending: parking_lot::Mutex<HashMap<String, oneshot::Sender<outcome::Reply>>>,
     next_call: AtomicU64,
+    /// Random per process: part of every call id, so a restart never reuses one.
+    run: u32,
 }
 
 impl Cluster {
@@ -79,6 +81,7 @@ impl Cluster {
             shared: parking_lot::Mutex::new(None),
             pending: parking_lot::Mutex::new(HashMap::new()),
             next_call: AtomicU64::new(1),
+            run: rand::random(),
         })
     }
 
@@ -114,10 +117,6 @@ impl Cluster {
     /// Asks for a resync of records and connections from Redis (soon, in the background).
     pub fn resync_soon(&self) {
         self.resync.notify_one();
-    }
-
-    fn calls_key(&self, node: &str) -> String {
-        format!("{}calls:{node}", self.keys.0)
     }
 
     fn reply_channel(&self, node: &str) -> String {
@@ -336,7 +335,8 @@ impl crate::hub::Membership for Cluster {
         &self,
         op: crate::core::ChatOp,
     ) -> futures::future::BoxFuture<'_, crate::error::Result<Option<ChatAnswer>>> {
-        Box::pin(self.call(op))
+        // Never None: the call runs wherever the assigner is, this node included.
+        Box::pin(async move { self.call(op).await.map(Some) })
     }
 
     fn resync_soon(&self) {
@@ -354,12 +354,5 @@ mod tests {
         assert!(super::changes::follows(42, 40));
         assert!(!super::changes::follows(41, 43));
         assert!(!super::changes::follows(0, 7));
-    }
-
-    #[test]
-    fn lease_holder_is_the_node_id_of_the_token() {
-        assert_eq!(super::lease::lease_holder("node-a:7:00ff"), "node-a");
-        assert_eq!(super::lease::lease_holder("a:b:12:ff"), "a:b");
-        assert_eq!(super::lease::lease_holder("old-format"), "old-format");
     }
 }

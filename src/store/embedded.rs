@@ -251,7 +251,7 @@ fn commit<'a>(
                 Write::Meta { key, value } => {
                     meta.insert(*key, value.as_bytes()).map_err(backend)?;
                 }
-                Write::Fence(_) | Write::Note(_) => {}
+                Write::Fence(_) | Write::Note(_) | Write::CallDone(_) => {}
                 Write::Log(l) => {
                     log.insert((l.entry.operator, l.seq), json(l).as_slice())
                         .map_err(backend)?;

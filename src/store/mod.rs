@@ -81,6 +81,26 @@ pub enum Write {
     /// stream per write group, with the group's notes in order). The embedded store runs
     /// alone and ignores it.
     Note(NoteWrite),
+    /// Cluster: the outcome of a chat change another node forwarded, recorded under its
+    /// call id in the same atomic step as the change's writes (Redis: `{prefix}call:{id}`,
+    /// kept [`CallDone::ttl_ms`]). The whole step is refused when the call already has an
+    /// outcome (a redelivery), was given up by its caller, or is past its deadline: a
+    /// forwarded change is applied at most once, and never after its caller answered an
+    /// error. The embedded store runs alone and ignores it.
+    CallDone(CallDone),
+}
+
+/// See [`Write::CallDone`].
+#[derive(Debug, Clone)]
+pub struct CallDone {
+    /// The call id (unique across nodes and restarts).
+    pub id: String,
+    /// The answer as the caller reads it (JSON).
+    pub reply: String,
+    /// Unix ms after which the caller no longer waits: the step is refused from then on.
+    pub deadline_ms: u64,
+    /// How long the outcome is kept, far past the deadline.
+    pub ttl_ms: u64,
 }
 
 /// One replication note, serialized, and what it changes in the sender's connection

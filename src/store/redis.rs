@@ -115,6 +115,16 @@ impl Keys {
     pub fn audited(&self) -> String {
         format!("{}audited", self.0)
     }
+    /// The stream of chat changes forwarded to the assigning node.
+    pub fn calls(&self) -> String {
+        format!("{}calls", self.0)
+    }
+
+    /// The outcome of forwarded call `id` (or `cancelled`).
+    pub fn call(&self, id: &str) -> String {
+        format!("{}call:{id}", self.0)
+    }
+
     /// The assigner lease: `{node}:{epoch}:{random}` of the node that assigns.
     pub fn leader(&self) -> String {
         format!("{}leader", self.0)

@@ -7,6 +7,7 @@ pub mod node;
 pub mod proxy;
 pub mod raw;
 pub mod redis;
+pub mod remote;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,337 @@
+//! Chat changes forwarded to the assigning node through the stream `{prefix}calls`: a call
+//! is applied at most once however often it is delivered, a call whose caller gave up
+//! (answered 503) never happens, and across a `kill -9` of the assigner every acknowledged
+//! change is there exactly once and no refused one appears. Real redis-server, real
+//! `presence-hub` processes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::node::NodeProcess;
+use common::redis::RedisServer;
+use common::remote::Node;
+use parking_lot::Mutex;
+use presence_hub::store::{CallDone, Store, Write};
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+
+const CLUSTER: &str =
+    "[cluster]\nnode_lease = \"600ms\"\n[presence]\ndisconnect_grace = \"300ms\"\n";
+
+/// A lease far longer than the pause of the test: nobody takes over meanwhile.
+const LONG_LEASE: &str = "[cluster]\nnode_lease = \"10s\"\n";
+
+async fn redis_conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A forwarded chat creation as a caller appends it.
+fn create_call(id: &str, name: &str, deadline: u64) -> String {
+    json!({
+        "id": id,
+        "from": "gone",
+        "deadline": deadline,
+        "op": {"op": "create", "req": {"department": 1, "visitor": {"name": name}}},
+    })
+    .to_string()
+}
+
+async fn append(c: &mut redis::aio::MultiplexedConnection, call: &str) -> String {
+    redis::cmd("XADD")
+        .arg("hub:calls")
+        .arg("*")
+        .arg("call")
+        .arg(call)
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
+/// Polls `f` every 20 ms until it answers Some (10 s at most).
+async fn until<T, F: std::future::Future<Output = Option<T>>>(what: &str, f: impl Fn() -> F) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An assigner read a call and died before acknowledging it, and the caller's retry
+/// appended the same call (same id) again: the next assigner claims the pending entry and
+/// runs it, answers the retry from the record, and the chat exists once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_redelivered_call_is_applied_once() {
+    let redis = RedisServer::start().await;
+    let mut c = redis_conn(&redis).await;
+    let _: () = c
+        .xgroup_create_mkstream("hub:calls", "assigners", "0")
+        .await
+        .unwrap();
+    let deadline = unix_ms() + 20_000;
+    let first = append(&mut c, &create_call("gone.1.1", "redelivered", deadline)).await;
+    // Read by an assigner that then died: pending for consumer "ghost", never acknowledged.
+    let read: redis::streams::StreamReadReply = c
+        .xread_options(
+            &["hub:calls"],
+            &[">"],
+            &redis::streams::StreamReadOptions::default().group("assigners", "ghost"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.keys[0].ids[0].id, first);
+    append(&mut c, &create_call("gone.1.1", "redelivered", deadline)).await;
+    append(&mut c, &create_call("gone.1.2", "after", deadline)).await;
+
+    let pa = NodeProcess::start(&redis, "a", CLUSTER).await;
+    let pb = NodeProcess::start(&redis, "b", CLUSTER).await;
+    let (a, b) = (Node::of(&pa), Node::of(&pb));
+    let redis_url = redis.url();
+    let record = |id: &'static str| {
+        let url = redis_url.clone();
+        async move {
+            let mut c = redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            c.get::<_, Option<String>>(format!("hub:call:{id}"))
+                .await
+                .unwrap()
+        }
+    };
+    // Calls are served in stream order: the last one recorded means all were served.
+    until("the last call's outcome", || record("gone.1.2")).await;
+    let done: Value = serde_json::from_str(&record("gone.1.1").await.unwrap()).unwrap();
+    let chat = done["ok"]["chat"]["id"]
+        .as_u64()
+        .expect("recorded as a success");
+    for node in [&a, &b] {
+        let names = until("both chats on the node", || async {
+            let n = node.visitor_names().await;
+            n.contains_key("after").then_some(n)
+        })
+        .await;
+        assert_eq!(names.get("redelivered"), Some(&1), "{names:?}");
+        assert_eq!(names.get("after"), Some(&1), "{names:?}");
+        assert!(node.chats().await.contains_key(&chat));
+    }
+    let pending: redis::streams::StreamPendingReply =
+        c.xpending("hub:calls", "assigners").await.unwrap();
+    assert_eq!(pending.count(), 0, "every call acknowledged");
+    // The dead reader's consumer was dropped once its call was taken over.
+    let consumers: redis::streams::StreamInfoConsumersReply =
+        c.xinfo_consumers("hub:calls", "assigners").await.unwrap();
+    let names: Vec<&str> = consumers
+        .consumers
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["a"]);
+}
+
+/// The assigner is paused (SIGSTOP) past the caller's 3 s deadline, then resumed: the
+/// caller answered 503, and the change never appears, neither on the nodes nor in the store
+/// read by a node started afterwards; the call is recorded as cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_given_up_by_the_caller_never_happen() {
+    let redis = RedisServer::start().await;
+    let pa = NodeProcess::start(&redis, "a", LONG_LEASE).await; // assigns
+    let pb = NodeProcess::start(&redis, "b", LONG_LEASE).await;
+    let (a, b) = (Node::of(&pa), Node::of(&pb));
+    let chat = |name: &str| json!({"department": 1, "visitor": {"name": name}});
+    let (s, v) = b.post("/api/v1/chats", chat("before")).await;
+    assert_eq!(s, 201, "{v}");
+    pa.pause();
+    let asked = Instant::now();
+    let (s, v) = b.post("/api/v1/chats", chat("given-up")).await;
+    let waited = asked.elapsed();
+    pa.resume();
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "answered after {waited:?}"
+    );
+    // The assigner goes on; served in stream order, so the given-up call was seen first.
+    let (s, v) = b.post("/api/v1/chats", chat("after")).await;
+    assert_eq!(s, 201, "{v}");
+    let pc = NodeProcess::start(&redis, "c", LONG_LEASE).await;
+    for node in [&a, &b, &Node::of(&pc)] {
+        let names = until("the later chat on the node", || async {
+            let n = node.visitor_names().await;
+            n.contains_key("after").then_some(n)
+        })
+        .await;
+        assert_eq!(names.get("given-up"), None, "{names:?}");
+        assert_eq!(names.get("before"), Some(&1), "{names:?}");
+    }
+    let mut c = redis_conn(&redis).await;
+    let keys: Vec<String> = c.keys("hub:call:b.*").await.unwrap();
+    let mut outcomes = Vec::new();
+    for k in keys {
+        outcomes.push(c.get::<_, String>(k).await.unwrap());
+    }
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "cancelled").count(),
+        1,
+        "{outcomes:?}"
+    );
+}
+
+/// The store's script writes a call's outcome with the change, once: a second outcome for
+/// the same call (a redelivery), a call its caller gave up, or one past its deadline is
+/// refused whole, the change's other writes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_outcome_recorded_with_the_change_once_never_after_give_up() {
+    let redis = RedisServer::start().await;
+    let store = presence_hub::store::redis::RedisStore::open(&redis.url(), "hub:")
+        .await
+        .unwrap();
+    let mut c = redis_conn(&redis).await;
+    let far = unix_ms() + 60_000;
+    let done = |id: &str, deadline: u64| {
+        Write::CallDone(CallDone {
+            id: id.into(),
+            reply: format!("{{\"id\":\"{id}\",\"ok\":1}}"),
+            deadline_ms: deadline,
+            ttl_ms: 60_000,
+        })
+    };
+    let probe = |v: &str| Write::Meta {
+        key: "probe",
+        value: v.into(),
+    };
+    let write = |w: Vec<Write>| presence_hub::store::durable(store.write(w));
+
+    write(vec![probe("one"), done("x.1", far)]).await.unwrap();
+    let rec: Option<String> = c.get("hub:call:x.1").await.unwrap();
+    assert_eq!(rec.as_deref(), Some("{\"id\":\"x.1\",\"ok\":1}"));
+    let ttl: i64 = c.pttl("hub:call:x.1").await.unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+
+    let cases = [
+        ("a redelivery", done("x.1", far)),
+        ("given up", {
+            let _: () = c.set("hub:call:x.2", "cancelled").await.unwrap();
+            done("x.2", far)
+        }),
+        ("past its deadline", done("x.3", unix_ms() - 1)),
+    ];
+    for (what, w) in cases {
+        let r = write(vec![probe(what), w]).await;
+        assert!(r.is_err(), "{what}: refused");
+        store.resume();
+        let p: Option<String> = c.hget("hub:meta", "probe").await.unwrap();
+        assert_eq!(p.as_deref(), Some("one"), "{what}: nothing of it written");
+    }
+    let x2: Option<String> = c.get("hub:call:x.2").await.unwrap();
+    assert_eq!(x2.as_deref(), Some("cancelled"));
+    let x3: Option<String> = c.get("hub:call:x.3").await.unwrap();
+    assert_eq!(x3, None);
+    write(vec![probe("two"), done("x.4", far)]).await.unwrap();
+    let p: Option<String> = c.hget("hub:meta", "probe").await.unwrap();
+    assert_eq!(p.as_deref(), Some("two"), "the store goes on");
+}
+
+/// The assigning node is killed (`kill -9`) while chats are created through the other node
+/// at 20/s: every acknowledged creation exists exactly once (also for a node started
+/// afterwards), and none answered with an error appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_assigner_killed_under_forwarded_traffic_acknowledged_exactly_once() {
+    let redis = RedisServer::start().await;
+    let mut pa = NodeProcess::start(&redis, "a", CLUSTER).await; // assigns
+    let pb = NodeProcess::start(&redis, "b", CLUSTER).await;
+    let b = Node::of(&pb);
+    let answers: Arc<Mutex<Vec<(String, u16)>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let traffic = {
+        let (base, answers, stop) = (b.base.clone(), answers.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut set = tokio::task::JoinSet::new();
+            for n in 0.. {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => break,
+                }
+                let (base, answers) = (base.clone(), answers.clone());
+                set.spawn(async move {
+                    let node = Node {
+                        base,
+                        http: reqwest::Client::new(),
+                    };
+                    let name = format!("k{n}");
+                    let (s, _) = node
+                        .post(
+                            "/api/v1/chats",
+                            json!({"department": 1, "visitor": {"name": name}}),
+                        )
+                        .await;
+                    answers.lock().push((name, s));
+                });
+            }
+            while set.join_next().await.is_some() {}
+        })
+    };
+    let count = || answers.lock().len();
+    until("chats before the kill", || async {
+        (count() >= 10).then_some(())
+    })
+    .await;
+    pa.kill();
+    let killed = count();
+    until("chats after the kill", || async {
+        (count() >= killed + 40).then_some(())
+    })
+    .await;
+    stop.cancel();
+    traffic.await.unwrap();
+    let answers = std::mem::take(&mut *answers.lock());
+    let acked: Vec<&String> = answers
+        .iter()
+        .filter(|(_, s)| *s == 201)
+        .map(|(n, _)| n)
+        .collect();
+    // 0: no answer within the client's 10 s (neither acknowledged nor refused).
+    let refused: Vec<&String> = answers
+        .iter()
+        .filter(|(_, s)| *s != 201 && *s != 0)
+        .map(|(n, _)| n)
+        .collect();
+    let pc = NodeProcess::start(&redis, "c", CLUSTER).await;
+    for node in [&b, &Node::of(&pc)] {
+        let names = until("every acknowledged chat on the node", || async {
+            let n = node.visitor_names().await;
+            acked.iter().all(|a| n.contains_key(*a)).then_some(n)
+        })
+        .await;
+        for name in &acked {
+            assert_eq!(names.get(*name), Some(&1), "{name} exists exactly once");
+        }
+        for name in &refused {
+            assert_eq!(names.get(*name), None, "{name} was refused but exists");
+        }
+    }
+    println!(
+        "{} chats across the kill: {} acknowledged, {} refused, {} unanswered",
+        answers.len(),
+        acked.len(),
+        refused.len(),
+        answers.len() - acked.len() - refused.len()
+    );
+}
