@@ -99,7 +99,7 @@ fn error_code(e: &Error) -> &'static str {
 #[derive(Debug, Clone)]
 pub(super) enum Settled {
     /// The assigner recorded an outcome: that is the answer, success included.
-    Done(Reply),
+    Done(Box<Reply>),
     /// No outcome was recorded: the call is cancelled now and will never be applied.
     Cancelled,
 }
@@ -110,7 +110,9 @@ pub(super) enum Settled {
 pub(super) fn settled(record: Option<&str>) -> Settled {
     match record {
         None | Some(CANCELLED) => Settled::Cancelled,
-        Some(raw) => serde_json::from_str(raw).map_or(Settled::Cancelled, Settled::Done),
+        Some(raw) => {
+            serde_json::from_str(raw).map_or(Settled::Cancelled, |r| Settled::Done(Box::new(r)))
+        }
     }
 }
 
@@ -156,7 +158,7 @@ mod tests {
             id: call_id("b", 0xab, 7),
             from: "b".into(),
             deadline,
-            op: ChatOp::HandOver { chat: 9 },
+            op: ChatOp::HandOver { chat: 9.into() },
         }
     }
 
