@@ -358,7 +358,7 @@ impl Core {
                         id: *id,
                         record: None,
                     }),
-                    Write::Department(d) => self.notes.push(Note::Department {
+                    Write::Department { dept: d, .. } => self.notes.push(Note::Department {
                         department: d.clone(),
                     }),
                     _ => {}

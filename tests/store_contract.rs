@@ -103,9 +103,15 @@ async fn contract(store: &dyn Store) {
     ]))
     .await
     .unwrap();
-    durable(store.write(vec![Write::Department(department(1)), Write::Chat(chat(7))]))
-        .await
-        .unwrap();
+    durable(store.write(vec![
+        Write::Department {
+            dept: department(1),
+            base: 0,
+        },
+        Write::Chat(chat(7)),
+    ]))
+    .await
+    .unwrap();
     let msgs: Vec<Write> = (1..=5).map(|i| Write::Message(7, message(i))).collect();
     durable(store.write(msgs)).await.unwrap();
     durable(store.write(vec![
@@ -221,7 +227,10 @@ async fn store_redis_operator_write_from_a_stale_version_is_a_conflict() {
     stale.record.name = "changed on node b".into();
     stale.version = v1.version + 2;
     let refused = durable(store.write(vec![
-        Write::Department(department(5)),
+        Write::Department {
+            dept: department(5),
+            base: 0,
+        },
         Write::Operator {
             op: stale,
             base: v1.version,
@@ -256,6 +265,55 @@ async fn store_redis_operator_write_from_a_stale_version_is_a_conflict() {
         snap.departments.is_empty(),
         "nothing of a refused call is written"
     );
+}
+
+#[tokio::test]
+async fn store_redis_department_write_from_a_stale_version_is_a_conflict() {
+    let redis = RedisServer::start().await;
+    let store = RedisStore::open(&redis.url(), "t:").await.unwrap();
+    let mut v1 = department(4);
+    v1.version = 10;
+    durable(store.write(vec![Write::Department {
+        dept: v1.clone(),
+        base: 0,
+    }]))
+    .await
+    .unwrap();
+    let mut v2 = v1.clone();
+    v2.name = "renamed on node a".into();
+    v2.version = 11;
+    durable(store.write(vec![Write::Department {
+        dept: v2.clone(),
+        base: 10,
+    }]))
+    .await
+    .unwrap();
+    // Node b still holds version 10: its change is refused, and nothing of its call lands.
+    let mut stale = v1.clone();
+    stale.disabled = true;
+    stale.version = 12;
+    let refused = durable(store.write(vec![
+        Write::Operator {
+            op: operator(8),
+            base: 0,
+        },
+        Write::Department {
+            dept: stale,
+            base: 10,
+        },
+    ]))
+    .await;
+    assert!(
+        matches!(&refused, Err(presence_hub::store::StoreError::Conflict(m)) if m.contains("department")),
+        "{refused:?}"
+    );
+    store.resume();
+    let snap = tokio::task::spawn_blocking(move || store.load())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(snap.departments, vec![v2], "node a's change stands");
+    assert!(snap.operators.is_empty(), "{:?}", snap.operators);
 }
 
 fn log(op: u64, seq: u64, online: [bool; 2]) -> presence_hub::audit::StoredLog {

@@ -279,7 +279,11 @@ impl Core {
         if dept.version == 0 {
             dept.version = next_version(self.departments.get(&id).map_or(0, |d| d.version));
         }
-        self.writes.push(Write::Department(dept.clone()));
+        let base = self.departments.get(&id).map_or(0, |d| d.version);
+        self.writes.push(Write::Department {
+            dept: dept.clone(),
+            base,
+        });
         self.departments.insert(id, dept);
         self.set_hours(id, now);
         self.dirty_depts.insert(id);

@@ -218,7 +218,7 @@ impl Core {
             let id = dept.id;
             self.put_department(dept, now);
             self.writes
-                .retain(|w| !matches!(w, Write::Department(d) if d.id == id));
+                .retain(|w| !matches!(w, Write::Department { dept, .. } if dept.id == id));
         }
     }
 

@@ -215,7 +215,7 @@ fn commit<'a>(
                 Write::DeleteOperator(id) => {
                     operators.remove(*id).map_err(backend)?;
                 }
-                Write::Department(d) => {
+                Write::Department { dept: d, .. } => {
                     departments
                         .insert(d.id, json(d).as_slice())
                         .map_err(backend)?;

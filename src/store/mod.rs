@@ -48,7 +48,12 @@ pub enum Write {
         base: u64,
     },
     DeleteOperator(u64),
-    Department(Department),
+    /// A department as now, written only if the store still holds version `base` of it
+    /// (0: none), like [`Write::Operator`].
+    Department {
+        dept: Department,
+        base: u64,
+    },
     Chat(Chat),
     Message(u64, ChatMessage),
     /// Drops the messages of `chat` with an id below `below` (history limit).

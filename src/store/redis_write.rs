@@ -321,9 +321,17 @@ impl Writer {
                     "a forwarded chat change was run already or given up by its caller".into(),
                 )))
             }
-            Err(e) if e.code() == Some("CONFLICT") => Err(Failure::Refused(StoreError::Conflict(
-                "the operator was changed meanwhile through another node; read it and retry".into(),
-            ))),
+            Err(e) if e.code() == Some("CONFLICT") => {
+                // "CONFLICT {p}operator:7 changed …": name the kind of record to the client.
+                let what = if e.detail().is_some_and(|d| d.contains("department:")) {
+                    "department"
+                } else {
+                    "operator"
+                };
+                Err(Failure::Refused(StoreError::Conflict(format!(
+                    "the {what} was changed meanwhile through another node; read it and retry"
+                ))))
+            }
             Err(e) if e.code().is_some() => {
                 // Redis answered with an error: the script did not run, or refused.
                 Err(Failure::Refused(StoreError::Backend(format!("redis: {e}"))))
@@ -410,8 +418,14 @@ fn encode(keys: &Keys, w: &Write, ops: &mut Vec<String>) {
             let when = crate::model::next_version(0).to_string();
             op(&["hset", &keys.deleted_operators(), &id.to_string(), &when]);
         }
-        Write::Department(d) => {
-            op(&["set", &keys.department(d.id), &json(d)]);
+        Write::Department { dept: d, base } => {
+            op(&[
+                "setv",
+                &keys.department(d.id),
+                &json(d),
+                &base.to_string(),
+                &d.version.to_string(),
+            ]);
             op(&["sadd", &keys.departments(), &d.id.to_string()]);
         }
         Write::Chat(c) => {
