@@ -42,8 +42,8 @@ struct Release {
 /// What the hub needs of the cluster it joined (`cluster::Cluster` implements it), so that
 /// the hub does not depend on the cluster module.
 pub trait Membership: Send + Sync + 'static {
-    /// Runs a chat change on the assigning node. `None`: this node assigns now, run it here.
-    fn forward(&self, op: ChatOp) -> futures::future::BoxFuture<'_, Result<Option<ChatAnswer>>>;
+    /// Runs a chat change on the assigning node, whichever it is (this one included).
+    fn forward(&self, op: ChatOp) -> futures::future::BoxFuture<'_, Result<ChatAnswer>>;
     /// Reloads the other nodes' state soon (after this node rebuilt its own).
     fn resync_soon(&self);
 }
@@ -510,25 +510,15 @@ impl Hub {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         loop {
             if let Some(cluster) = self.cluster.get().filter(|_| !self.read(|c| c.assigner)) {
-                if let Some(v) = cluster.forward(op.clone()).await? {
-                    if let (Some((me, peer)), Some(chat)) = (watch, chat) {
-                        let _ = self.apply_now(WatchChat {
-                            operator: me.into(),
-                            socket: Socket(peer.clone()),
-                            chat,
-                        });
-                    }
-                    return Ok(v);
+                let v = cluster.forward(op.clone()).await?;
+                if let (Some((me, peer)), Some(chat)) = (watch, chat) {
+                    let _ = self.apply_now(WatchChat {
+                        operator: me.into(),
+                        socket: Socket(peer.clone()),
+                        chat,
+                    });
                 }
-                // This node was elected meanwhile: run it here once its resync is done.
-                while !self.read(|c| c.assigner) {
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(crate::error::Error::Unavailable(
-                            "cluster: election under way".into(),
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                return Ok(v);
             }
             // Checked again under the lock, with the change: `run` stops a node whose lease
             // was not renewed in time (a paused process waking up) before the change runs,

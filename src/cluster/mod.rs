@@ -334,9 +334,8 @@ impl crate::hub::Membership for Cluster {
     fn forward(
         &self,
         op: crate::core::ChatOp,
-    ) -> futures::future::BoxFuture<'_, crate::error::Result<Option<ChatAnswer>>> {
-        // Never None: the call runs wherever the assigner is, this node included.
-        Box::pin(async move { self.call(op).await.map(Some) })
+    ) -> futures::future::BoxFuture<'_, crate::error::Result<ChatAnswer>> {
+        Box::pin(self.call(op))
     }
 
     fn resync_soon(&self) {
