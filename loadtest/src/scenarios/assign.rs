@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{concurrently, frame_type, on_target, parse_duration, put_operators};
+use super::{concurrently, frame_type, on_target, parse_duration, peek_type, put_operators};
 use crate::{
     Common,
     client::{self, Connector, Ws},
@@ -481,6 +481,14 @@ async fn operator(
                     }
                 };
                 let now = Instant::now();
+                // Most frames are the department's `chat` events, which only observers use:
+                // skipped unparsed.
+                let wanted = |ty: &str| {
+                    matches!(ty, "chat_assigned" | "ack" | "error") || (ty == "chat" && !ctx.flips)
+                };
+                if peek_type(&text).is_some_and(|ty| !wanted(ty)) {
+                    continue;
+                }
                 let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
                 match frame_type(&v) {
                     "chat_assigned" => {

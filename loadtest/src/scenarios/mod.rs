@@ -111,3 +111,29 @@ pub async fn put_operators(
 pub fn frame_type(v: &serde_json::Value) -> &str {
     v.get("type").and_then(|t| t.as_str()).unwrap_or("")
 }
+
+/// The `type` of a frame read from its text without parsing it, when it is the first key
+/// (the hub writes it first: its events are internally tagged). A scenario that ignores
+/// most frames (every `chat` event of a department) then parses only the ones it uses, so
+/// the tool's own CPU does not bound the figure it measures. `None`: parse the frame.
+pub fn peek_type(text: &str) -> Option<&str> {
+    let rest = text.strip_prefix(r#"{"type":""#)?;
+    let end = rest.find('"')?;
+    let ty = &rest[..end];
+    // An escaped quote or backslash would need the parser.
+    (!ty.contains('\\')).then_some(ty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peek_type_reads_a_leading_type_key() {
+        assert_eq!(peek_type(r#"{"type":"chat","chat":{}}"#), Some("chat"));
+        assert_eq!(peek_type(r#"{"ref":1,"type":"ack"}"#), None, "not first: parse");
+        assert_eq!(peek_type(r#"{"type": "chat"}"#), None, "other spacing: parse");
+        assert_eq!(peek_type(r#"{"type":"a\\"b"}"#), None, "escaped: parse");
+        assert_eq!(peek_type("not json"), None);
+    }
+}
