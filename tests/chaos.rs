@@ -517,9 +517,20 @@ async fn chaos_cut_off_follower_catches_up_deletion_included() {
 /// other node at 20/s: every creation is acknowledged, and each exists exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_clean_shutdown_of_the_assigner_refuses_nothing_applies_nothing_twice() {
+    clean_shutdown_under_traffic(CLUSTER).await;
+}
+
+/// The same with the default lease (10 s): the other node takes the lease when told of its
+/// release, not a third of a lease later, so no forwarded call outwaits its 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_clean_shutdown_with_the_default_lease_refuses_nothing() {
+    clean_shutdown_under_traffic("[presence]\ndisconnect_grace = \"300ms\"\n").await;
+}
+
+async fn clean_shutdown_under_traffic(config: &str) {
     let redis = RedisServer::start().await;
-    let mut pa = NodeProcess::start(&redis, "a", CLUSTER).await; // assigns
-    let pb = NodeProcess::start(&redis, "b", CLUSTER).await;
+    let mut pa = NodeProcess::start(&redis, "a", config).await; // assigns
+    let pb = NodeProcess::start(&redis, "b", config).await;
     let b = Node::of(&pb);
     let answers = Arc::new(Mutex::new(Vec::new()));
     let stop = tokio_util::sync::CancellationToken::new();

@@ -52,6 +52,10 @@ pub struct Cluster {
     token: parking_lot::Mutex<Option<String>>,
     /// Asks for a resync (after the hub rebuilt its state from the store).
     resync: tokio::sync::Notify,
+    /// Runs an election round now rather than at the next third of a lease: the lease was
+    /// released (`{prefix}leader:released`), or the hub rebuilt its state and stopped
+    /// assigning under a lease it may still hold.
+    elect_now: tokio::sync::Notify,
     /// See [`Cluster::shared`].
     shared: parking_lot::Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// Set at shutdown once the assigner lease is released (or was not held).
@@ -77,6 +81,7 @@ impl Cluster {
             lease,
             token: parking_lot::Mutex::new(None),
             resync: tokio::sync::Notify::new(),
+            elect_now: tokio::sync::Notify::new(),
             released: std::sync::atomic::AtomicBool::new(false),
             shared: parking_lot::Mutex::new(None),
             pending: parking_lot::Mutex::new(HashMap::new()),
@@ -117,6 +122,7 @@ impl Cluster {
     /// Asks for a resync of records and connections from Redis (soon, in the background).
     pub fn resync_soon(&self) {
         self.resync.notify_one();
+        self.elect_now.notify_one();
     }
 
     fn reply_channel(&self, node: &str) -> String {
@@ -135,6 +141,7 @@ impl Cluster {
         hub.on_leave(tokio::spawn(me.clone().leave_cluster(hub.clone())));
         tokio::spawn(me.clone().refresh(hub.clone()));
         tokio::spawn(me.clone().subscribe(hub.clone()));
+        tokio::spawn(me.clone().watch_releases(hub.clone()));
         tokio::spawn(me.clone().read_changes(hub.clone()));
         tokio::spawn(me.clone().watch_nodes(hub.clone()));
         tokio::spawn(me.clone().serve_calls(hub.clone()));

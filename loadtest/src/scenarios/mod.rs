@@ -131,8 +131,16 @@ mod tests {
     #[test]
     fn peek_type_reads_a_leading_type_key() {
         assert_eq!(peek_type(r#"{"type":"chat","chat":{}}"#), Some("chat"));
-        assert_eq!(peek_type(r#"{"ref":1,"type":"ack"}"#), None, "not first: parse");
-        assert_eq!(peek_type(r#"{"type": "chat"}"#), None, "other spacing: parse");
+        assert_eq!(
+            peek_type(r#"{"ref":1,"type":"ack"}"#),
+            None,
+            "not first: parse"
+        );
+        assert_eq!(
+            peek_type(r#"{"type": "chat"}"#),
+            None,
+            "other spacing: parse"
+        );
         assert_eq!(peek_type(r#"{"type":"a\\"b"}"#), None, "escaped: parse");
         assert_eq!(peek_type("not json"), None);
     }
