@@ -536,7 +536,8 @@ mod tests {
         use proptest::prelude::*;
 
         /// A command over a small world: 3 departments, 4 operators, chat ids 1..8,
-        /// connections 1..6 (a connection belongs to the operator it first connected as).
+        /// operator connections 1..6 (each belongs to the operator it first connected as),
+        /// widget connections 10..12, timers coming due.
         fn command() -> impl Strategy<Value = Command> {
             let dept = 1u64..4;
             let op = 1u64..5;
@@ -631,13 +632,42 @@ mod tests {
                         logout,
                     })
                 }),
-                (op, 1u64..7, any::<bool>()).prop_map(|(id, conn, active)| {
+                (op.clone(), 1u64..7, any::<bool>()).prop_map(|(id, conn, active)| {
                     Command::SetActive(SetActive {
                         operator: OperatorId(id),
                         conn,
                         active,
                     })
                 }),
+                (op.clone(), 1u64..7, 1u64..9).prop_map(|(id, conn, chat)| {
+                    Command::LeaveChat(LeaveChat {
+                        operator: OperatorId(id),
+                        conn,
+                        chat: ChatId(chat),
+                    })
+                }),
+                (10u64..13, proptest::collection::vec(1u64..5, 1..3)).prop_map(|(conn, d)| {
+                    Command::ConnectWidget(ConnectWidget {
+                        socket: Socket(Arc::new(Peer::new(conn, Kind::Widget, 1024, 0))),
+                        departments: d.into_iter().map(DeptId).collect(),
+                    })
+                }),
+                (10u64..13, proptest::collection::vec(1u64..5, 1..3)).prop_map(|(conn, d)| {
+                    Command::DisconnectWidget(DisconnectWidget {
+                        conn,
+                        departments: d.into_iter().map(DeptId).collect(),
+                    })
+                }),
+                op.prop_map(|id| Command::Expire(Expire::GraceEnd {
+                    operator: OperatorId(id)
+                })),
+                (1u64..9, 0u64..4).prop_map(|(chat, round)| Command::Expire(
+                    Expire::AcceptDeadline {
+                        chat: ChatId(chat),
+                        round,
+                    }
+                )),
+                Just(Command::Expire(Expire::OfflineOwners)),
             ]
         }
 
@@ -648,9 +678,12 @@ mod tests {
             /// command leaves nothing behind: no write, no frame, no timer, no note.
             #[test]
             fn replay_of_any_commands_keeps_the_invariants_and_refusals_leave_no_trace(
-                script in proptest::collection::vec(command(), 1..60)
+                script in proptest::collection::vec(command(), 1..60),
+                cluster in any::<bool>(),
             ) {
                 let mut c = core();
+                // As the elected node of a cluster: notes for the other nodes are made too.
+                c.cluster = cluster;
                 let now = Instant::now();
                 // What the boot did (the offline-owners timer) is not the first command's.
                 let _ = (c.take_outbox(), c.take_effects(), c.take_notes());
