@@ -35,20 +35,36 @@ fn graph() -> BTreeMap<String, BTreeMap<String, String>> {
             let mut rest = code;
             while let Some(i) = rest.find("crate::") {
                 rest = &rest[i + "crate::".len()..];
-                let name: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
-                    .collect();
-                if !name.is_empty() && name != module {
-                    g.entry(module.clone())
-                        .or_default()
-                        .entry(name)
-                        .or_insert_with(|| format!("{}:{}", rel.display(), n + 1));
+                // `crate::{a::X, b}` names every module of the group.
+                let names: Vec<String> = match rest.strip_prefix('{') {
+                    Some(group) => group
+                        .split(['}', ';'])
+                        .next()
+                        .unwrap_or("")
+                        .split(',')
+                        .map(|part| ident(part.trim()))
+                        .collect(),
+                    None => vec![ident(rest)],
+                };
+                for name in names {
+                    if !name.is_empty() && name != module && name != "self" {
+                        g.entry(module.clone())
+                            .or_default()
+                            .entry(name)
+                            .or_insert_with(|| format!("{}:{}", rel.display(), n + 1));
+                    }
                 }
             }
         }
     }
     g
+}
+
+/// The leading identifier of `s` (a module name).
+fn ident(s: &str) -> String {
+    s.chars()
+        .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+        .collect()
 }
 
 #[test]
