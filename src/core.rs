@@ -340,6 +340,11 @@ impl Core {
         std::mem::take(&mut self.outbox)
     }
 
+    /// Cluster: the lease token this node's writes are fenced with while it assigns.
+    pub fn lease_token(&self) -> Option<&str> {
+        self.lease.as_deref().filter(|_| self.assigner)
+    }
+
     /// Takes the store writes and timers the last change produced.
     pub fn take_effects(&mut self) -> (Vec<Write>, Vec<Timer>) {
         if let Some(token) = self.lease.as_ref().filter(|_| self.assigner)

@@ -193,22 +193,32 @@ async fn calls_given_up_by_the_caller_never_happen() {
     );
 }
 
-/// The store's script writes a call's outcome with the change, once: a second outcome for
-/// the same call (a redelivery), a call its caller gave up, or one past its deadline is
-/// refused whole, the change's other writes with it.
+/// The store's script writes a call's outcome with the change, once, over the claim of the
+/// lease token the write is fenced with: a second outcome for the same call (a redelivery),
+/// a call its caller settled as cancelled, one never claimed, or one claimed under another
+/// token is refused whole, the change's other writes with it. No clock is read: a call
+/// claimed before its deadline lands after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_outcome_recorded_with_the_change_once_never_after_give_up() {
+async fn calls_outcome_recorded_with_the_change_once_only_under_the_claim() {
     let redis = RedisServer::start().await;
     let store = presence_hub::store::redis::RedisStore::open(&redis.url(), "hub:")
         .await
         .unwrap();
     let mut c = redis_conn(&redis).await;
-    let far = unix_ms() + 60_000;
-    let done = |id: &str, deadline: u64| {
+    let token = "a:1:00ff";
+    let _: () = c.set("hub:leader", token).await.unwrap();
+    let claimer = c.clone();
+    let claim = |id: &str, by: &str| {
+        let (key, by) = (format!("hub:call:{id}"), format!("running:{by}"));
+        let mut c = claimer.clone();
+        async move {
+            let _: () = c.set(key, by).await.unwrap();
+        }
+    };
+    let done = |id: &str| {
         Write::CallDone(CallDone {
             id: id.into(),
             reply: format!("{{\"id\":\"{id}\",\"ok\":1}}"),
-            deadline_ms: deadline,
             ttl_ms: 60_000,
         })
     };
@@ -216,24 +226,29 @@ async fn calls_outcome_recorded_with_the_change_once_never_after_give_up() {
         key: "probe",
         value: v.into(),
     };
-    let write = |w: Vec<Write>| presence_hub::store::durable(store.write(w));
+    let fenced = |w: Vec<Write>| {
+        let mut all = vec![Write::Fence(token.into())];
+        all.extend(w);
+        presence_hub::store::durable(store.write(all))
+    };
 
-    write(vec![probe("one"), done("x.1", far)]).await.unwrap();
+    claim("x.1", token).await;
+    fenced(vec![probe("one"), done("x.1")]).await.unwrap();
     let rec: Option<String> = c.get("hub:call:x.1").await.unwrap();
     assert_eq!(rec.as_deref(), Some("{\"id\":\"x.1\",\"ok\":1}"));
     let ttl: i64 = c.pttl("hub:call:x.1").await.unwrap();
     assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
 
+    let _: () = c.set("hub:call:x.2", "cancelled").await.unwrap();
+    claim("x.4", "b:2:0001").await;
     let cases = [
-        ("a redelivery", done("x.1", far)),
-        ("given up", {
-            let _: () = c.set("hub:call:x.2", "cancelled").await.unwrap();
-            done("x.2", far)
-        }),
-        ("past its deadline", done("x.3", unix_ms() - 1)),
+        ("a redelivery", done("x.1")),
+        ("settled as cancelled", done("x.2")),
+        ("never claimed", done("x.3")),
+        ("claimed under another token", done("x.4")),
     ];
     for (what, w) in cases {
-        let r = write(vec![probe(what), w]).await;
+        let r = fenced(vec![probe(what), w]).await;
         assert!(r.is_err(), "{what}: refused");
         store.resume();
         let p: Option<String> = c.hget("hub:meta", "probe").await.unwrap();
@@ -243,7 +258,10 @@ async fn calls_outcome_recorded_with_the_change_once_never_after_give_up() {
     assert_eq!(x2.as_deref(), Some("cancelled"));
     let x3: Option<String> = c.get("hub:call:x.3").await.unwrap();
     assert_eq!(x3, None);
-    write(vec![probe("two"), done("x.4", far)]).await.unwrap();
+    let x4: Option<String> = c.get("hub:call:x.4").await.unwrap();
+    assert_eq!(x4.as_deref(), Some("running:b:2:0001"));
+    claim("x.5", token).await;
+    fenced(vec![probe("two"), done("x.5")]).await.unwrap();
     let p: Option<String> = c.hget("hub:meta", "probe").await.unwrap();
     assert_eq!(p.as_deref(), Some("two"), "the store goes on");
 }

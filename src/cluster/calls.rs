@@ -7,15 +7,20 @@
 //!   taking the lease, and every [`CLAIM_EVERY`] after, claims what is pending for any
 //!   consumer (`XAUTOCLAIM`): a call read by an assigner that died before acknowledging it
 //!   is run by the next one.
-//! - The call's outcome (success or error) is written under `{prefix}call:{id}` by the
-//!   store's script in the same atomic step as the change's writes, under the lease fence;
-//!   the script refuses the step when the key exists (a redelivery, or the caller gave up) or
-//!   the deadline passed. So a call is applied at most once, and "applied" and "answer
-//!   recorded" cannot come apart. A call found done is answered from the record.
+//! - Before running a call the assigner claims it ([`CLAIM`]): `{prefix}call:{id}` set to
+//!   `running:{token}`, its lease token, only while nothing is recorded and the token leads.
+//!   The outcome (success or error) is then written over the claim by the store's script in
+//!   the same atomic step as the change's writes, under the lease fence; the script refuses
+//!   the step unless the claim is still there under the same token. So a call is applied at
+//!   most once, and "applied" and "answer recorded" cannot come apart. A call found done is
+//!   answered from the record.
 //! - The answer reaches the caller by pub/sub (`{prefix}reply:{node}`) as a mere wake-up: the
 //!   caller also reads the record every [`POLL_EVERY`], and at its deadline it settles the
 //!   call atomically ([`SETTLE`]): an outcome recorded by then is the answer, success
-//!   included; otherwise the call is marked cancelled and never runs. So a 503 is final, and a
+//!   included; a claim whose token still leads means the commit may land, so it settles again
+//!   a moment later; otherwise (nothing, or the claim of a token that lost the lease, whose
+//!   commit is fenced) the call is marked cancelled and never runs. So a 503 is final, a slow
+//!   commit is never refused under the feet of the other changes of its write group, and a
 //!   lost notification never turns a success into a 503.
 
 use std::sync::Arc;
@@ -62,19 +67,35 @@ const CLAIM_EVERY: Duration = Duration::from_millis(500);
 /// How often a waiting caller reads its call's record (pub/sub may lose the wake-up).
 const POLL_EVERY: Duration = Duration::from_millis(500);
 
-/// How long a call's outcome is kept: far past any deadline.
-const RECORD_TTL: Duration = Duration::from_secs(60);
-
-/// How long a caller keeps trying to settle its call when Redis does not answer.
-const SETTLE_FOR: Duration = Duration::from_secs(10);
-
 /// Settles a call whose caller stops waiting: answers the recorded outcome if there is
-/// one, else marks the call cancelled (the assigner's commit of it is refused from then on)
-/// and answers nil. KEYS[1]: `{prefix}call:{id}`; ARGV[1]: TTL (ms).
+/// one; answers the claim `running:{token}` while `{token}` still holds the lease (its
+/// commit may land: the caller asks again); else (nothing, or a claim whose token lost the
+/// lease, so its commit is fenced) marks the call cancelled (the assigner's commit of it is
+/// refused from then on) and answers nil. KEYS[1]: `{prefix}call:{id}`; KEYS[2]: the
+/// lease; ARGV[1]: TTL (ms).
 const SETTLE: &str = "local v = redis.call('GET', KEYS[1]) \
-     if v then return v end \
+     if v and string.sub(v, 1, 8) == 'running:' then \
+       if redis.call('GET', KEYS[2]) == string.sub(v, 9) then return v end \
+     elseif v then return v end \
      redis.call('SET', KEYS[1], 'cancelled', 'PX', ARGV[1]) \
      return false";
+
+/// Claims a call for the assigner holding lease ARGV[1]: sets `running:{token}` when nothing
+/// is recorded, or takes over the claim of a token that no longer leads (an assigner that
+/// died or was fenced: its commit cannot land), only while the call may still start
+/// (ARGV[3] = '1'). Answers the record after, nil when none, or `notleader` when ARGV[1] does
+/// not hold the lease. KEYS[1]: `{prefix}call:{id}`; KEYS[2]: the lease; ARGV[2]: TTL (ms).
+const CLAIM: &str = "if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'notleader' end \
+     local v = redis.call('GET', KEYS[1]) \
+     local mine = 'running:' .. ARGV[1] \
+     if ARGV[3] == '1' and (not v or (string.sub(v, 1, 8) == 'running:' and v ~= mine)) then \
+       redis.call('SET', KEYS[1], mine, 'PX', ARGV[2]) \
+       return mine \
+     end \
+     return v";
+
+/// How often a caller asks Redis again while it cannot settle its call.
+const SETTLE_RETRY: Duration = Duration::from_millis(100);
 
 /// Drops the consumers of the group that hold nothing pending, except the caller's own:
 /// the group keeps only consumers that matter (node ids generated at each start would
@@ -120,10 +141,11 @@ impl Cluster {
         let n = self.next_call.fetch_add(1, Ordering::Relaxed);
         let id = outcome::call_id(&self.node, self.run, n);
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        let call_deadline = unix_ms() + CALL_TIMEOUT.as_millis() as u64;
         let call = Call {
             id: id.clone(),
             from: self.node.clone(),
-            deadline: unix_ms() + CALL_TIMEOUT.as_millis() as u64,
+            deadline: call_deadline,
             op,
         };
         let raw = serde_json::to_string(&call).expect("calls serialize");
@@ -153,7 +175,7 @@ impl Cluster {
                 tokio::select! {
                     r = &mut rx => match r {
                         Ok(reply) => return reply.into_result(),
-                        Err(_) => break,
+                        Err(_) => break, // never: the sender is ours, in `pending`
                     },
                     _ = poll.tick() => {
                         let found = tokio::time::timeout(POLL_EVERY, c.get::<_, Option<String>>(&record)).await;
@@ -170,42 +192,65 @@ impl Cluster {
             // The append's answer was lost: it may be in the stream. Settled like a timeout.
             self.reset_shared();
         }
-        self.settle(&id).await
+        self.settle(&id, call_deadline, &mut rx).await
     }
 
     /// The caller stops waiting: the recorded outcome is the answer, or the call is
-    /// cancelled for good. Retried while Redis does not answer (the outcome must be known).
-    async fn settle(&self, id: &str) -> Result<ChatAnswer, Error> {
+    /// cancelled for good; while the assigner that claimed it still leads, its commit may
+    /// land, so the caller waits for it (a wake-up, or settles again every [`POLL_EVERY`]).
+    /// Retried while Redis does not answer, until shutdown: the outcome must be known.
+    async fn settle(
+        &self,
+        id: &str,
+        deadline: u64,
+        rx: &mut oneshot::Receiver<Reply>,
+    ) -> Result<ChatAnswer, Error> {
         let script = redis::Script::new(SETTLE);
-        let until = tokio::time::Instant::now() + SETTLE_FOR;
+        let ttl = outcome::record_ttl_ms(deadline, unix_ms(), self.lease.as_millis() as u64);
+        let mut woken = false;
         loop {
             let round = async {
                 let mut c = self.shared().await?;
                 script
                     .key(self.keys.call(id))
-                    .arg(RECORD_TTL.as_millis() as u64)
+                    .key(self.leader_key())
+                    .arg(ttl)
                     .invoke_async::<Option<String>>(&mut c)
                     .await
             };
-            match round.await {
-                Ok(record) => {
-                    return match outcome::settled(record.as_deref()) {
-                        Settled::Done(reply) => reply.into_result(),
-                        Settled::Cancelled => Err(unavailable(
+            let wait = match round.await {
+                Ok(record) => match outcome::settled(record.as_deref()) {
+                    Settled::Done(reply) => return reply.into_result(),
+                    Settled::Cancelled => {
+                        return Err(unavailable(
                             "the assigning node did not answer in time; the change was not made",
-                        )),
-                    };
-                }
+                        ));
+                    }
+                    Settled::Unknown => {
+                        tracing::error!(call = %id, "a forwarded call's record does not parse");
+                        return Err(Error::Internal(
+                            "the outcome of the forwarded change is unknown".into(),
+                        ));
+                    }
+                    Settled::Running => POLL_EVERY,
+                },
                 Err(e) => {
                     self.reset_shared();
-                    if tokio::time::Instant::now() >= until {
-                        tracing::warn!(call = %id, cause = %e, "a forwarded call could not be settled");
-                        return Err(unavailable(&format!(
-                            "redis did not answer; the outcome of the change is unknown: {e}"
-                        )));
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tracing::debug!(call = %id, cause = %e, "settling a forwarded call failed; retrying");
+                    SETTLE_RETRY
                 }
+            };
+            if self.released.load(Ordering::Acquire) {
+                return Err(unavailable(
+                    "shutting down; the outcome of the forwarded change is unknown",
+                ));
+            }
+            tokio::select! {
+                r = &mut *rx, if !woken => match r {
+                    Ok(reply) => return reply.into_result(),
+                    Err(_) => woken = true,
+                },
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -334,9 +379,10 @@ impl Cluster {
         Ok(())
     }
 
-    /// Serves one call: dropped when given up or too late, answered from the record when it
-    /// ran already, run otherwise. Acknowledged unless it was not run (this node stepped
-    /// down, or the commit failed): it stays pending and is claimed again while time is left.
+    /// Serves one call: claimed ([`CLAIM`]) then run; dropped when given up or too late,
+    /// answered from the record when it ran already. Acknowledged unless it was not run
+    /// (this node does not lead, another live assigner claimed it, or the commit failed): it
+    /// stays pending and is claimed again while time is left.
     async fn serve_one(
         &self,
         hub: &Hub,
@@ -365,17 +411,35 @@ impl Cluster {
         let Some(call) = call else {
             return ack(c).await; // not a call of ours
         };
-        let record: Option<String> = c.get(self.keys.call(&call.id)).await?;
-        let reply = match outcome::next(&call, record.as_deref(), unix_ms()) {
+        let Some(token) = self.token.lock().clone() else {
+            return Ok(()); // not leading: left pending for the assigner
+        };
+        let now = unix_ms();
+        let ttl = outcome::record_ttl_ms(call.deadline, now, self.lease.as_millis() as u64);
+        let record: Option<String> = redis::Script::new(CLAIM)
+            .key(self.keys.call(&call.id))
+            .key(self.leader_key())
+            .arg(&token)
+            .arg(ttl)
+            .arg(if outcome::may_start(&call, now) {
+                "1"
+            } else {
+                "0"
+            })
+            .invoke_async(c)
+            .await?;
+        let reply = match outcome::next(record.as_deref(), &token) {
             Next::Drop => return ack(c).await,
+            Next::Leave => return Ok(()),
             Next::Answer(reply) => reply,
             Next::Run => {
-                let (id, deadline, from) = (call.id.clone(), call.deadline, call.from.clone());
-                // Checked under the lock with the change: a node that stepped down runs
-                // nothing. The outcome, error included, is written with the change.
+                let (id, from) = (call.id.clone(), call.from.clone());
+                // Checked under the lock with the change: a node that stepped down, or now
+                // leads under another token than the claim's, runs nothing. The outcome,
+                // error included, is written with the change, over the claim.
                 let result = hub
                     .commit(|core, now| {
-                        if !core.assigner {
+                        if core.lease_token() != Some(token.as_str()) {
                             return Err(Error::Unavailable(NOT_ASSIGNER.into()));
                         }
                         let result = core.exec(call.op, now);
@@ -383,8 +447,7 @@ impl Cluster {
                         core.record(Write::CallDone(CallDone {
                             id: id.clone(),
                             reply: reply.clone(),
-                            deadline_ms: deadline,
-                            ttl_ms: RECORD_TTL.as_millis() as u64,
+                            ttl_ms: ttl,
                         }));
                         Ok(reply)
                     })

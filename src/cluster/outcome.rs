@@ -95,6 +95,24 @@ fn error_code(e: &Error) -> &'static str {
     }
 }
 
+/// What a call's record holds while the assigner holding lease `token` runs it: the
+/// assigner claimed it ([`Claimed`]), so only that assigner's fenced commit may record the
+/// outcome, and the caller waits for it as long as that token holds the lease.
+pub(super) const RUNNING: &str = "running:";
+
+/// The record of a call claimed under lease `token`.
+pub(super) fn running(token: &str) -> String {
+    format!("{RUNNING}{token}")
+}
+
+/// How long a call's record is kept, from Unix ms `now`: past the caller's deadline, plus
+/// how long a caller may go on settling a call claimed by a live assigner (two leases: the
+/// lease held at the deadline, and the last renewal's), plus a margin. A record that
+/// expired while its caller still waited would read as "not made".
+pub(super) fn record_ttl_ms(deadline: u64, now_ms: u64, lease_ms: u64) -> u64 {
+    deadline.saturating_sub(now_ms) + 2 * lease_ms + 10_000
+}
+
 /// What the caller learns when it settles a call at its deadline.
 #[derive(Debug, Clone)]
 pub(super) enum Settled {
@@ -102,37 +120,60 @@ pub(super) enum Settled {
     Done(Box<Reply>),
     /// No outcome was recorded: the call is cancelled now and will never be applied.
     Cancelled,
+    /// Claimed by the assigner that still holds the lease: its commit may still land, so
+    /// the caller settles again a moment later.
+    Running,
+    /// The record does not parse: the outcome is unknown (never "not made").
+    Unknown,
 }
 
-/// The settle script's answer: the record found (`None`: none, so it marked the call
-/// cancelled). A record that does not parse is treated as cancelled: nothing else writes
-/// the key, so that cannot be a success.
+/// The settle script's answer: the record found (`None`: none, or the claim of an assigner
+/// that lost the lease, so it marked the call cancelled; `running:…`: claimed by the
+/// assigner that still leads).
 pub(super) fn settled(record: Option<&str>) -> Settled {
     match record {
         None | Some(CANCELLED) => Settled::Cancelled,
+        Some(r) if r.starts_with(RUNNING) => Settled::Running,
         Some(raw) => {
-            serde_json::from_str(raw).map_or(Settled::Cancelled, |r| Settled::Done(Box::new(r)))
+            serde_json::from_str(raw).map_or(Settled::Unknown, |r| Settled::Done(Box::new(r)))
         }
     }
 }
 
-/// What the assigner does with a call it read, at Unix ms `now`, given the record of its id.
+/// Whether a call read at Unix ms `now` may still be started: a later start would most
+/// likely commit past the deadline, for a caller about to settle it.
+pub(super) fn may_start(call: &Call, now_ms: u64) -> bool {
+    now_ms + START_MARGIN_MS < call.deadline
+}
+
+/// What the assigner does with a call, given the claim script's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Next {
-    /// Run it (nothing recorded, time left).
+    /// Ours to run (claimed under our token just now, or by us before a commit that failed).
     Run,
     /// It ran already (a redelivery): answer from the record, acknowledge.
     Answer(String),
-    /// Given up (by its caller, or too late to start): acknowledge without running.
+    /// Given up (by its caller, or too late to start), or a record that does not parse (the
+    /// outcome is unknown: never run twice): acknowledge without running.
     Drop,
+    /// Not ours: this node does not hold the lease, or a live assigner claimed it. Left
+    /// pending, unacknowledged.
+    Leave,
 }
 
-pub(super) fn next(call: &Call, record: Option<&str>, now_ms: u64) -> Next {
+/// The claim script's answer when this node does not hold the lease.
+pub(super) const NOT_LEADER: &str = "notleader";
+
+/// Decides from the claim script's answer (`record`: the call's record after the claim;
+/// `None`: none, and none taken since too late) for the assigner holding `token`.
+pub(super) fn next(record: Option<&str>, token: &str) -> Next {
     match record {
-        Some(CANCELLED) => Next::Drop,
-        Some(r) => Next::Answer(r.to_string()),
-        None if now_ms + START_MARGIN_MS >= call.deadline => Next::Drop,
-        None => Next::Run,
+        None | Some(CANCELLED) => Next::Drop,
+        Some(NOT_LEADER) => Next::Leave,
+        Some(r) if r == running(token) => Next::Run,
+        Some(r) if r.starts_with(RUNNING) => Next::Leave,
+        Some(r) if serde_json::from_str::<Reply>(r).is_ok() => Next::Answer(r.to_string()),
+        Some(_) => Next::Drop,
     }
 }
 
@@ -213,25 +254,60 @@ mod tests {
         assert!(matches!(settled(Some(&done.to_json())), Settled::Done(r) if same(&r, &done)));
         assert!(matches!(settled(None), Settled::Cancelled));
         assert!(matches!(settled(Some(CANCELLED)), Settled::Cancelled));
-        assert!(matches!(settled(Some("garbage")), Settled::Cancelled));
+    }
+
+    #[test]
+    fn calls_settle_waits_while_the_claiming_assigner_leads() {
+        // The script answers the claim only while its token still holds the lease.
+        assert!(matches!(
+            settled(Some(&running("a:3:ff"))),
+            Settled::Running
+        ));
+    }
+
+    #[test]
+    fn calls_settle_unparsable_record_is_unknown_never_not_made() {
+        assert!(matches!(settled(Some("garbage")), Settled::Unknown));
+        let back = Reply::of("x", &Err(Error::Internal("?".into())));
+        assert_eq!(back.into_result().unwrap_err().status(), 500);
     }
 
     #[test]
     fn calls_redelivery_is_answered_from_the_record_not_run() {
-        let c = call(10_000);
-        assert_eq!(next(&c, None, 1_000), Next::Run);
-        assert_eq!(
-            next(&c, Some("{\"id\":\"x\"}"), 1_000),
-            Next::Answer("{\"id\":\"x\"}".into())
-        );
-        assert_eq!(next(&c, Some(CANCELLED), 1_000), Next::Drop);
+        let rec = Reply::of("x", &Ok(sent("one"))).to_json();
+        assert_eq!(next(Some(&rec), "a:1:00"), Next::Answer(rec.clone()));
+        assert_eq!(next(Some(CANCELLED), "a:1:00"), Next::Drop);
+        assert_eq!(next(Some("garbage"), "a:1:00"), Next::Drop);
+    }
+
+    #[test]
+    fn calls_claim_runs_only_under_our_token() {
+        let mine = "a:2:01";
+        assert_eq!(next(Some(&running(mine)), mine), Next::Run);
+        assert_eq!(next(Some(&running("b:1:07")), mine), Next::Leave);
+        assert_eq!(next(Some(NOT_LEADER), mine), Next::Leave);
+        assert_eq!(next(None, mine), Next::Drop);
     }
 
     #[test]
     fn calls_past_their_deadline_are_dropped_unrun() {
         let c = call(10_000);
-        assert_eq!(next(&c, None, 10_000), Next::Drop);
-        assert_eq!(next(&c, None, 10_000 - START_MARGIN_MS), Next::Drop);
-        assert_eq!(next(&c, None, 10_000 - START_MARGIN_MS - 1), Next::Run);
+        assert!(!may_start(&c, 10_000));
+        assert!(!may_start(&c, 10_000 - START_MARGIN_MS));
+        assert!(may_start(&c, 10_000 - START_MARGIN_MS - 1));
+    }
+
+    #[test]
+    fn calls_record_outlives_the_settle() {
+        // 3 s left, 10 s lease: kept past the deadline and two leases.
+        assert_eq!(
+            record_ttl_ms(13_000, 10_000, 10_000),
+            3_000 + 20_000 + 10_000
+        );
+        assert_eq!(
+            record_ttl_ms(1_000, 5_000, 600),
+            1_200 + 10_000,
+            "late: never negative"
+        );
     }
 }

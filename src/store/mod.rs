@@ -88,10 +88,10 @@ pub enum Write {
     Note(NoteWrite),
     /// Cluster: the outcome of a chat change another node forwarded, recorded under its
     /// call id in the same atomic step as the change's writes (Redis: `{prefix}call:{id}`,
-    /// kept [`CallDone::ttl_ms`]). The whole step is refused when the call already has an
-    /// outcome (a redelivery), was given up by its caller, or is past its deadline: a
-    /// forwarded change is applied at most once, and never after its caller answered an
-    /// error. The embedded store runs alone and ignores it.
+    /// kept [`CallDone::ttl_ms`]). The whole step is refused unless the record is still the
+    /// claim of the lease token the step is fenced with (`running:{token}`): a forwarded
+    /// change is applied at most once, and never once its caller settled it otherwise. The
+    /// embedded store runs alone and ignores it.
     CallDone(CallDone),
 }
 
@@ -102,9 +102,7 @@ pub struct CallDone {
     pub id: String,
     /// The answer as the caller reads it (JSON).
     pub reply: String,
-    /// Unix ms after which the caller no longer waits: the step is refused from then on.
-    pub deadline_ms: u64,
-    /// How long the outcome is kept, far past the deadline.
+    /// How long the outcome is kept, past any settling of its caller.
     pub ttl_ms: u64,
 }
 

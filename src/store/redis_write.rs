@@ -39,8 +39,9 @@ const SEQ_TTL_MS: u64 = 24 * 3600 * 1000;
 /// (`node`, `seq`, `notes`: a JSON array in the order of the writes), appended last.
 /// Answers 'ok', 'dup' (this sequence number was applied already) or an error: FENCED when
 /// the lease is not the caller's, CONFLICT when a versioned record moved on, CALLGONE when a
-/// forwarded call (`calldone`) has an outcome already, was given up by its caller or is past
-/// its deadline (by Redis's clock).
+/// forwarded call (`calldone`) is no longer claimed under the call's lease token
+/// (`running:{ARGV[2]}`): it has an outcome already or was settled by its caller. No clock
+/// is read: the claim, which the caller respects while the token leads, is the whole check.
 pub(super) const BATCH: &str = r#"
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 if last >= tonumber(ARGV[1]) then return 'dup' end
@@ -51,7 +52,7 @@ local A = ARGV
 -- Checks first (a script cannot roll back): each versioned record must still be at the
 -- version its change was made from, as the earlier writes of this call leave it.
 local arity = {set=2, sadd=2, srem=2, del=1, zadd=3, zaddnx=3, zrembelow=2, hset=3, hdel=2,
-  note=1, raise=2, advance=3, event=4, sstart=4, send=5, setv=4, calldone=4}
+  note=1, raise=2, advance=3, event=4, sstart=4, send=5, setv=4, calldone=3}
 local seen = {}
 local notes = {}
 local i, n = 11, #A
@@ -72,13 +73,9 @@ while i <= n do
     end
     seen[key] = tonumber(A[i+4])
   elseif op == 'calldone' then
-    -- a forwarded call is applied once, and never after its caller gave up on it
-    if redis.call('EXISTS', A[i+1]) == 1 then
-      return redis.error_reply('CALLGONE ' .. A[i+1] .. ' has an outcome already or was given up')
-    end
-    local t = redis.call('TIME')
-    if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) >= tonumber(A[i+3]) then
-      return redis.error_reply('CALLGONE ' .. A[i+1] .. ' is past its deadline')
+    -- a forwarded call is applied once, by the assigner that claimed it
+    if ARGV[2] == '' or redis.call('GET', A[i+1]) ~= 'running:' .. ARGV[2] then
+      return redis.error_reply('CALLGONE ' .. A[i+1] .. ' is not claimed under this lease')
     end
   end
   i = i + 1 + k
@@ -99,7 +96,7 @@ while i <= n do
   elseif op == 'hset' then redis.call('HSET', A[i+1], A[i+2], A[i+3]); i = i + 4
   elseif op == 'hdel' then redis.call('HDEL', A[i+1], A[i+2]); i = i + 3
   elseif op == 'note' then notes[#notes + 1] = A[i+1]; i = i + 2
-  elseif op == 'calldone' then redis.call('SET', A[i+1], A[i+2], 'PX', A[i+4]); i = i + 5
+  elseif op == 'calldone' then redis.call('SET', A[i+1], A[i+2], 'PX', A[i+3]); i = i + 4
   elseif op == 'raise' then
     -- a high-water mark only goes up (chat ids never repeat)
     if tonumber(redis.call('GET', A[i+1]) or '0') < tonumber(A[i+2]) then
@@ -318,7 +315,7 @@ impl Writer {
             Err(e) if e.code() == Some("FENCED") => Err(Failure::Refused(StoreError::Fenced)),
             Err(e) if e.code() == Some("CALLGONE") => {
                 Err(Failure::Refused(StoreError::Unavailable(
-                    "a forwarded chat change was run already or given up by its caller".into(),
+                    "a forwarded chat change is no longer claimed by this node".into(),
                 )))
             }
             Err(e) if e.code() == Some("CONFLICT") => {
@@ -494,7 +491,6 @@ fn encode(keys: &Keys, w: &Write, ops: &mut Vec<String>) {
                 "calldone",
                 &keys.call(&d.id),
                 &d.reply,
-                &d.deadline_ms.to_string(),
                 &d.ttl_ms.to_string(),
             ]);
         }
