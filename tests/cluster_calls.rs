@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::node::NodeProcess;
 use common::redis::RedisServer;
 use common::remote::Node;
+use futures::StreamExt;
 use parking_lot::Mutex;
 use presence_hub::store::{CallDone, Store, Write};
 use redis::AsyncCommands;
@@ -352,4 +353,231 @@ async fn calls_assigner_killed_under_forwarded_traffic_acknowledged_exactly_once
         refused.len(),
         answers.len() - acked.len() - refused.len()
     );
+}
+
+/// The race the claim closes: the assigner starts a call late (it was stopped, SIGSTOP,
+/// until 1.9 s into the caller's 3 s) and its commit is held up (`CLIENT PAUSE WRITE` on
+/// Redis the moment the claim lands) until past the caller's deadline. The caller answers
+/// the real outcome (201, the chat exists once), a change made on the assigner meanwhile
+/// (in flight with the slow commit) is not refused, and the assigner goes on under the same
+/// lease, ready, without rebuilding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_commit_under_way_at_the_deadline_answers_its_outcome_and_refuses_nothing() {
+    let redis = RedisServer::start().await;
+    let pa = NodeProcess::start(&redis, "a", LONG_LEASE).await; // assigns
+    let pb = NodeProcess::start(&redis, "b", LONG_LEASE).await;
+    let (a, b) = (Node::of(&pa), Node::of(&pb));
+    let chat = |name: &str| json!({"department": 1, "visitor": {"name": name}});
+    let (s, v) = b.post("/api/v1/chats", chat("before")).await;
+    assert_eq!(s, 201, "{v}");
+    let mut c = redis_conn(&redis).await;
+    let lease: String = c.get("hub:leader").await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut ps = client.get_async_pubsub().await.unwrap();
+    ps.psubscribe("__keyspace@0__:hub:call:b.*").await.unwrap();
+    let mut events = ps.into_on_message();
+    let mut seen = std::collections::HashSet::new();
+    // The pause must land between the claim and the commit: retried when the commit won.
+    for attempt in 0..8 {
+        let name = format!("slow{attempt}");
+        pa.pause();
+        let asked = Instant::now();
+        let slow = {
+            let (node, body) = (Node::of(&pb), chat(&name));
+            tokio::spawn(async move { node.post("/api/v1/chats", body).await })
+        };
+        // Shapes the race rather than awaits an event: the call must start late.
+        tokio::time::sleep(Duration::from_millis(1900)).await;
+        pa.resume();
+        // The first write of the new call's record: the claim.
+        let key = loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), events.next())
+                .await
+                .expect("the call's record written")
+                .expect("subscribed");
+            let key = m
+                .get_channel_name()
+                .trim_start_matches("__keyspace@0__:")
+                .to_string();
+            if seen.insert(key.clone()) {
+                break key;
+            }
+        };
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(1500)
+            .arg("WRITE")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let rec: Option<String> = c.get(&key).await.unwrap();
+        if rec.as_deref() != Some(&format!("running:{lease}")) {
+            // The commit landed first (or nothing was claimed): no race this time.
+            let _: () = redis::cmd("CLIENT")
+                .arg("UNPAUSE")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            let _ = slow.await.unwrap();
+            continue;
+        }
+        // A change on the assigner while the claimed commit is held up.
+        let beside = {
+            let (node, body) = (Node::of(&pa), chat(&format!("beside{attempt}")));
+            tokio::spawn(async move { node.post("/api/v1/chats", body).await })
+        };
+        let (s, v) = slow.await.unwrap();
+        let waited = asked.elapsed();
+        assert_eq!(s, 201, "the real outcome, after {waited:?}: {v}");
+        assert!(
+            waited >= Duration::from_millis(3000),
+            "answered past the caller's deadline: {waited:?}"
+        );
+        let (s, v) = beside.await.unwrap();
+        assert_eq!(s, 201, "the change beside it is not refused: {v}");
+        let rec: String = c.get(&key).await.unwrap();
+        let rec: Value = serde_json::from_str(&rec).unwrap();
+        assert!(rec["ok"]["chat"]["id"].is_u64(), "{rec}");
+        // The assigner did not rebuild or lose its lease: ready, same token, assigns at once.
+        let (s, v) = a.get("/readyz").await;
+        assert_eq!(s, 200, "{v}");
+        let now: String = c.get("hub:leader").await.unwrap();
+        assert_eq!(now, lease);
+        let quick = Instant::now();
+        let (s, v) = b.post("/api/v1/chats", chat("after")).await;
+        assert_eq!(s, 201, "{v}");
+        assert!(
+            quick.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            quick.elapsed()
+        );
+        for node in [&a, &b] {
+            let names = until("the chats on the node", || async {
+                let n = node.visitor_names().await;
+                n.contains_key("after").then_some(n)
+            })
+            .await;
+            assert_eq!(names.get(name.as_str()), Some(&1), "{names:?}");
+            assert_eq!(
+                names.get(format!("beside{attempt}").as_str()),
+                Some(&1),
+                "{names:?}"
+            );
+        }
+        println!("race set up at attempt {attempt}; answered after {waited:?}");
+        return;
+    }
+    panic!("the pause never landed between a claim and its commit");
+}
+
+/// A forwarded call as its caller `b` appended it, with the assigner stopped (SIGSTOP) so
+/// nothing serves it, then claimed under the assigner's lease token by hand: what the
+/// assigner writes just before its commit. Answers the caller's request and the call id.
+async fn claimed_while_stopped(
+    c: &mut redis::aio::MultiplexedConnection,
+    pa: &NodeProcess,
+    pb: &NodeProcess,
+    name: &str,
+) -> (tokio::task::JoinHandle<(u16, Value)>, Instant, String) {
+    let lease: String = c.get("hub:leader").await.unwrap();
+    pa.pause();
+    let asked = Instant::now();
+    let slow = {
+        let (node, body) = (
+            Node::of(pb),
+            json!({"department": 1, "visitor": {"name": name}}),
+        );
+        tokio::spawn(async move { node.post("/api/v1/chats", body).await })
+    };
+    let id = until("the call in the stream", || {
+        let mut c = c.clone();
+        async move {
+            let last: redis::streams::StreamRangeReply =
+                c.xrevrange_count("hub:calls", "+", "-", 1).await.unwrap();
+            let raw: String = last.ids.first()?.get("call")?;
+            let call: Value = serde_json::from_str(&raw).unwrap();
+            (call["op"]["req"]["visitor"]["name"] == name)
+                .then(|| call["id"].as_str().unwrap().to_string())
+        }
+    })
+    .await;
+    let _: () = c
+        .pset_ex(format!("hub:call:{id}"), format!("running:{lease}"), 60_000)
+        .await
+        .unwrap();
+    // Past the caller's 3 s deadline: it settles, finds the claim of the leading token.
+    tokio::time::sleep_until((asked + Duration::from_millis(3600)).into()).await;
+    assert!(
+        !slow.is_finished(),
+        "the caller waits for the claimed commit"
+    );
+    let rec: Option<String> = c.get(format!("hub:call:{id}")).await.unwrap();
+    assert_eq!(rec, Some(format!("running:{lease}")));
+    (slow, asked, id)
+}
+
+/// The caller's deadline passes while the assigner holding the lease has claimed its call:
+/// it keeps settling, and answers the real outcome once the commit lands (the assigner
+/// resumed), not a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_settle_waits_for_the_claiming_assigner_while_it_leads() {
+    let redis = RedisServer::start().await;
+    let pa = NodeProcess::start(&redis, "a", LONG_LEASE).await; // assigns
+    let pb = NodeProcess::start(&redis, "b", LONG_LEASE).await;
+    let b = Node::of(&pb);
+    let (s, v) = b
+        .post(
+            "/api/v1/chats",
+            json!({"department": 1, "visitor": {"name": "before"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let mut c = redis_conn(&redis).await;
+    let (slow, asked, id) = claimed_while_stopped(&mut c, &pa, &pb, "held").await;
+    pa.resume();
+    let (s, v) = slow.await.unwrap();
+    assert_eq!(s, 201, "the real outcome, after {:?}: {v}", asked.elapsed());
+    let rec: String = c.get(format!("hub:call:{id}")).await.unwrap();
+    assert!(rec.contains("\"ok\""), "{rec}");
+    let names = b.visitor_names().await;
+    assert_eq!(names.get("held"), Some(&1), "{names:?}");
+}
+
+/// The claiming assigner loses the lease (another token holds it) while the caller waits
+/// past its deadline: the claim's commit is fenced, so the caller cancels the call and
+/// answers 503, and the change never appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_settle_cancels_a_claim_whose_token_lost_the_lease() {
+    let redis = RedisServer::start().await;
+    let pa = NodeProcess::start(&redis, "a", LONG_LEASE).await; // assigns
+    let pb = NodeProcess::start(&redis, "b", LONG_LEASE).await;
+    let b = Node::of(&pb);
+    let chat = |name: &str| json!({"department": 1, "visitor": {"name": name}});
+    let (s, v) = b.post("/api/v1/chats", chat("before")).await;
+    assert_eq!(s, 201, "{v}");
+    let mut c = redis_conn(&redis).await;
+    let (slow, _, id) = claimed_while_stopped(&mut c, &pa, &pb, "lost").await;
+    // Another node's lease, for a moment (then anyone may take it again).
+    let _: () = c.pset_ex("hub:leader", "z:99:00", 1_000).await.unwrap();
+    let (s, v) = slow.await.unwrap();
+    assert_eq!(s, 503, "{v}");
+    let rec: Option<String> = c.get(format!("hub:call:{id}")).await.unwrap();
+    assert_eq!(rec.as_deref(), Some("cancelled"));
+    pa.resume();
+    let names = until("a chat created once a node assigns again", || async {
+        let (s, _) = b.post("/api/v1/chats", chat("after")).await;
+        let n = b.visitor_names().await;
+        (s == 201 && n.contains_key("after")).then_some(n)
+    })
+    .await;
+    assert_eq!(names.get("lost"), None, "{names:?}");
+    let rec: Option<String> = c.get(format!("hub:call:{id}")).await.unwrap();
+    assert_eq!(rec.as_deref(), Some("cancelled"));
 }
