@@ -1,18 +1,20 @@
 //! The pure parts of a forwarded chat change: the call as it travels in `{prefix}calls`,
-//! its id, its answer as recorded under `{prefix}call:{id}`, and what the caller makes of
-//! the record it finds when it stops waiting. No I/O: times are passed in.
+//! its id, its claim and answer as recorded under `{prefix}call:{id}`, what the assigner
+//! makes of the record after claiming, and what the caller makes of the record it finds
+//! when it stops waiting. No I/O: times are passed in.
 
 use crate::answer::ChatAnswer;
 use crate::core::ChatOp;
 use crate::error::Error;
 use serde::{Deserialize, Serialize};
 
-/// What `{prefix}call:{id}` holds once the caller gave up before any outcome was recorded:
-/// the assigner's commit of the call is refused from then on.
+/// What `{prefix}call:{id}` holds once the caller gave up before any outcome was recorded
+/// (nothing there, or the claim of a token that lost the lease): the assigner's commit of
+/// the call is refused from then on.
 pub(super) const CANCELLED: &str = "cancelled";
 
-/// How long before its deadline a call is still started: a later start would most likely
-/// commit past the deadline and be refused (which costs the assigner a rebuild).
+/// How long before its deadline a call is still started (claimed): a later start would
+/// most likely commit past the deadline and keep its caller waiting past it.
 pub(super) const START_MARGIN_MS: u64 = 250;
 
 /// A chat change forwarded to the assigning node: one entry of `{prefix}calls`.
