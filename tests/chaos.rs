@@ -13,7 +13,7 @@ use common::API_KEY;
 use common::node::{NodeProcess, redis_node};
 use common::proxy::Proxy;
 use common::redis::RedisServer;
-use common::remote::{Node, agree};
+use common::remote::{ChatTraffic, Node, agree};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
@@ -532,48 +532,16 @@ async fn clean_shutdown_under_traffic(config: &str) {
     let mut pa = NodeProcess::start(&redis, "a", config).await; // assigns
     let pb = NodeProcess::start(&redis, "b", config).await;
     let b = Node::of(&pb);
-    let answers = Arc::new(Mutex::new(Vec::new()));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let traffic = {
-        let (base, answers, stop) = (b.base.clone(), answers.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let mut set = tokio::task::JoinSet::new();
-            for n in 0.. {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.cancelled() => break,
-                }
-                let (base, answers) = (base.clone(), answers.clone());
-                set.spawn(async move {
-                    let node = Node {
-                        base,
-                        http: reqwest::Client::new(),
-                    };
-                    let name = format!("c{n}");
-                    let (s, v) = node
-                        .post(
-                            "/api/v1/chats",
-                            json!({"department": 1, "visitor": {"name": name}}),
-                        )
-                        .await;
-                    answers.lock().push((name, s, v));
-                });
-            }
-            while set.join_next().await.is_some() {}
-        })
-    };
-    wait_for(|| answers.lock().len() >= 10, "chats before the shutdown").await;
+    let traffic = ChatTraffic::start(&b, "c");
+    wait_for(|| traffic.answered() >= 10, "chats before the shutdown").await;
     pa.terminate().await;
-    let stopped = answers.lock().len();
+    let stopped = traffic.answered();
     wait_for(
-        || answers.lock().len() >= stopped + 20,
+        || traffic.answered() >= stopped + 20,
         "chats after the shutdown",
     )
     .await;
-    stop.cancel();
-    traffic.await.unwrap();
-    let answers = std::mem::take(&mut *answers.lock());
+    let answers = traffic.stop().await;
     let refused: Vec<_> = answers.iter().filter(|(_, s, _)| *s != 201).collect();
     assert!(
         refused.is_empty(),

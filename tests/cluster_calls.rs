@@ -6,14 +6,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::node::NodeProcess;
 use common::redis::RedisServer;
-use common::remote::Node;
+use common::remote::{ChatTraffic, Node};
 use futures::StreamExt;
-use parking_lot::Mutex;
 use presence_hub::store::{CallDone, Store, Write};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -276,61 +274,28 @@ async fn calls_assigner_killed_under_forwarded_traffic_acknowledged_exactly_once
     let mut pa = NodeProcess::start(&redis, "a", CLUSTER).await; // assigns
     let pb = NodeProcess::start(&redis, "b", CLUSTER).await;
     let b = Node::of(&pb);
-    let answers: Arc<Mutex<Vec<(String, u16)>>> = Arc::default();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let traffic = {
-        let (base, answers, stop) = (b.base.clone(), answers.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let mut set = tokio::task::JoinSet::new();
-            for n in 0.. {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.cancelled() => break,
-                }
-                let (base, answers) = (base.clone(), answers.clone());
-                set.spawn(async move {
-                    let node = Node {
-                        base,
-                        http: reqwest::Client::new(),
-                    };
-                    let name = format!("k{n}");
-                    let (s, _) = node
-                        .post(
-                            "/api/v1/chats",
-                            json!({"department": 1, "visitor": {"name": name}}),
-                        )
-                        .await;
-                    answers.lock().push((name, s));
-                });
-            }
-            while set.join_next().await.is_some() {}
-        })
-    };
-    let count = || answers.lock().len();
+    let traffic = ChatTraffic::start(&b, "k");
     until("chats before the kill", || async {
-        (count() >= 10).then_some(())
+        (traffic.answered() >= 10).then_some(())
     })
     .await;
     pa.kill();
-    let killed = count();
+    let killed = traffic.answered();
     until("chats after the kill", || async {
-        (count() >= killed + 40).then_some(())
+        (traffic.answered() >= killed + 40).then_some(())
     })
     .await;
-    stop.cancel();
-    traffic.await.unwrap();
-    let answers = std::mem::take(&mut *answers.lock());
+    let answers = traffic.stop().await;
     let acked: Vec<&String> = answers
         .iter()
-        .filter(|(_, s)| *s == 201)
-        .map(|(n, _)| n)
+        .filter(|(_, s, _)| *s == 201)
+        .map(|(n, _, _)| n)
         .collect();
     // 0: no answer within the client's 10 s (neither acknowledged nor refused).
     let refused: Vec<&String> = answers
         .iter()
-        .filter(|(_, s)| *s != 201 && *s != 0)
-        .map(|(n, _)| n)
+        .filter(|(_, s, _)| *s != 201 && *s != 0)
+        .map(|(n, _, _)| n)
         .collect();
     let pc = NodeProcess::start(&redis, "c", CLUSTER).await;
     for node in [&b, &Node::of(&pc)] {

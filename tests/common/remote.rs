@@ -137,3 +137,64 @@ impl Node {
         seen
     }
 }
+
+/// Chats created through a node every 50 ms (visitor names `{prefix}{n}`), each answer
+/// recorded as it comes: the traffic of the failure tests.
+pub struct ChatTraffic {
+    answers: std::sync::Arc<parking_lot::Mutex<Vec<(String, u16, Value)>>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ChatTraffic {
+    pub fn start(node: &Node, prefix: &str) -> ChatTraffic {
+        let answers = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (base, prefix) = (node.base.clone(), prefix.to_string());
+        let task = tokio::spawn({
+            let (answers, stop) = (answers.clone(), stop.clone());
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                let mut set = tokio::task::JoinSet::new();
+                for n in 0.. {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => break,
+                    }
+                    let node = Node {
+                        base: base.clone(),
+                        http: reqwest::Client::new(),
+                    };
+                    let (answers, name) = (answers.clone(), format!("{prefix}{n}"));
+                    set.spawn(async move {
+                        let (s, v) = node
+                            .post(
+                                "/api/v1/chats",
+                                serde_json::json!({"department": 1, "visitor": {"name": name}}),
+                            )
+                            .await;
+                        answers.lock().push((name, s, v));
+                    });
+                }
+                while set.join_next().await.is_some() {}
+            }
+        });
+        ChatTraffic {
+            answers,
+            stop,
+            task,
+        }
+    }
+
+    /// Answers received so far.
+    pub fn answered(&self) -> usize {
+        self.answers.lock().len()
+    }
+
+    /// Stops creating, waits for every answer, and hands them over: (name, status, body).
+    pub async fn stop(self) -> Vec<(String, u16, Value)> {
+        self.stop.cancel();
+        self.task.await.expect("the traffic task ends");
+        std::mem::take(&mut *self.answers.lock())
+    }
+}
