@@ -20,6 +20,9 @@ use crate::model::{ChatId, Department, DeptId, OperatorId, OperatorRecord, Opera
 use crate::peer::Peer;
 use crate::presence::ConnId;
 
+mod node;
+pub use node::{DropNode, EndSessions, LogNodeState, MarkIdle, Resync, ResyncChats};
+
 /// A change: checked and applied to the core in one critical section.
 pub trait Change {
     type Answer;
@@ -72,6 +75,12 @@ pub enum Command {
     Replicate(Replicate),
     Expire(Expire),
     Assign(Assign),
+    MarkIdle(MarkIdle),
+    LogNodeState(LogNodeState),
+    DropNode(DropNode),
+    Resync(Resync),
+    ResyncChats(ResyncChats),
+    EndSessions(EndSessions),
 }
 
 /// What any command answers, for [`Command`]'s callers.
@@ -116,6 +125,12 @@ impl Change for Command {
             Command::Replicate(c) => c.apply(core, now).map(done)?,
             Command::Expire(c) => c.apply(core, now).map(done)?,
             Command::Assign(c) => c.apply(core, now).map(done)?,
+            Command::MarkIdle(c) => c.apply(core, now).map(done)?,
+            Command::LogNodeState(c) => c.apply(core, now).map(done)?,
+            Command::DropNode(c) => c.apply(core, now).map(done)?,
+            Command::Resync(c) => c.apply(core, now).map(done)?,
+            Command::ResyncChats(c) => c.apply(core, now).map(done)?,
+            Command::EndSessions(c) => c.apply(core, now).map(done)?,
         })
     }
 }
@@ -534,6 +549,7 @@ mod tests {
         use crate::core::NewChat;
         use crate::model::Permission;
         use proptest::prelude::*;
+        use std::collections::HashMap;
 
         /// A command over a small world: 3 departments, 4 operators, chat ids 1..8,
         /// operator connections 1..6 (each belongs to the operator it first connected as),
@@ -658,7 +674,7 @@ mod tests {
                         departments: d.into_iter().map(DeptId).collect(),
                     })
                 }),
-                op.prop_map(|id| Command::Expire(Expire::GraceEnd {
+                op.clone().prop_map(|id| Command::Expire(Expire::GraceEnd {
                     operator: OperatorId(id)
                 })),
                 (1u64..9, 0u64..4).prop_map(|(chat, round)| Command::Expire(
@@ -668,6 +684,19 @@ mod tests {
                     }
                 )),
                 Just(Command::Expire(Expire::OfflineOwners)),
+                proptest::collection::vec((op.clone(), 1u64..7), 1..3).prop_map(|s| {
+                    Command::MarkIdle(MarkIdle {
+                        sockets: s.into_iter().map(|(o, c)| (OperatorId(o), c)).collect(),
+                    })
+                }),
+                Just(Command::LogNodeState(LogNodeState)),
+                Just(Command::DropNode(DropNode { node: "n2".into() })),
+                (op.clone(), 0u32..3, 0u32..2).prop_map(|(o, active, idle)| {
+                    Command::Resync(Resync {
+                        remote: HashMap::from([("n2".to_string(), vec![(o, active, idle)])]),
+                        ..Default::default()
+                    })
+                }),
             ]
         }
 

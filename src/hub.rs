@@ -20,10 +20,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::answer::ChatAnswer;
 use crate::auth::{Secrets, Tokens};
-use crate::command::{Change, Expire, Socket, WatchChat};
+use crate::command::{Change, EndSessions, Expire, MarkIdle, Socket, WatchChat};
 use crate::config::Config;
 use crate::core::{ChatOp, Core, Origin, Timer};
 use crate::error::Result;
+use crate::model::OperatorId;
 use crate::peer::{Kind, Out, Peer};
 use crate::presence::ConnId;
 use crate::protocol::Frame;
@@ -150,7 +151,7 @@ impl Hub {
 
     /// Runs a change under the lock; returns its result and the ticket of its writes,
     /// which resolves once they are durable and the change's frames are queued to sockets.
-    pub fn run<R>(&self, f: impl FnOnce(&mut Core, Instant) -> R) -> (R, Ticket) {
+    fn run<R>(&self, f: impl FnOnce(&mut Core, Instant) -> R) -> (R, Ticket) {
         let mut core = self.core.lock();
         let now = Instant::now();
         if core.assigner && core.cluster && self.now_ms() > self.lease_until.load(Ordering::Acquire)
@@ -218,7 +219,7 @@ impl Hub {
 
     /// Runs a change and waits until it is durable: what a client is acknowledged. While
     /// the state is being rebuilt after a failed write, changes are refused at once.
-    pub async fn commit<R>(&self, f: impl FnOnce(&mut Core, Instant) -> Result<R>) -> Result<R> {
+    async fn commit<R>(&self, f: impl FnOnce(&mut Core, Instant) -> Result<R>) -> Result<R> {
         if self.diverged.load(Ordering::Acquire) {
             return Err(crate::error::Error::Unavailable(
                 "store unavailable: reloading state after a failed write".into(),
@@ -396,17 +397,13 @@ impl Hub {
                     let last = peer.last_activity.load(Ordering::Relaxed);
                     if last != u64::MAX && now.saturating_sub(last) >= idle_after {
                         peer.last_activity.store(u64::MAX, Ordering::Relaxed);
-                        idle.push((op, peer.id));
+                        idle.push((OperatorId(op), peer.id));
                     }
                 }
             }
             crate::metrics::events(0, dropped);
             if !idle.is_empty() {
-                self.run(|core, now| {
-                    for (op, conn) in idle {
-                        core.set_active(op, conn, false, now);
-                    }
-                });
+                let _ = self.apply_now(MarkIdle { sockets: idle });
             }
         }
     }
@@ -569,9 +566,9 @@ impl Hub {
     }
 
     /// Makes every queued write durable and closes the store (ending the sessions a hub
-    /// that runs alone ends at shutdown, `Core::end_sessions_at_shutdown`).
+    /// that runs alone ends at shutdown: [`EndSessions`]).
     pub fn close_store(&self) {
-        self.run(|core, _| core.end_sessions_at_shutdown());
+        let _ = self.apply_now(EndSessions);
         self.store.close();
     }
 }

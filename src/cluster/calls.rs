@@ -32,12 +32,14 @@ use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::Cluster;
 use super::outcome::{self, Call, Next, Reply, Settled};
 use crate::answer::ChatAnswer;
-use crate::core::ChatOp;
-use crate::error::Error;
+use crate::command::Change;
+use crate::core::{ChatOp, Core};
+use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::store::{CallDone, Write};
 
@@ -438,18 +440,11 @@ impl Cluster {
                 // leads under another token than the claim's, runs nothing. The outcome,
                 // error included, is written with the change, over the claim.
                 let result = hub
-                    .commit(|core, now| {
-                        if core.lease_token() != Some(token.as_str()) {
-                            return Err(Error::Unavailable(NOT_ASSIGNER.into()));
-                        }
-                        let result = core.exec(call.op, now);
-                        let reply = Reply::of(&id, &result).to_json();
-                        core.record(Write::CallDone(CallDone {
-                            id: id.clone(),
-                            reply: reply.clone(),
-                            ttl_ms: ttl,
-                        }));
-                        Ok(reply)
+                    .apply(RunCall {
+                        token: token.clone(),
+                        id: id.clone(),
+                        op: call.op,
+                        ttl_ms: ttl,
                     })
                     .await;
                 match result {
@@ -502,5 +497,33 @@ impl Cluster {
                 _ = hub.shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+/// A forwarded chat change, run by the assigner under its claim. Checked under the lock with
+/// the change: a node that stepped down, or now leads under another token than the claim's,
+/// runs nothing. The outcome, an error included, is written with the change, over the claim,
+/// and is the answer (the reply JSON the caller reads).
+struct RunCall {
+    token: String,
+    id: String,
+    op: ChatOp,
+    ttl_ms: u64,
+}
+
+impl Change for RunCall {
+    type Answer = String;
+    fn apply(self, core: &mut Core, now: Instant) -> Result<String> {
+        if core.lease_token() != Some(self.token.as_str()) {
+            return Err(Error::Unavailable(NOT_ASSIGNER.into()));
+        }
+        let result = core.exec(self.op, now);
+        let reply = Reply::of(&self.id, &result).to_json();
+        core.record(Write::CallDone(CallDone {
+            id: self.id,
+            reply: reply.clone(),
+            ttl_ms: self.ttl_ms,
+        }));
+        Ok(reply)
     }
 }

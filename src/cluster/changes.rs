@@ -10,7 +10,7 @@ use redis::AsyncCommands;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadOptions};
 
 use super::{Cluster, Note};
-use crate::command::{Change, Replicate};
+use crate::command::{LogNodeState, Replicate};
 use crate::hub::Hub;
 use crate::store::redis::Keys;
 
@@ -39,7 +39,7 @@ impl Cluster {
                 _ = every.tick() => {}
                 _ = hub.shutdown.cancelled() => return,
             }
-            hub.run(|c, _| c.note_node_state());
+            let _ = hub.apply_now(LogNodeState);
         }
     }
 
@@ -201,6 +201,6 @@ impl Cluster {
 
     pub(super) async fn apply(&self, hub: &Hub, node: &str, note: Note) {
         let node = node.to_string();
-        let _ = hub.run(|c, now| Replicate { node, note }.apply(c, now));
+        let _ = hub.apply_now(Replicate { node, note });
     }
 }

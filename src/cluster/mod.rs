@@ -36,8 +36,9 @@ use tokio::sync::oneshot;
 
 use redis::AsyncCommands;
 
+use crate::command::{DropNode, Resync, ResyncChats};
 use crate::hub::Hub;
-use crate::model::{Chat, ChatMessage, Department, StoredOperator};
+use crate::model::{Chat, ChatMessage, Department, OperatorId, StoredOperator};
 use crate::store::redis::Keys;
 
 pub use crate::note::{Note, note_write};
@@ -226,19 +227,14 @@ impl Cluster {
         // Deletions this node missed (it was cut off, or a note was lost): a tombstone newer
         // than our copy deletes it; an operator created again since is newer and stays.
         let tombstones: HashMap<u64, u64> = c.hgetall(self.keys.deleted_operators()).await?;
-        hub.run(|core, now| {
-            for (id, rec) in ops {
-                core.apply_operator(id, rec, now);
-            }
-            for (id, deleted) in tombstones {
-                if core.operator_version(id).is_some_and(|v| v < deleted) {
-                    core.apply_operator(id, None, now);
-                }
-            }
-            for d in depts {
-                core.apply_department(d, now);
-            }
-            core.replace_remote(remote, now);
+        let _ = hub.apply_now(Resync {
+            operators: ops.into_iter().map(|(id, r)| (OperatorId(id), r)).collect(),
+            tombstones: tombstones
+                .into_iter()
+                .map(|(id, v)| (OperatorId(id), v))
+                .collect(),
+            departments: depts,
+            remote,
         });
         self.resync_chats(hub).await
     }
@@ -265,15 +261,9 @@ impl Cluster {
                     .iter()
                     .filter_map(|m| serde_json::from_str(m).ok())
                     .collect();
-                chats.push((chat, history));
+                chats.push((chat, Some(history)));
             }
-            hub.run(|core, now| {
-                for (chat, history) in chats {
-                    let id = chat.id;
-                    core.apply_chat(chat, now);
-                    core.apply_history(id, history);
-                }
-            });
+            let _ = hub.apply_now(ResyncChats { chats });
         }
         // Chats live here but no longer in the set of open chats closed while this node
         // was not listening: their closed copy takes them out of live state.
@@ -287,17 +277,14 @@ impl Cluster {
             let keys: Vec<String> = chunk.iter().map(|id| self.keys.chat(*id)).collect();
             let raw: Vec<Option<String>> =
                 redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
-            let closed: Vec<Chat> = raw
+            let closed: Vec<(Chat, Option<Vec<ChatMessage>>)> = raw
                 .into_iter()
                 .flatten()
                 .filter_map(|s| serde_json::from_str::<Chat>(&s).ok())
                 .filter(|c| c.status == crate::model::ChatStatus::Closed)
+                .map(|c| (c, None))
                 .collect();
-            hub.run(|core, now| {
-                for chat in closed {
-                    core.apply_chat(chat, now);
-                }
-            });
+            let _ = hub.apply_now(ResyncChats { chats: closed });
         }
         Ok(())
     }
@@ -324,7 +311,7 @@ impl Cluster {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!(node = %node, "node lease expired: its connections no longer count");
-                        hub.run(|core, now| core.drop_node(&node, now));
+                        let _ = hub.apply_now(DropNode { node: node.clone() });
                         let _: redis::RedisResult<()> = c.del(self.conns_key(&node)).await;
                     }
                     Err(_) => {
