@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::node::NodeProcess;
+use common::proxy::Proxy;
 use common::redis::RedisServer;
 use common::remote::{ChatTraffic, Node};
 use futures::StreamExt;
@@ -545,4 +546,80 @@ async fn calls_settle_cancels_a_claim_whose_token_lost_the_lease() {
     assert_eq!(names.get("lost"), None, "{names:?}");
     let rec: Option<String> = c.get(format!("hub:call:{id}")).await.unwrap();
     assert_eq!(rec.as_deref(), Some("cancelled"));
+}
+
+/// The caller is cut off from Redis (a proxy holds its traffic) from just after appending
+/// its call until past its 3 s deadline, while the assigner runs the call and records the
+/// outcome. The caller cannot know the outcome meanwhile, so it neither answers 503 nor gives
+/// up: it keeps settling, and once Redis is reachable again answers what really happened
+/// (201, the chat exists once on both nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_caller_cut_off_from_redis_past_its_deadline_answers_the_real_outcome() {
+    let redis = RedisServer::start().await;
+    let proxy = Proxy::start(redis.addr()).await;
+    let pa = NodeProcess::start(&redis, "a", LONG_LEASE).await; // assigns
+    let pb = NodeProcess::start_url(&proxy.url(), "b", LONG_LEASE).await;
+    let (a, b) = (Node::of(&pa), Node::of(&pb));
+    let chat = |name: &str| json!({"department": 1, "visitor": {"name": name}});
+    let (s, v) = b.post("/api/v1/chats", chat("before")).await;
+    assert_eq!(s, 201, "{v}");
+    let c = redis_conn(&redis).await;
+    // Stopped, the assigner leaves the call in the stream until the caller is cut off.
+    pa.pause();
+    let asked = Instant::now();
+    let cut_off = {
+        let (node, body) = (Node::of(&pb), chat("cut-off"));
+        tokio::spawn(async move { node.post("/api/v1/chats", body).await })
+    };
+    let (id, deadline) = until("the call in the stream", || {
+        let mut c = c.clone();
+        async move {
+            let last: redis::streams::StreamRangeReply =
+                c.xrevrange_count("hub:calls", "+", "-", 1).await.unwrap();
+            let raw: String = last.ids.first()?.get("call")?;
+            let call: Value = serde_json::from_str(&raw).unwrap();
+            (call["op"]["req"]["visitor"]["name"] == "cut-off").then(|| {
+                (
+                    call["id"].as_str().unwrap().to_string(),
+                    call["deadline"].as_u64().unwrap(),
+                )
+            })
+        }
+    })
+    .await;
+    proxy.cut();
+    pa.resume();
+    let outcome = until("the outcome recorded by the assigner", || {
+        let mut c = c.clone();
+        let key = format!("hub:call:{id}");
+        async move {
+            let rec: Option<String> = c.get(&key).await.unwrap();
+            rec.filter(|r| r.starts_with('{'))
+        }
+    })
+    .await;
+    let outcome: Value = serde_json::from_str(&outcome).unwrap();
+    assert!(outcome["ok"]["chat"]["id"].is_u64(), "{outcome}");
+    // Shapes the fault rather than awaits an event: the caller's deadline (a wall-clock
+    // time in the call) passes while it is cut off, and its settling then fails at least
+    // once (its Redis connection answers nothing for longer than its 2 s response timeout).
+    let past = deadline.saturating_sub(unix_ms()) + 2600;
+    tokio::time::sleep(Duration::from_millis(past)).await;
+    assert!(
+        !cut_off.is_finished(),
+        "the caller did not answer while it could not know the outcome"
+    );
+    proxy.heal();
+    let (s, v) = cut_off.await.unwrap();
+    let waited = asked.elapsed();
+    assert_eq!(s, 201, "the real outcome, after {waited:?}: {v}");
+    assert_eq!(v["chat"]["id"], outcome["ok"]["chat"]["id"], "{v}");
+    for node in [&a, &b] {
+        let names = until("the chat on the node", || async {
+            let n = node.visitor_names().await;
+            n.contains_key("cut-off").then_some(n)
+        })
+        .await;
+        assert_eq!(names.get("cut-off"), Some(&1), "{names:?}");
+    }
 }
