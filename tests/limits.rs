@@ -97,8 +97,10 @@ async fn slow_consumer_is_closed_with_1008_and_others_go_on() {
         if flips.is_multiple_of(64) && dropped(&hub.metrics_text().await) > before {
             break;
         }
+        // A bound on the run, not a speed claim: the kernel's loopback buffers (several MB,
+        // autotuned) fill at ~1 KB a flip, 26–40 s on a quiet 2-core machine in a debug build.
         assert!(
-            started.elapsed() < Duration::from_secs(60),
+            started.elapsed() < Duration::from_secs(150),
             "no slow consumer dropped after {flips} flips"
         );
     }
