@@ -240,6 +240,11 @@ pub struct Limits {
     /// Bytes queued for one connection before it counts as a slow consumer (1008): a frame
     /// count alone lets a few large frames (64 KiB whispers) pile up hundreds of MiB.
     pub outbound_bytes: usize,
+    /// The kernel's send buffer of each accepted connection (`SO_SNDBUF`), in bytes; 0 = the
+    /// system's (autotuned on Linux, up to `net.ipv4.tcp_wmem`'s maximum, several MiB). A
+    /// bound caps the kernel memory one slow reader holds, and such a reader's frames then
+    /// wait in its queue, where the slow-consumer limits see them.
+    pub send_buffer: usize,
     /// TCP connections held at once (HTTP and WebSocket); more are refused with 503.
     pub max_connections: usize,
     /// Anonymous widget sockets held at once, inside `max_connections`; unset = 90 % of it
@@ -274,6 +279,7 @@ impl Default for Limits {
             max_message_bytes: 65536,
             outbound_queue: 1024,
             outbound_bytes: 4 << 20,
+            send_buffer: 0,
             max_connections: 18_000,
             max_widget_connections: None,
             handshake_timeout: Duration::from_secs(10),

@@ -112,6 +112,10 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
             continue;
         };
         let _ = stream.set_nodelay(true);
+        if hub.cfg.limits.send_buffer > 0 {
+            let _ =
+                socket2::SockRef::from(&stream).set_send_buffer_size(hub.cfg.limits.send_buffer);
+        }
         // The peer's address rides along in the request, for the connection's log span.
         let svc = TowerToHyperService::new(app.clone().map_request(
             move |mut req: http::Request<hyper::body::Incoming>| {
