@@ -693,7 +693,10 @@ mod tests {
                 Just(Command::DropNode(DropNode { node: "n2".into() })),
                 (op.clone(), 0u32..3, 0u32..2).prop_map(|(o, active, idle)| {
                     Command::Resync(Resync {
-                        remote: HashMap::from([("n2".to_string(), vec![(o, active, idle)])]),
+                        remote: HashMap::from([(
+                            "n2".to_string(),
+                            vec![(OperatorId(o), active, idle)],
+                        )]),
                         ..Default::default()
                     })
                 }),

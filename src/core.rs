@@ -300,7 +300,7 @@ impl Core {
         }
         let mut messages: HashMap<u64, Vec<ChatMessage>> = HashMap::new();
         for (chat, m) in snap.messages {
-            messages.entry(chat).or_default().push(m);
+            messages.entry(chat.0).or_default().push(m);
         }
         let mut chats = snap.chats;
         chats.sort_by_key(|c| c.seq);
@@ -313,7 +313,7 @@ impl Core {
 
     /// Starts from the loaded records and the sockets there are (none at a start; this
     /// node's, after a rebuild): the states as published, sessions checked, assignment.
-    fn boot(&mut self, open_sessions: Vec<(u64, u64)>, now: Instant) {
+    fn boot(&mut self, open_sessions: Vec<(OperatorId, u64)>, now: Instant) {
         let depts: Vec<u64> = self.known_departments().collect();
         for d in depts {
             let state = self.dept_state(d);
@@ -356,7 +356,7 @@ impl Core {
             for w in &self.writes {
                 match w {
                     Write::Operator { op: o, .. } => self.notes.push(Note::Operator {
-                        id: o.record.id,
+                        id: OperatorId(o.record.id),
                         record: Some(o.clone()),
                     }),
                     Write::DeleteOperator(id) => self.notes.push(Note::Operator {

@@ -485,7 +485,7 @@ impl Hub {
         let result = self.chat_here_or_there(op, watch).await;
         // A closed chat left live state; the store still knows it for a while.
         if let (Err(crate::error::Error::NotFound(_)), Some(id)) = (&result, target)
-            && let Ok(Some(c)) = self.store.stored_chat(id.0).await
+            && let Ok(Some(c)) = self.store.stored_chat(id).await
             && c.status == crate::model::ChatStatus::Closed
         {
             return Err(crate::error::Error::Conflict(format!(

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Chat, ChatMessage, Department, StoredOperator};
+use crate::model::{Chat, ChatId, ChatMessage, Department, OperatorId, StoredOperator};
 use crate::presence::ConnId;
 use crate::store::{Conns, NoteWrite, Write};
 
@@ -21,7 +21,7 @@ pub enum Note {
     /// This node's connections of an operator now: all, and those idle; `logout`: the last
     /// one ended with a logout (no grace anywhere).
     Presence {
-        operator: u64,
+        operator: OperatorId,
         all: u32,
         idle: u32,
         #[serde(default)]
@@ -30,18 +30,18 @@ pub enum Note {
     /// The operator's record and settings as now (None: deleted). Carried in the note: the
     /// store write may land in Redis after the note arrives.
     Operator {
-        id: u64,
+        id: OperatorId,
         record: Option<StoredOperator>,
     },
     /// The department as now.
     Department { department: Department },
     /// Every connection count of the sending node, replacing what others hold of it.
-    NodeState { counts: Vec<(u64, u32, u32)> },
+    NodeState { counts: Vec<(OperatorId, u32, u32)> },
     /// A chat as the assigning node left it.
     Chat { chat: Chat },
     /// A message written in a chat; `origin` does not get it back.
     Message {
-        chat: u64,
+        chat: ChatId,
         message: ChatMessage,
         origin: Option<Origin>,
     },

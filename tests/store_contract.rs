@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::redis::RedisServer;
 use presence_hub::config::Strategy;
 use presence_hub::model::{
-    Chat, ChatMessage, ChatStatus, Department, OperatorRecord, Sender, SenderKind, StoredOperator,
+    Chat, ChatId, ChatMessage, ChatStatus, Department, OperatorId, OperatorRecord, Sender,
+    SenderKind, StoredOperator,
 };
 use presence_hub::presence::Settings;
 use presence_hub::store::embedded::Embedded;
@@ -112,11 +113,16 @@ async fn contract(store: &dyn Store) {
     ]))
     .await
     .unwrap();
-    let msgs: Vec<Write> = (1..=5).map(|i| Write::Message(7, message(i))).collect();
+    let msgs: Vec<Write> = (1..=5)
+        .map(|i| Write::Message(ChatId(7), message(i)))
+        .collect();
     durable(store.write(msgs)).await.unwrap();
     durable(store.write(vec![
-        Write::TrimMessages { chat: 7, below: 3 },
-        Write::DeleteOperator(2),
+        Write::TrimMessages {
+            chat: ChatId(7),
+            below: 3,
+        },
+        Write::DeleteOperator(OperatorId(2)),
     ]))
     .await
     .unwrap();
@@ -147,7 +153,7 @@ fn check(snap: Snapshot) {
         .messages
         .iter()
         .map(|(c, m)| {
-            assert_eq!(*c, 7);
+            assert_eq!(*c, ChatId(7));
             m.id
         })
         .collect();
@@ -243,7 +249,7 @@ async fn store_redis_operator_write_from_a_stale_version_is_a_conflict() {
     );
     store.resume();
     // A deleted operator is not brought back by a change made from its old version.
-    durable(store.write(vec![Write::DeleteOperator(1)]))
+    durable(store.write(vec![Write::DeleteOperator(OperatorId(1))]))
         .await
         .unwrap();
     let revived = durable(store.write(vec![Write::Operator {
@@ -343,11 +349,14 @@ fn audit_only(before_ms: u64) -> presence_hub::store::Retention {
 async fn audit_contract(store: Arc<dyn Store>) {
     use presence_hub::presence::Reason;
     let end = |at, reason| Write::SessionEnd {
-        operator: 1,
+        operator: OperatorId(1),
         at,
         reason,
     };
-    let start = |at| Write::SessionStart { operator: 1, at };
+    let start = |at| Write::SessionStart {
+        operator: OperatorId(1),
+        at,
+    };
     durable(store.write(vec![
         Write::Log(log(1, 1_000_000, [true, false])),
         Write::Log(log(1, 3_000_000, [false, true])),
@@ -364,9 +373,15 @@ async fn audit_contract(store: Arc<dyn Store>) {
     ]))
     .await
     .unwrap();
-    let log1 = store.read_log(1, 10).await.unwrap();
-    let sessions = store.read_sessions(vec![1, 2], 0, 100_000).await.unwrap();
-    let early = store.read_sessions(vec![1], 0, 3_000).await.unwrap();
+    let log1 = store.read_log(OperatorId(1), 10).await.unwrap();
+    let sessions = store
+        .read_sessions(vec![OperatorId(1), OperatorId(2)], 0, 100_000)
+        .await
+        .unwrap();
+    let early = store
+        .read_sessions(vec![OperatorId(1)], 0, 3_000)
+        .await
+        .unwrap();
     assert_eq!(
         log1,
         vec![
@@ -390,14 +405,20 @@ async fn audit_contract(store: Arc<dyn Store>) {
     assert_eq!(early.len(), 1, "only what overlaps the window");
     // Retention at 2.5 s: log entries before it go; the session ended at 5 s stays.
     store.clean(audit_only(2_500)).await.unwrap();
-    let log1 = store.read_log(1, 10).await.unwrap();
-    let log2 = store.read_log(2, 10).await.unwrap();
-    let sessions = store.read_sessions(vec![1], 0, 100_000).await.unwrap();
+    let log1 = store.read_log(OperatorId(1), 10).await.unwrap();
+    let log2 = store.read_log(OperatorId(2), 10).await.unwrap();
+    let sessions = store
+        .read_sessions(vec![OperatorId(1)], 0, 100_000)
+        .await
+        .unwrap();
     assert_eq!(log1.len(), 1, "entries before 2.5 s dropped");
     assert!(log2.is_empty());
     assert_eq!(sessions.len(), 2, "the session ended at 5 s is kept");
     store.clean(audit_only(6_000)).await.unwrap();
-    let sessions = store.read_sessions(vec![1], 0, 100_000).await.unwrap();
+    let sessions = store
+        .read_sessions(vec![OperatorId(1)], 0, 100_000)
+        .await
+        .unwrap();
     let s = store.clone();
     let snap = tokio::task::spawn_blocking(move || s.load().unwrap())
         .await
@@ -405,7 +426,7 @@ async fn audit_contract(store: Arc<dyn Store>) {
     assert_eq!(sessions.len(), 1, "only the open one is left");
     assert_eq!(
         snap.open_sessions,
-        vec![(1, 8_000)],
+        vec![(OperatorId(1), 8_000)],
         "open sessions load at start"
     );
 }

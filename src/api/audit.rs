@@ -12,6 +12,7 @@ use super::{id, ok, query};
 use crate::audit::{self, parse_rfc3339_ms, rfc3339_ms};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::model::OperatorId;
 
 /// Entries `GET …/log` answers when `limit` is left out, and at most.
 const LOG_LIMIT: usize = 100;
@@ -60,7 +61,10 @@ pub async fn sessions(
         }
         let now = audit::now_ms();
         let (from, to) = window(&w, now)?;
-        let found = hub.store().read_sessions(vec![op], from, to).await?;
+        let found = hub
+            .store()
+            .read_sessions(vec![OperatorId(op)], from, to)
+            .await?;
         let views: Vec<_> = found.iter().map(|s| s.view(now)).collect();
         Ok(json!({ "sessions": views }))
     };
@@ -76,7 +80,7 @@ pub async fn report(State(hub): State<Hub>, RawQuery(q): RawQuery) -> Response {
         let now = audit::now_ms();
         let (from, to) = window(&w, now)?;
         let ops = hub.read(|c| c.report_operators(w.department));
-        let ids: Vec<u64> = ops.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<OperatorId> = ops.iter().map(|(id, _)| OperatorId(*id)).collect();
         let found = hub.store().read_sessions(ids, from, to).await?;
         let lines = audit::report(&ops, &found, from, to, now);
         Ok::<_, Error>(
@@ -109,7 +113,7 @@ pub async fn log(
                 "limit must be between 1 and {LOG_LIMIT_MAX}"
             )));
         }
-        let entries = hub.store().read_log(op, limit).await?;
+        let entries = hub.store().read_log(OperatorId(op), limit).await?;
         Ok(json!({ "log": entries }))
     };
     match run.await {

@@ -14,7 +14,7 @@ use crate::config::parse_duration;
 use crate::core::{ChatFilter, ChatOp, NewChat};
 use crate::error::Error;
 use crate::hub::Hub;
-use crate::model::{Chat, ChatStatus};
+use crate::model::{Chat, ChatId, ChatStatus};
 
 pub async fn create(State(hub): State<Hub>, bytes: Bytes) -> Response {
     let run = async {
@@ -22,7 +22,7 @@ pub async fn create(State(hub): State<Hub>, bytes: Bytes) -> Response {
         crate::limits::record::visitor(&hub.cfg.limits, &req.visitor)?;
         // A closed chat is no longer live but its id stays used until its retention ends.
         if let Some(id) = req.id
-            && hub.store().stored_chat(id).await?.is_some()
+            && hub.store().stored_chat(ChatId(id)).await?.is_some()
         {
             return Err(Error::Conflict(format!("chat {id} already exists")));
         }
@@ -40,7 +40,7 @@ async fn find(hub: &Hub, cid: u64) -> Result<Chat, Error> {
         return Ok(chat);
     }
     hub.store()
-        .stored_chat(cid)
+        .stored_chat(ChatId(cid))
         .await?
         .ok_or_else(|| Error::NotFound(format!("chat {cid} is unknown")))
 }
@@ -173,7 +173,9 @@ pub async fn messages(
             Some(m) => m,
             None => {
                 find(&hub, cid).await?;
-                hub.store().stored_messages(cid, after, limit).await?
+                hub.store()
+                    .stored_messages(ChatId(cid), after, limit)
+                    .await?
             }
         };
         Ok::<_, Error>(json!({ "chat": cid, "messages": messages }))

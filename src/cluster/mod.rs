@@ -195,7 +195,7 @@ impl Cluster {
                 depts.push(d);
             }
         }
-        let mut remote: HashMap<String, Vec<(u64, u32, u32)>> = HashMap::new();
+        let mut remote: HashMap<String, Vec<(OperatorId, u32, u32)>> = HashMap::new();
         let pattern = format!("{}conns:*", self.keys.0);
         let conn_keys: Vec<String> = {
             let mut it = c.scan_match::<_, String>(&pattern).await?;
@@ -219,7 +219,7 @@ impl Cluster {
                 .into_iter()
                 .filter_map(|(op, v)| {
                     let (a, i) = v.split_once(',')?;
-                    Some((op, a.parse().ok()?, i.parse().ok()?))
+                    Some((OperatorId(op), a.parse().ok()?, i.parse().ok()?))
                 })
                 .collect();
             remote.insert(node, counts);

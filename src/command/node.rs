@@ -67,7 +67,7 @@ pub struct Resync {
     pub tombstones: Vec<(OperatorId, u64)>,
     pub departments: Vec<Department>,
     /// Per node: (operator, active connections, idle connections).
-    pub remote: HashMap<String, Vec<(u64, u32, u32)>>,
+    pub remote: HashMap<String, Vec<(OperatorId, u32, u32)>>,
 }
 
 impl Change for Resync {

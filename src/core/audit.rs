@@ -15,7 +15,10 @@ impl Core {
         let at = audit::now_ms();
         if online {
             self.session_started.insert(id, at);
-            self.writes.push(Write::SessionStart { operator: id, at });
+            self.writes.push(Write::SessionStart {
+                operator: OperatorId(id),
+                at,
+            });
             return None;
         }
         let reason = self
@@ -30,7 +33,7 @@ impl Core {
     /// node knows when it started.
     fn end_session(&mut self, id: u64, at: u64, reason: Reason) -> Option<SessionRecord> {
         self.writes.push(Write::SessionEnd {
-            operator: id,
+            operator: OperatorId(id),
             at,
             reason,
         });
@@ -51,9 +54,9 @@ impl Core {
     /// the store goes on, else one starts. Alone (no cluster), a session left open by an
     /// operator who is offline now (the hub was killed) ends now; in a cluster other nodes
     /// may still hold that operator, and their transitions end it.
-    pub(super) fn boot_sessions(&mut self, open: Vec<(u64, u64)>) {
+    pub(super) fn boot_sessions(&mut self, open: Vec<(OperatorId, u64)>) {
         let at = audit::now_ms();
-        let open: HashMap<u64, u64> = open.into_iter().collect();
+        let open: HashMap<u64, u64> = open.into_iter().map(|(o, t)| (o.0, t)).collect();
         let ids: Vec<u64> = self.operators.keys().copied().collect();
         for id in ids {
             let online = self.is_online(id);

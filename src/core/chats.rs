@@ -280,7 +280,8 @@ impl Core {
             whisper,
             at: now_rfc3339(),
         };
-        self.writes.push(Write::Message(id, message.clone()));
+        self.writes
+            .push(Write::Message(ChatId(id), message.clone()));
         let frame = Event::Message {
             chat: id,
             message: &message,
@@ -290,7 +291,7 @@ impl Core {
         self.keep_message(id, message.clone());
         if self.cluster {
             self.notes.push(Note::Message {
-                chat: id,
+                chat: ChatId(id),
                 message: message.clone(),
                 origin: origin.clone(),
             });
@@ -311,7 +312,7 @@ impl Core {
             e.history.pop_front();
             if let Some(first) = e.history.front() {
                 self.writes.push(Write::TrimMessages {
-                    chat: id,
+                    chat: ChatId(id),
                     below: first.id,
                 });
             }

@@ -213,7 +213,7 @@ impl Core {
         self.settle(now);
         let op = self.operators.remove(&id).expect("present");
         self.unindex_operator(&op.record);
-        self.writes.push(Write::DeleteOperator(id));
+        self.writes.push(Write::DeleteOperator(OperatorId(id)));
         self.dirty_depts.extend(op.record.all_departments());
         self.settle(now);
         Ok(())

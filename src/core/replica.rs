@@ -13,16 +13,16 @@ impl Core {
                 all,
                 idle,
                 logout,
-            } => self.apply_presence(node, operator, all, idle, logout, now),
+            } => self.apply_presence(node, operator.0, all, idle, logout, now),
             Note::NodeState { counts } => self.replace_node(node, counts, now),
-            Note::Operator { id, record } => self.apply_operator(id, record, now),
+            Note::Operator { id, record } => self.apply_operator(id.0, record, now),
             Note::Department { department } => self.apply_department(department, now),
             Note::Chat { chat } => self.apply_chat(chat, now),
             Note::Message {
                 chat,
                 message,
                 origin,
-            } => self.apply_message(chat, message, origin),
+            } => self.apply_message(chat.0, message, origin),
         }
     }
 
@@ -38,7 +38,7 @@ impl Core {
             op.noted = counts;
             let logout = counts.0 == 0 && op.presence.logged_out();
             self.notes.push(Note::Presence {
-                operator: id,
+                operator: OperatorId(id),
                 all: counts.0,
                 idle: counts.1,
                 logout,
@@ -76,7 +76,7 @@ impl Core {
     }
 
     /// Replaces every count of one node (its periodic or after-outage full state).
-    pub fn replace_node(&mut self, node: &str, counts: Vec<(u64, u32, u32)>, now: Instant) {
+    pub fn replace_node(&mut self, node: &str, counts: Vec<(OperatorId, u32, u32)>, now: Instant) {
         let mut touched: BTreeSet<u64> = self
             .remote
             .iter()
@@ -86,7 +86,7 @@ impl Core {
         for m in self.remote.values_mut() {
             m.remove(node);
         }
-        for (op, all, idle) in counts {
+        for (OperatorId(op), all, idle) in counts {
             if all > 0 {
                 self.remote
                     .entry(op)
@@ -102,20 +102,30 @@ impl Core {
     }
 
     /// This node's connections per operator: (operator, all, idle).
-    pub fn local_counts(&self) -> Vec<(u64, u32, u32)> {
+    pub fn local_counts(&self) -> Vec<(OperatorId, u32, u32)> {
         self.operators
             .iter()
             .filter(|(_, o)| o.presence.local_connections() > 0)
-            .map(|(id, o)| (*id, o.presence.local_connections(), o.presence.local_idle()))
+            .map(|(id, o)| {
+                (
+                    OperatorId(*id),
+                    o.presence.local_connections(),
+                    o.presence.local_idle(),
+                )
+            })
             .collect()
     }
 
     /// Replaces every remote count (resync after an interruption).
-    pub fn replace_remote(&mut self, nodes: HashMap<String, Vec<(u64, u32, u32)>>, now: Instant) {
+    pub fn replace_remote(
+        &mut self,
+        nodes: HashMap<String, Vec<(OperatorId, u32, u32)>>,
+        now: Instant,
+    ) {
         let mut touched: BTreeSet<u64> = self.remote.keys().copied().collect();
         self.remote.clear();
         for (node, counts) in nodes {
-            for (op, all, idle) in counts {
+            for (OperatorId(op), all, idle) in counts {
                 if all > 0 {
                     self.remote
                         .entry(op)
@@ -204,7 +214,7 @@ impl Core {
         // assigning node) is not, and must be written.
         self.writes.retain(|w| match w {
             Write::Operator { op, .. } => op.record.id != id,
-            Write::DeleteOperator(d) => *d != id,
+            Write::DeleteOperator(d) => d.0 != id,
             _ => true,
         });
     }
@@ -284,7 +294,7 @@ impl Core {
             self.deliver_message(chat, &message, origin.as_ref());
         }
         self.writes
-            .retain(|w| !matches!(w, Write::TrimMessages { chat: c, .. } if *c == chat));
+            .retain(|w| !matches!(w, Write::TrimMessages { chat: c, .. } if c.0 == chat));
     }
 
     /// Ids of the chats this node holds live (resync finds those closed meanwhile).

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use super::{Gate, Job, Queue, Retention, Snapshot, Store, StoreError, Ticket, Write};
 use crate::audit::{LogEntry, SessionRecord, SessionState, StoredLog};
 use crate::feed::{EventType, FeedError, Page, Position, StoredEvent, Types, unix_ms};
-use crate::model::{Chat, ChatMessage, ChatStatus};
+use crate::model::{Chat, ChatId, ChatMessage, ChatStatus, OperatorId};
 
 mod audit;
 mod feed;
@@ -213,7 +213,7 @@ fn commit<'a>(
                         .map_err(backend)?;
                 }
                 Write::DeleteOperator(id) => {
-                    operators.remove(*id).map_err(backend)?;
+                    operators.remove(id.0).map_err(backend)?;
                 }
                 Write::Department { dept: d, .. } => {
                     departments
@@ -232,12 +232,12 @@ fn commit<'a>(
                 }
                 Write::Message(chat, m) => {
                     messages
-                        .insert((*chat, m.id), json(m).as_slice())
+                        .insert((chat.0, m.id), json(m).as_slice())
                         .map_err(backend)?;
                 }
                 Write::TrimMessages { chat, below } => {
                     messages
-                        .retain_in((*chat, 0)..(*chat, *below), |_, _| false)
+                        .retain_in((chat.0, 0)..(chat.0, *below), |_, _| false)
                         .map_err(backend)?;
                 }
                 Write::Event(e) => {
@@ -260,10 +260,10 @@ fn commit<'a>(
                         .map_err(backend)?;
                 }
                 Write::SessionStart { operator, at } => {
-                    let mut st = session_state(&states, *operator)?;
+                    let mut st = session_state(&states, operator.0)?;
                     if st.start(*at) {
                         states
-                            .insert(*operator, json(&st).as_slice())
+                            .insert(operator.0, json(&st).as_slice())
                             .map_err(backend)?;
                     }
                 }
@@ -272,16 +272,16 @@ fn commit<'a>(
                     at,
                     reason,
                 } => {
-                    let mut st = session_state(&states, *operator)?;
-                    if let Some(done) = st.end(*operator, *at, *reason) {
+                    let mut st = session_state(&states, operator.0)?;
+                    if let Some(done) = st.end(operator.0, *at, *reason) {
                         states
-                            .insert(*operator, json(&st).as_slice())
+                            .insert(operator.0, json(&st).as_slice())
                             .map_err(backend)?;
                         sessions
-                            .insert((*operator, *at, done.started_ms), json(&done).as_slice())
+                            .insert((operator.0, *at, done.started_ms), json(&done).as_slice())
                             .map_err(backend)?;
                         sessions_by_end
-                            .insert((*at, *operator, done.started_ms), ())
+                            .insert((*at, operator.0, done.started_ms), ())
                             .map_err(backend)?;
                     }
                 }
@@ -350,7 +350,7 @@ impl Store for Embedded {
                 let (k, v) = row.map_err(backend)?;
                 let (chat, _) = k.value();
                 if !is_closed(chat) {
-                    messages.push((chat, parse(v.value())?));
+                    messages.push((ChatId(chat), parse(v.value())?));
                 }
             }
         }
@@ -368,20 +368,20 @@ impl Store for Embedded {
             next_chat_id,
             open_sessions: read_all::<u64, SessionState>(&txn, SESSION_STATE)?
                 .into_iter()
-                .filter_map(|(op, st)| st.open.map(|s| (op, s)))
+                .filter_map(|(op, st)| st.open.map(|s| (OperatorId(op), s)))
                 .collect(),
         })
     }
 
     fn read_log(
         &self,
-        operator: u64,
+        operator: OperatorId,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<LogEntry>, StoreError>> {
         let db = self.db();
         Box::pin(async move {
             let db = db?;
-            tokio::task::spawn_blocking(move || read_log(&db, operator, limit))
+            tokio::task::spawn_blocking(move || read_log(&db, operator.0, limit))
                 .await
                 .map_err(backend)?
         })
@@ -389,11 +389,12 @@ impl Store for Embedded {
 
     fn read_sessions(
         &self,
-        operators: Vec<u64>,
+        operators: Vec<OperatorId>,
         from: u64,
         to: u64,
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let db = self.db();
+        let operators: Vec<u64> = operators.into_iter().map(|o| o.0).collect();
         Box::pin(async move {
             let db = db?;
             tokio::task::spawn_blocking(move || read_sessions(&db, &operators, from, to))
@@ -448,21 +449,22 @@ impl Store for Embedded {
         self.events.clone()
     }
 
-    fn stored_chat(&self, id: u64) -> BoxFuture<'_, Result<Option<Chat>, StoreError>> {
+    fn stored_chat(&self, id: ChatId) -> BoxFuture<'_, Result<Option<Chat>, StoreError>> {
         ready(self.db().and_then(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(CHATS).map_err(backend)?;
-            let row = table.get(id).map_err(backend)?;
+            let row = table.get(id.0).map_err(backend)?;
             row.map(|v| parse(v.value())).transpose()
         }))
     }
 
     fn stored_messages(
         &self,
-        chat: u64,
+        chat: ChatId,
         after: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<ChatMessage>, StoreError>> {
+        let chat = chat.0;
         ready(self.db().and_then(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(MESSAGES).map_err(backend)?;
@@ -621,7 +623,7 @@ mod tests {
             ]))
             .await
             .unwrap();
-            super::super::durable(s.write(vec![Write::DeleteOperator(2)]))
+            super::super::durable(s.write(vec![Write::DeleteOperator(OperatorId(2))]))
                 .await
                 .unwrap();
             s.close();

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::audit::{LogEntry, SessionRecord, StoredLog};
 use crate::feed::{FeedError, LogEvent, Page, Position, Types};
-use crate::model::{Chat, ChatMessage, Department, StoredOperator};
+use crate::model::{Chat, ChatId, ChatMessage, Department, OperatorId, StoredOperator};
 use crate::presence::Reason;
 
 pub use crate::error::StoreError;
@@ -27,11 +27,11 @@ pub struct Snapshot {
     /// Chats not closed.
     pub chats: Vec<Chat>,
     /// Chat id and message, oldest first within a chat.
-    pub messages: Vec<(u64, ChatMessage)>,
+    pub messages: Vec<(ChatId, ChatMessage)>,
     /// Above every chat id ever stored (closed chats included): allocated ids never repeat.
     pub next_chat_id: u64,
     /// Online sessions still open: (operator, started, ms since the epoch).
-    pub open_sessions: Vec<(u64, u64)>,
+    pub open_sessions: Vec<(OperatorId, u64)>,
 }
 
 /// One change to persist.
@@ -47,7 +47,7 @@ pub enum Write {
         op: StoredOperator,
         base: u64,
     },
-    DeleteOperator(u64),
+    DeleteOperator(OperatorId),
     /// A department as now, written only if the store still holds version `base` of it
     /// (0: none), like [`Write::Operator`].
     Department {
@@ -55,10 +55,10 @@ pub enum Write {
         base: u64,
     },
     Chat(Chat),
-    Message(u64, ChatMessage),
+    Message(ChatId, ChatMessage),
     /// Drops the messages of `chat` with an id below `below` (history limit).
     TrimMessages {
-        chat: u64,
+        chat: ChatId,
         below: u64,
     },
     /// Appends to the event feed, in the same step as the records of its change.
@@ -73,12 +73,12 @@ pub enum Write {
     /// The operator turned online at `at` (ms): opens a session unless one is open or one
     /// already ended after `at` ([`crate::audit::SessionState::start`]).
     SessionStart {
-        operator: u64,
+        operator: OperatorId,
         at: u64,
     },
     /// The operator turned offline at `at` (ms): ends the open session if it began by then.
     SessionEnd {
-        operator: u64,
+        operator: OperatorId,
         at: u64,
         reason: Reason,
     },
@@ -122,9 +122,9 @@ pub struct NoteWrite {
 pub enum Conns {
     Keep,
     /// One operator's connections now: (operator, all, idle); `all` 0 removes the field.
-    One(u64, u32, u32),
+    One(OperatorId, u32, u32),
     /// Every count of the node, replacing the hash.
-    All(Vec<(u64, u32, u32)>),
+    All(Vec<(OperatorId, u32, u32)>),
 }
 
 /// A page of closed chats. A chat retention deleted while the page was read is scanned but
@@ -162,14 +162,14 @@ pub trait Store: Send + Sync + 'static {
     /// The status log of an operator, newest first, at most `limit` entries.
     fn read_log(
         &self,
-        operator: u64,
+        operator: OperatorId,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<LogEntry>, StoreError>>;
     /// Sessions of `operators` that overlap `[from, to)` (ms), the open ones included, in
     /// the order they started.
     fn read_sessions(
         &self,
-        operators: Vec<u64>,
+        operators: Vec<OperatorId>,
         from: u64,
         to: u64,
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
@@ -198,11 +198,11 @@ pub trait Store: Send + Sync + 'static {
     /// Changes whenever events were added (by this node or, on Redis, any node).
     fn event_signal(&self) -> watch::Receiver<u64>;
     /// A chat as stored, also a closed one (until its retention ends).
-    fn stored_chat(&self, id: u64) -> BoxFuture<'_, Result<Option<Chat>, StoreError>>;
+    fn stored_chat(&self, id: ChatId) -> BoxFuture<'_, Result<Option<Chat>, StoreError>>;
     /// Kept messages of a chat with an id above `after`, oldest first.
     fn stored_messages(
         &self,
-        chat: u64,
+        chat: ChatId,
         after: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<ChatMessage>, StoreError>>;

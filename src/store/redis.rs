@@ -15,7 +15,7 @@ use redis::{AsyncCommands, Client, Commands};
 
 use super::{Queue, Snapshot, Store, StoreError, Ticket, Write};
 use crate::audit::{LogEntry, SessionRecord, StoredLog};
-use crate::model::ChatStatus;
+use crate::model::{ChatId, ChatStatus, OperatorId};
 
 pub struct RedisStore {
     client: Client,
@@ -287,7 +287,7 @@ impl Store for RedisStore {
             let key = keys.messages(c.id);
             let raw: Vec<String> = conn.zrange(&key, 0, -1).map_err(backend)?;
             for m in raw {
-                messages.push((c.id, parse(&key, &m)?));
+                messages.push((ChatId(c.id), parse(&key, &m)?));
             }
         }
         let next: Option<u64> = conn.get(keys.next_chat()).map_err(backend)?;
@@ -303,13 +303,13 @@ impl Store for RedisStore {
             .filter(|c| c.status != ChatStatus::Closed)
             .collect();
         let live: std::collections::HashSet<u64> = chats.iter().map(|c| c.id).collect();
-        messages.retain(|(chat, _)| live.contains(chat));
+        messages.retain(|(chat, _)| live.contains(&chat.0));
         let audited: Vec<u64> = conn.smembers(keys.audited()).map_err(backend)?;
         let mut open_sessions = Vec::new();
         for op in audited {
             let open: Option<u64> = conn.hget(keys.session(op), "open").map_err(backend)?;
             if let Some(started) = open {
-                open_sessions.push((op, started));
+                open_sessions.push((OperatorId(op), started));
             }
         }
         Ok(Snapshot {
@@ -324,14 +324,14 @@ impl Store for RedisStore {
 
     fn read_log(
         &self,
-        operator: u64,
+        operator: OperatorId,
         limit: usize,
     ) -> futures::future::BoxFuture<'_, Result<Vec<LogEntry>, StoreError>> {
         Box::pin(async move {
             if limit == 0 {
                 return Ok(Vec::new());
             }
-            let key = self.keys().log(operator);
+            let key = self.keys().log(operator.0);
             let mut conn = self.conn.clone();
             let raw: Vec<String> = conn
                 .zrevrange(&key, 0, limit as isize - 1)
@@ -345,7 +345,7 @@ impl Store for RedisStore {
 
     fn read_sessions(
         &self,
-        operators: Vec<u64>,
+        operators: Vec<OperatorId>,
         from: u64,
         to: u64,
     ) -> futures::future::BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
@@ -357,8 +357,8 @@ impl Store for RedisStore {
             for chunk in operators.chunks(256) {
                 let mut pipe = redis::pipe();
                 for op in chunk {
-                    pipe.zrangebyscore(keys.sessions(*op), format!("({from}"), "+inf");
-                    pipe.hget(keys.session(*op), "open");
+                    pipe.zrangebyscore(keys.sessions(op.0), format!("({from}"), "+inf");
+                    pipe.hget(keys.session(op.0), "open");
                 }
                 let answers: Vec<(Vec<String>, Option<u64>)> = {
                     let flat: Vec<redis::Value> =
@@ -373,7 +373,7 @@ impl Store for RedisStore {
                         .collect::<Result<_, StoreError>>()?
                 };
                 for (op, (ended, open)) in chunk.iter().zip(answers) {
-                    let key = keys.sessions(*op);
+                    let key = keys.sessions(op.0);
                     for r in ended {
                         let s: SessionRecord = parse(&key, &r)?;
                         if s.overlaps(from, to) {
@@ -382,7 +382,7 @@ impl Store for RedisStore {
                     }
                     if let Some(started) = open.filter(|s| *s < to) {
                         out.push(SessionRecord {
-                            operator: *op,
+                            operator: op.0,
                             started_ms: started,
                             ended_ms: None,
                             end_reason: None,
@@ -445,18 +445,18 @@ impl Store for RedisStore {
 
     fn stored_chat(
         &self,
-        id: u64,
+        id: ChatId,
     ) -> futures::future::BoxFuture<'_, Result<Option<crate::model::Chat>, StoreError>> {
-        Box::pin(self.stored_chat_impl(id))
+        Box::pin(self.stored_chat_impl(id.0))
     }
 
     fn stored_messages(
         &self,
-        chat: u64,
+        chat: ChatId,
         after: u64,
         limit: usize,
     ) -> futures::future::BoxFuture<'_, Result<Vec<crate::model::ChatMessage>, StoreError>> {
-        Box::pin(self.stored_messages_impl(chat, after, limit))
+        Box::pin(self.stored_messages_impl(chat.0, after, limit))
     }
 
     fn closed_chats(

@@ -410,7 +410,7 @@ fn encode(keys: &Keys, w: &Write, ops: &mut Vec<String>) {
             op(&["sadd", &keys.operators(), &id]);
         }
         Write::DeleteOperator(id) => {
-            op(&["del", &keys.operator(*id)]);
+            op(&["del", &keys.operator(id.0)]);
             op(&["srem", &keys.operators(), &id.to_string()]);
             let when = crate::model::next_version(0).to_string();
             op(&["hset", &keys.deleted_operators(), &id.to_string(), &when]);
@@ -439,10 +439,10 @@ fn encode(keys: &Keys, w: &Write, ops: &mut Vec<String>) {
             }
         }
         Write::Message(chat, m) => {
-            op(&["zadd", &keys.messages(*chat), &m.id.to_string(), &json(m)]);
+            op(&["zadd", &keys.messages(chat.0), &m.id.to_string(), &json(m)]);
         }
         Write::TrimMessages { chat, below } => {
-            op(&["zrembelow", &keys.messages(*chat), &below.to_string()]);
+            op(&["zrembelow", &keys.messages(chat.0), &below.to_string()]);
         }
         Write::Event(e) => {
             op(&[
@@ -506,7 +506,7 @@ fn encode(keys: &Keys, w: &Write, ops: &mut Vec<String>) {
         Write::SessionStart { operator, at } => {
             op(&[
                 "sstart",
-                &keys.session(*operator),
+                &keys.session(operator.0),
                 &keys.audited(),
                 &at.to_string(),
                 &operator.to_string(),
@@ -523,8 +523,8 @@ fn encode(keys: &Keys, w: &Write, ops: &mut Vec<String>) {
                 .unwrap_or_default();
             op(&[
                 "send",
-                &keys.session(*operator),
-                &keys.sessions(*operator),
+                &keys.session(operator.0),
+                &keys.sessions(operator.0),
                 &at.to_string(),
                 &operator.to_string(),
                 &reason,

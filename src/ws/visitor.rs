@@ -11,7 +11,7 @@ use crate::command::{ConnectVisitor, DisconnectVisitor, Socket};
 use crate::core::ChatOp;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
-use crate::model::{ChatMessage, ChatStatus, VisitorChatView};
+use crate::model::{ChatId, ChatMessage, ChatStatus, VisitorChatView};
 use crate::peer::{Kind, Peer};
 use crate::protocol::{Event, Frame, VisitorRequest, ack_frame, error_frame, parse_request};
 
@@ -59,14 +59,18 @@ fn params(query: Option<&str>) -> Result<(u64, String)> {
 /// or an unknown chat (which ids exist is not told).
 async fn closed_chat(hub: &Hub, chat: u64, token: &str) -> Result<[Frame; 2]> {
     let refused = || Error::Forbidden("wrong visitor token for this chat".into());
-    let stored = hub.store().stored_chat(chat).await?.ok_or_else(refused)?;
+    let stored = hub
+        .store()
+        .stored_chat(ChatId(chat))
+        .await?
+        .ok_or_else(refused)?;
     if stored.status != ChatStatus::Closed
         || !crate::core::constant_time_eq(stored.visitor_token.as_bytes(), token.as_bytes())
     {
         return Err(refused());
     }
     let kept = hub.cfg.chats.history.max(1);
-    let messages = hub.store().stored_messages(chat, 0, kept).await?;
+    let messages = hub.store().stored_messages(ChatId(chat), 0, kept).await?;
     let shown: Vec<&ChatMessage> = messages.iter().filter(|m| !m.whisper).collect();
     let owner = stored.owner.and_then(|o| hub.read(|c| c.operator_name(o)));
     let first = Event::VisitorChat {
