@@ -691,6 +691,11 @@ mod tests {
                 }),
                 Just(Command::LogNodeState(LogNodeState)),
                 Just(Command::DropNode(DropNode { node: "n2".into() })),
+                Just(Command::EndSessions(EndSessions)),
+                (op.clone(), 0u64..3).prop_map(|(o, v)| Command::Resync(Resync {
+                    tombstones: vec![(OperatorId(o), v)],
+                    ..Default::default()
+                })),
                 (op.clone(), 0u32..3, 0u32..2).prop_map(|(o, active, idle)| {
                     Command::Resync(Resync {
                         remote: HashMap::from([(

@@ -112,9 +112,15 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
             continue;
         };
         let _ = stream.set_nodelay(true);
-        if hub.cfg.limits.send_buffer > 0 {
-            let _ =
-                socket2::SockRef::from(&stream).set_send_buffer_size(hub.cfg.limits.send_buffer);
+        if hub.cfg.limits.send_buffer > 0
+            && let Err(e) =
+                socket2::SockRef::from(&stream).set_send_buffer_size(hub.cfg.limits.send_buffer)
+        {
+            // Once: the same cause would fail every connection.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(cause = %e, "limits.send_buffer could not be set; the system's applies");
+            });
         }
         // The peer's address rides along in the request, for the connection's log span.
         let svc = TowerToHyperService::new(app.clone().map_request(
