@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, watch};
 
 use super::{Gate, Job, Queue, Retention, Snapshot, Store, StoreError, Ticket, Write};
@@ -30,7 +30,7 @@ use audit::{
     LOG, LOG_BY_TIME, SESSION_STATE, SESSIONS, SESSIONS_BY_END, read_log, read_sessions,
     session_state,
 };
-use feed::{EVENTS, EVENTS_DROPPED, kind_byte};
+use feed::{EVENTS, EVENTS_DROPPED, Packer, kind_byte};
 
 const OPERATORS: TableDefinition<u64, &[u8]> = TableDefinition::new("operators");
 const DEPARTMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("departments");
@@ -87,10 +87,7 @@ impl Embedded {
             let last = {
                 let events = txn.open_table(EVENTS).map_err(backend)?;
                 let meta = txn.open_table(META).map_err(backend)?;
-                let last = events
-                    .last()
-                    .map_err(backend)?
-                    .map_or(0, |(k, _)| k.value());
+                let last = feed::last_id(&events)?;
                 last.max(meta_u64(&meta, EVENTS_DROPPED)?)
             };
             txn.open_table(LOG).map_err(backend)?;
@@ -197,6 +194,8 @@ fn commit<'a>(
         let mut closed = txn.open_table(CLOSED).map_err(backend)?;
         let mut closed_at = txn.open_table(CLOSED_AT).map_err(backend)?;
         let mut events = txn.open_table(EVENTS).map_err(backend)?;
+        // The group's events, packed into as few rows as they fit in.
+        let mut packer = Packer::default();
         let mut meta = txn.open_table(META).map_err(backend)?;
         let now = unix_ms();
         let mut next_chat = 0;
@@ -242,11 +241,10 @@ fn commit<'a>(
                 }
                 Write::Event(e) => {
                     last_event += 1;
-                    let mut row = Vec::with_capacity(9 + e.frame.len());
-                    row.push(kind_byte(e.kind));
-                    row.extend_from_slice(&e.at_ms.to_le_bytes());
-                    row.extend_from_slice(e.frame.as_bytes());
-                    events.insert(last_event, row.as_slice()).map_err(backend)?;
+                    packer.push(last_event, kind_byte(e.kind), e.at_ms, e.frame.as_bytes());
+                    if packer.full() {
+                        packer.flush(&mut events)?;
+                    }
                 }
                 Write::Meta { key, value } => {
                     meta.insert(*key, value.as_bytes()).map_err(backend)?;
@@ -287,6 +285,7 @@ fn commit<'a>(
                 }
             }
         }
+        packer.flush(&mut events)?;
         if next_chat > meta_u64(&meta, NEXT_CHAT)? {
             meta.insert(NEXT_CHAT, next_chat.to_string().as_bytes())
                 .map_err(backend)?;
