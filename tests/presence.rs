@@ -1481,3 +1481,36 @@ async fn alone_in_department(hub: &TestHub) -> (Client, Client, Client) {
     assert_eq!(widget_next(&mut widget, 1).await["online"], true);
     (colleague, widget, op)
 }
+
+/// A socket's connect runs as its upgrade is answered (before hyper hands the connection
+/// over): clients that drop the TCP connection right after sending the upgrade request,
+/// whether the hand-over then fails or the socket ends at once, leave nothing counted.
+#[tokio::test]
+async fn grace_upgrade_dropped_mid_handshake_leaves_no_connection_counted() {
+    let hub = TestHub::start_with(grace_config(100)).await;
+    hub.operator(1, &[1]).await;
+    hub.operator(2, &[1]).await;
+    let (mut colleague, _) = hub.connect(2).await;
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+        let req = format!(
+            "GET /ws/operator?token={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            hub.token(1),
+            hub.addr
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        // Closed with the request unanswered, or its answer unread.
+        drop(s);
+    }
+    // A socket of its own after them, closed: once its grace ends, the operator is offline
+    // with nothing counted, unless a dropped one was counted and never taken back.
+    let (own, _) = hub.connect(1).await;
+    own.close().await;
+    let v = await_status(&mut colleague, 1, "1 offline, nothing counted", |v| {
+        v["status"] == "offline" && v["connections"] == 0
+    })
+    .await;
+    assert_eq!(v["status_reason"], "disconnected", "{v}");
+    assert_eq!(hub.view(1).await["connections"], 0);
+}
