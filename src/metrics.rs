@@ -34,7 +34,24 @@ pub fn events(sent: u64, dropped: u64) {
 }
 
 pub fn request(method: &str, status: u16, took: Duration) {
-    histogram!("presence_hub_http_request_duration_seconds", "method" => method.to_string(), "status" => status.to_string())
+    // Labels of the usual answers are static strings: no allocation per request (an upgrade
+    // storm records one per socket).
+    let method: metrics::SharedString = match method {
+        "GET" => "GET".into(),
+        "POST" => "POST".into(),
+        "PUT" => "PUT".into(),
+        "PATCH" => "PATCH".into(),
+        "DELETE" => "DELETE".into(),
+        other => other.to_string().into(),
+    };
+    let status: metrics::SharedString = match status {
+        101 => "101".into(),
+        200 => "200".into(),
+        201 => "201".into(),
+        204 => "204".into(),
+        other => other.to_string().into(),
+    };
+    histogram!("presence_hub_http_request_duration_seconds", "method" => method, "status" => status)
         .record(took.as_secs_f64());
 }
 

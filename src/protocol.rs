@@ -158,6 +158,16 @@ impl Event<'_> {
             .expect("events serialize")
             .into()
     }
+
+    /// [`Event::frame`] written into a buffer of `capacity` bytes: a large frame whose size
+    /// is known roughly (a `hello`) is not grown by doubling, copied at each step.
+    pub fn frame_with_capacity(&self, capacity: usize) -> Frame {
+        let mut out = Vec::with_capacity(capacity);
+        serde_json::to_writer(&mut out, self).expect("events serialize");
+        String::from_utf8(out)
+            .expect("serde_json writes UTF-8")
+            .into()
+    }
 }
 
 /// The answer to a failed request.

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tower::ServiceExt;
 
 use crate::auth::Secrets;
 use crate::cluster::Cluster;
@@ -123,12 +122,14 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
             });
         }
         // The peer's address rides along in the request, for the connection's log span.
-        let svc = TowerToHyperService::new(app.clone().map_request(
-            move |mut req: http::Request<hyper::body::Incoming>| {
+        let svc = {
+            let (app, hub) = (app.clone(), hub.clone());
+            service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
                 req.extensions_mut().insert(crate::ws::PeerAddr(addr));
-                req
-            },
-        ));
+                crate::api::serve(app.clone(), hub.clone(), req)
+            })
+        };
         let hub = hub.clone();
         tokio::spawn(async move {
             let _slot = slot;

@@ -627,3 +627,49 @@ async fn json_errors_for_bad_ids_unknown_ids_and_paths() {
     assert_eq!(status, 405, "{v}");
     assert!(v["error"]["code"].is_string(), "{v}");
 }
+
+/// The WebSocket paths are answered before the router (`api::serve`): what is not an
+/// upgrade still gets the router's JSON answers, and every answer is timed in the metrics.
+#[tokio::test]
+async fn ws_paths_answer_json_errors_outside_the_router() {
+    let hub = TestHub::start().await;
+    hub.operator(1, &[1]).await;
+    let call = |method: Method, path: String| {
+        let req = hub.http.request(method, hub.url(&path));
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap())
+        }
+    };
+    // A GET that is no upgrade: the endpoint's own checks answer.
+    let token = hub.token(1);
+    let (status, body) = call(Method::GET, format!("/ws/operator?token={token}")).await;
+    assert_error(status, &body, 400, "bad_request");
+    let (status, body) = call(Method::GET, "/ws/operator?token=nope".into()).await;
+    assert_error(status, &body, 401, "unauthorized");
+    let (status, body) = call(Method::GET, "/ws/widget".into()).await;
+    assert_error(status, &body, 400, "bad_request");
+    // Other methods, and paths beside the three, go through the router.
+    let (status, body) = call(Method::POST, format!("/ws/operator?token={token}")).await;
+    assert_error(status, &body, 405, "method_not_allowed");
+    let (status, body) = call(Method::GET, "/ws/operator/".into()).await;
+    assert_error(status, &body, 404, "not_found");
+    let metrics = hub
+        .http
+        .get(hub.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let timed = |status: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("presence_hub_http_request_duration_seconds_count")
+                && l.contains("method=\"GET\"")
+                && l.contains(&format!("status=\"{status}\""))
+        })
+    };
+    assert!(timed("400") && timed("401"), "{metrics}");
+}

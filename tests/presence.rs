@@ -1481,3 +1481,98 @@ async fn alone_in_department(hub: &TestHub) -> (Client, Client, Client) {
     assert_eq!(widget_next(&mut widget, 1).await["online"], true);
     (colleague, widget, op)
 }
+
+/// The connect runs as the upgrade is answered: an upgrade whose hand-over then fails (here
+/// an `OnUpgrade` that never gets a connection) is a disconnect, not a connection counted
+/// forever.
+#[tokio::test]
+async fn grace_upgrade_that_fails_after_the_connect_is_a_disconnect() {
+    use axum::extract::State;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = common::test_config(tmp.path());
+    let listener = presence_hub::server::bind(cfg.server.listen).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hub = presence_hub::server::build(cfg).await.expect("hub builds");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(presence_hub::server::run(listener, hub.clone(), {
+        let stop = stop.clone();
+        async move { stop.cancelled().await }
+    }));
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/api/v1/operators/1");
+    let put = http
+        .put(&url)
+        .bearer_auth(common::API_KEY)
+        .json(&json!({"name": "Ann", "departments": [1]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{put:?}");
+    let token =
+        presence_hub::auth::Tokens::new(common::JWT_SECRET).mint(1, Duration::from_secs(60));
+    let mut req = http::Request::builder()
+        .uri(format!("/ws/operator?token={token}"))
+        .header("upgrade", "websocket")
+        .header("connection", "Upgrade")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-version", "13")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    // What a request whose connection cannot be upgraded carries: it resolves to an error.
+    let never = hyper::upgrade::on(&mut http::Request::new(()));
+    req.extensions_mut().insert(never);
+    let res = presence_hub::ws::operator::upgrade(State(hub.clone()), req).await;
+    assert_eq!(res.status(), 101);
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let view: Value = http
+            .get(&url)
+            .bearer_auth(common::API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view["connections"] == 0 && view["status"] == "offline" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still counted: {view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    server.await.unwrap();
+}
+
+/// A socket's connect runs as its upgrade is answered (before hyper hands the connection
+/// over): clients that drop the TCP connection right after sending the upgrade request leave
+/// nothing counted.
+#[tokio::test]
+async fn grace_upgrade_dropped_mid_handshake_leaves_no_connection_counted() {
+    let hub = TestHub::start_with(grace_config(100)).await;
+    hub.operator(1, &[1]).await;
+    hub.operator(2, &[1]).await;
+    let (mut colleague, _) = hub.connect(2).await;
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+        let req = format!(
+            "GET /ws/operator?token={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            hub.token(1),
+            hub.addr
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        // Closed with the request unanswered, or its answer unread.
+        drop(s);
+    }
+    // A socket of its own after them, closed: once its grace ends, the operator is offline
+    // with nothing counted, unless a dropped one was counted and never taken back.
+    let (own, _) = hub.connect(1).await;
+    own.close().await;
+    let v = await_status(&mut colleague, 1, "1 offline, nothing counted", |v| {
+        v["status"] == "offline" && v["connections"] == 0
+    })
+    .await;
+    assert_eq!(v["status_reason"], "disconnected", "{v}");
+    assert_eq!(hub.view(1).await["connections"], 0);
+}

@@ -23,11 +23,7 @@ pub const MAX_BODY: usize = 2 << 20;
 /// sends it slowly (or never) gets 408 and its connection closed, instead of holding a socket
 /// and a buffer for as long as it likes. Requests without a body go straight through.
 pub async fn body_deadline(State(hub): State<Hub>, req: Request, next: Next) -> Response {
-    let h = req.headers();
-    let announced = h.contains_key(header::TRANSFER_ENCODING)
-        || h.get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
-    if !announced {
+    if !announces_body(req.headers()) {
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
@@ -67,6 +63,14 @@ pub async fn body_deadline(State(hub): State<Hub>, req: Request, next: Next) -> 
             )
         }
     }
+}
+
+/// True when a request says a body follows (`Transfer-Encoding`, or a `Content-Length`
+/// other than 0).
+pub fn announces_body(h: &http::HeaderMap) -> bool {
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// An error answer after which the connection is closed (its body was not read to the end).

@@ -71,6 +71,45 @@ pub fn router(hub: Hub) -> Router {
         .with_state(hub)
 }
 
+/// The WebSocket endpoints, answered without the router (see [`serve`]).
+#[derive(Clone, Copy)]
+enum Upgrade {
+    Operator,
+    Widget,
+    Visitor,
+}
+
+/// Serves one request of an HTTP connection. A WebSocket upgrade (`GET` of a `/ws/…` path
+/// without a body) goes straight to its endpoint: the router's matching and its middleware
+/// stack (the body deadline has no body to time, the latency is recorded here the same way)
+/// are a large share of an upgrade's cost, and reconnect storms are made of upgrades.
+/// Everything else, other methods on those paths included, goes through `app`.
+pub async fn serve(
+    app: Router,
+    hub: Hub,
+    req: Request,
+) -> std::result::Result<Response, std::convert::Infallible> {
+    use tower::ServiceExt;
+    let upgrade = match req.uri().path() {
+        "/ws/operator" => Some(Upgrade::Operator),
+        "/ws/widget" => Some(Upgrade::Widget),
+        "/ws/visitor" => Some(Upgrade::Visitor),
+        _ => None,
+    }
+    .filter(|_| req.method() == http::Method::GET && !limits::announces_body(req.headers()));
+    let Some(upgrade) = upgrade else {
+        return app.oneshot(req).await;
+    };
+    let start = Instant::now();
+    let res = match upgrade {
+        Upgrade::Operator => ws::operator::upgrade(State(hub), req).await,
+        Upgrade::Widget => ws::widget::upgrade(State(hub), req).await,
+        Upgrade::Visitor => ws::visitor::upgrade(State(hub), req).await,
+    };
+    crate::metrics::request("GET", res.status().as_u16(), start.elapsed());
+    Ok(res)
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });

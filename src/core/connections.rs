@@ -83,13 +83,19 @@ impl Core {
             .filter(|e| matches!(e.chat.status, ChatStatus::Pending | ChatStatus::Active))
             .map(|e| e.chat.view())
             .collect();
+        // The views are most of it; departments and chats are small objects.
+        let size = me.get().len()
+            + operators.iter().map(|v| v.get().len() + 1).sum::<usize>()
+            + 96 * departments.len()
+            + 256 * chats.len()
+            + 96;
         Event::Hello {
             operator: &me,
             operators: &operators,
             departments: &departments,
             chats: &chats,
         }
-        .frame()
+        .frame_with_capacity(size)
     }
 
     /// A socket of an operator closed; with `logout` the grace is skipped.

@@ -161,6 +161,8 @@ fn origin_ok(hub: &Hub, headers: &HeaderMap) -> bool {
 /// The behaviour of one kind of socket.
 pub trait Handler: Send + 'static {
     /// Registers the socket with the hub; it pushes the first frames (`hello`, state).
+    /// Called as the upgrade is answered, before the connection is handed over: the frames
+    /// wait in the peer's queue until the socket is served.
     fn start(&mut self, hub: &Hub, peer: &Arc<Peer>) -> Result<(), Error>;
     /// A text frame from the client.
     fn on_text(
@@ -169,7 +171,8 @@ pub trait Handler: Send + 'static {
         peer: &Arc<Peer>,
         text: &str,
     ) -> impl Future<Output = Flow> + Send;
-    /// The socket is gone (any reason); not called when `start` failed.
+    /// The socket is gone (any reason, the upgrade failing after `start` too); not called
+    /// when `start` failed.
     fn stop(&mut self, hub: &Hub, peer: &Arc<Peer>);
 }
 
@@ -178,7 +181,7 @@ fn spawn<H: Handler>(
     hub: Hub,
     on_upgrade: OnUpgrade,
     kind: Kind,
-    handler: H,
+    mut handler: H,
     origin_ok: bool,
     addr: Option<PeerAddr>,
 ) {
@@ -193,6 +196,10 @@ fn spawn<H: Handler>(
     if let Kind::Operator(op) = kind {
         span.record("operator", op);
     }
+    // Started now, while hyper writes the `101` and hands the connection over: the connect's
+    // durable write runs meanwhile, and its frames (`hello` first) wait in the peer's queue
+    // until the socket is served. Not started for a refused origin.
+    let started = origin_ok.then(|| span.in_scope(|| handler.start(&hub, &peer)));
     let task = {
         let hub = hub.clone();
         async move {
@@ -200,6 +207,10 @@ fn spawn<H: Handler>(
                 Ok(io) => TokioIo::new(io),
                 Err(e) => {
                     tracing::debug!(cause = %e, "upgrade failed");
+                    if let Some(Ok(())) = started {
+                        // Connected already: the socket that never came is a disconnect.
+                        handler.stop(&hub, &peer);
+                    }
                     hub.remove_peer(peer.id);
                     return;
                 }
@@ -211,7 +222,7 @@ fn spawn<H: Handler>(
                 Some(ws_config_for(kind, hub.cfg.limits.max_message_bytes)),
             ))
             .await;
-            run(hub.clone(), ws, peer.clone(), handler, origin_ok).await;
+            run(hub.clone(), ws, peer.clone(), handler, started).await;
             hub.remove_peer(peer.id);
         }
     };
@@ -223,13 +234,13 @@ async fn run<H: Handler>(
     mut ws: Socket,
     peer: Arc<Peer>,
     mut handler: H,
-    origin_ok: bool,
+    started: Option<Result<(), Error>>,
 ) {
-    if !origin_ok {
+    let Some(started) = started else {
         close(&mut ws, 1008, "origin not allowed").await;
         return;
-    }
-    if let Err(e) = handler.start(&hub, &peer) {
+    };
+    if let Err(e) = started {
         let code = if matches!(e, Error::NotFound(_) | Error::Forbidden(_)) {
             1008
         } else {
