@@ -1,15 +1,28 @@
-//! One live socket as the rest of the hub sees it: an outbound queue bounded in frames and
-//! in bytes, a close request, and the liveness clocks the sweeper reads. Small on purpose:
-//! there is one per connection, and an idle connection must cost a few KiB at most.
+//! One live socket as the rest of the hub sees it: its writing end, an outbound queue bounded
+//! in frames and in bytes, a close request, and the liveness clocks the sweeper reads. Small on
+//! purpose: there is one per connection, and an idle connection must cost a few KiB at most.
+//!
+//! Whoever delivers a frame writes it: when nothing is queued, [`Peer::push`] writes the frame
+//! to the socket at once (`try_write`, see `ws::wire`), so a reader that keeps up costs one
+//! system call per frame and no task wake-up. Only what the socket does not take now is
+//! queued, and the connection's task is woken to write it when the socket is writable. Every
+//! write, the task's own included, happens under the queue's lock: the bytes of two frames
+//! never interleave.
 
 use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 
+use tokio::net::TcpStream;
+
 use crate::presence::ConnId;
 use crate::protocol::Frame;
+use crate::ws::wire;
 
 /// Who is on the other end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +47,8 @@ impl Kind {
 pub enum Out {
     Text(Frame),
     Ping,
+    /// A frame tungstenite made (a pong, the close frame), written in its turn.
+    Raw(bytes::Bytes),
 }
 
 /// A burst (one change reaching many chats or departments) may queue this many times
@@ -43,10 +58,11 @@ pub const BURST: usize = 8;
 
 impl Out {
     /// Bytes this entry holds for the queue's byte bound (a ping holds none of its own).
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         match self {
             Out::Text(f) => f.len(),
             Out::Ping => 0,
+            Out::Raw(b) => b.len(),
         }
     }
 }
@@ -55,11 +71,53 @@ impl Out {
 #[derive(Debug, PartialEq, Eq)]
 pub struct SlowConsumer;
 
-/// The frames waiting to be written and the bytes they hold.
+/// The socket's writing end and the frames waiting for it.
 #[derive(Default)]
 struct Queue {
     frames: VecDeque<Out>,
+    /// Payload bytes in `frames`.
     bytes: usize,
+    /// Bytes of the first frame written already: a frame begun is finished before any other
+    /// (a close frame included), or the stream would be corrupt.
+    head: usize,
+    /// Set once the socket is upgraded, taken when its task ends (the descriptor is not kept
+    /// open by someone still holding the peer).
+    sock: Option<Arc<TcpStream>>,
+    /// A write failed: the connection is over, frames go nowhere.
+    failed: bool,
+}
+
+impl Queue {
+    /// Lets go of every queued frame but one begun.
+    fn discard(&mut self) {
+        let keep = if self.head > 0 {
+            self.frames.pop_front()
+        } else {
+            None
+        };
+        self.frames = VecDeque::new();
+        self.bytes = 0;
+        if let Some(front) = keep {
+            self.bytes = front.bytes();
+            self.frames.push_back(front);
+        }
+    }
+
+    /// Writes what the socket takes; `Ok(true)` once nothing is left.
+    fn write(&mut self) -> io::Result<bool> {
+        let Some(sock) = &self.sock else {
+            return Ok(self.frames.is_empty());
+        };
+        let r = wire::write_front(&**sock, &mut self.frames, &mut self.head, &mut self.bytes);
+        if let Err(_) | Ok(true) = r {
+            if r.is_err() {
+                self.failed = true;
+            }
+            // An idle socket keeps no queue allocation.
+            self.frames = VecDeque::new();
+        }
+        r
+    }
 }
 
 pub struct Peer {
@@ -116,6 +174,25 @@ impl Peer {
             return Ok(());
         }
         let mut q = self.queue.lock();
+        if q.failed {
+            return Ok(());
+        }
+        if q.frames.is_empty()
+            && let Some(sock) = &q.sock
+        {
+            // Nothing ahead of it: written now, from the delivering thread.
+            match wire::write_one(&**sock, &out) {
+                Ok(n) if n == wire::wire_len(&out) => return Ok(()),
+                Ok(n) => q.head = n,
+                Err(_) => {
+                    // The task sees the socket fail on its next turn.
+                    q.failed = true;
+                    drop(q);
+                    self.notify();
+                    return Ok(());
+                }
+            }
+        }
         let bytes = out.bytes();
         // A frame fits while the backlog is under the bound, however large the frame (an
         // `open_chat` ack with a long history): the queue holds at most the bound plus one
@@ -138,8 +215,64 @@ impl Peer {
     /// as soon as the last of them drops it.
     fn slow_consumer(&self) {
         self.request_close(1008);
-        let dropped = std::mem::take(&mut *self.queue.lock());
-        drop(dropped);
+        self.queue.lock().discard();
+    }
+
+    /// Lets go of every queued frame but one begun (the hub closes: the close frame goes
+    /// next).
+    pub fn discard_unsent(&self) {
+        self.queue.lock().discard();
+    }
+
+    /// The upgraded socket: from now on frames are written to it.
+    pub fn attach(&self, sock: Arc<TcpStream>) {
+        self.queue.lock().sock = Some(sock);
+    }
+
+    /// The connection is over: frames go nowhere and the socket is let go.
+    pub fn detach(&self) {
+        let mut q = self.queue.lock();
+        q.failed = true;
+        q.sock = None;
+        q.discard();
+        q.frames = VecDeque::new();
+    }
+
+    /// Writes a frame made by tungstenite (a pong, the close frame), behind what is queued,
+    /// even while closing. Bounded by the queue's byte bound like any frame.
+    pub fn push_raw(&self, frame: &[u8]) -> io::Result<()> {
+        let mut q = self.queue.lock();
+        if q.failed {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        if q.bytes >= self.max_bytes {
+            // A client sending pings without reading the pongs.
+            drop(q);
+            self.slow_consumer();
+            return Ok(());
+        }
+        q.bytes += frame.len();
+        q.frames.push_back(Out::Raw(bytes::Bytes::copy_from_slice(frame)));
+        q.write().map(|_| ())
+    }
+
+    /// Writes what is queued (the connection's task, woken by [`Peer::push`]): ready once
+    /// nothing is left, pending until `sock` is writable again.
+    pub fn poll_flush(&self, sock: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            {
+                let mut q = self.queue.lock();
+                if q.failed {
+                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+                }
+                if q.write()? {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            // Registered after the write that would block: a wake-up between is not lost
+            // (tokio keeps the readiness until a write sees `WouldBlock` again).
+            std::task::ready!(sock.poll_write_ready(cx))?;
+        }
     }
 
     /// Frames waiting to be written.
@@ -170,9 +303,9 @@ impl Peer {
         self.push(Out::Text(frame.clone()))
     }
 
-    /// Takes every queued frame, in order. The queue's allocation goes with them: an idle
-    /// socket holds none (the next push allocates again, a cost small next to a write).
-    pub fn drain(&self, into: &mut Vec<Out>) {
+    /// Takes every queued frame, in order (tests of the queue without a socket).
+    #[cfg(test)]
+    fn drain(&self, into: &mut Vec<Out>) {
         let frames = {
             let mut q = self.queue.lock();
             q.bytes = 0;

@@ -2,9 +2,11 @@
 //! HTTP 401), the connection loop shared by every kind, and one module per kind for what
 //! its clients may send.
 
+pub mod conn;
 pub mod operator;
 pub mod visitor;
 pub mod widget;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,8 +16,9 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -24,10 +27,11 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::limits::Bucket;
-use crate::peer::{Kind, Out, Peer};
+use crate::peer::{Kind, Peer};
 use crate::protocol::{error_frame, request_ref};
+use conn::Conn;
 
-pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+pub type Socket = WebSocketStream<Conn>;
 
 /// Bytes the read buffer starts with, and reads at most at once. tungstenite's default
 /// (128 KiB, allocated eagerly) is sized for throughput; presence traffic is tiny and
@@ -36,7 +40,8 @@ pub const READ_BUFFER: usize = 1024;
 /// The read buffer of a widget socket: widgets only receive (what they may send is a ping,
 /// a pong, a close, or a frame answered with an error), and they are the many.
 pub const WIDGET_READ_BUFFER: usize = 128;
-/// Frames are buffered up to this before a write to the socket; a flush follows each batch.
+/// Frames tungstenite writes itself (pongs, the close frame) are buffered up to this; the
+/// hub's own frames do not go through it (`wire`).
 pub const WRITE_BUFFER: usize = 8 * 1024;
 
 /// The socket settings of every connection but widgets' (the fuzzer's too).
@@ -203,8 +208,18 @@ fn spawn<H: Handler>(
     let task = {
         let hub = hub.clone();
         async move {
-            let io = match on_upgrade.await {
-                Ok(io) => TokioIo::new(io),
+            // The server speaks HTTP/1 over plain TCP, so the upgraded connection is the TCP
+            // stream itself: the peer writes to it directly.
+            let parts = match on_upgrade.await.map(|io| io.downcast::<TokioIo<TcpStream>>()) {
+                Ok(Ok(parts)) => parts,
+                Ok(Err(_)) => {
+                    tracing::error!("upgraded connection is not a TCP stream");
+                    if let Some(Ok(())) = started {
+                        handler.stop(&hub, &peer);
+                    }
+                    hub.remove_peer(peer.id);
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(cause = %e, "upgrade failed");
                     if let Some(Ok(())) = started {
@@ -215,6 +230,9 @@ fn spawn<H: Handler>(
                     return;
                 }
             };
+            let sock = Arc::new(parts.io.into_inner());
+            peer.attach(sock.clone());
+            let io = Conn::new(sock, peer.clone(), parts.read_buf);
             // Boxed, like every once-per-socket step: only the loop's state stays in the task.
             let ws = Box::pin(WebSocketStream::from_raw_socket(
                 io,
@@ -223,6 +241,7 @@ fn spawn<H: Handler>(
             ))
             .await;
             run(hub.clone(), ws, peer.clone(), handler, started).await;
+            peer.detach();
             hub.remove_peer(peer.id);
         }
     };
@@ -267,7 +286,6 @@ async fn serve<H: Handler>(
     peer: &Arc<Peer>,
     handler: &mut H,
 ) -> (Option<u16>, &'static str) {
-    let mut batch = Vec::new();
     let limits = &hub.cfg.limits;
     let mut bucket = Bucket::new(limits.rate, limits.rate_burst, Instant::now());
     // Made once: a fresh `cancelled()` per turn would have every socket join the token's
@@ -279,7 +297,7 @@ async fn serve<H: Handler>(
             biased;
             _ = &mut shutdown => return (Some(1001), "server shutting down"),
             _ = peer.woken() => {
-                if let Some(end) = flush(ws, peer, &mut batch).await {
+                if let Some(end) = flush(ws, peer).await {
                     return end;
                 }
             }
@@ -307,7 +325,7 @@ async fn serve<H: Handler>(
                                 biased;
                                 flow = &mut request => break flow,
                                 _ = peer.woken() => {
-                                    if let Some(end) = flush(ws, peer, &mut batch).await {
+                                    if let Some(end) = flush(ws, peer).await {
                                         return end;
                                     }
                                 }
@@ -315,8 +333,7 @@ async fn serve<H: Handler>(
                         };
                         if let Flow::Close(code, reason) = flow {
                             // Flush what the request queued (its ack) before closing.
-                            peer.drain(&mut batch);
-                            write_batch(ws, peer, &mut batch).await;
+                            write_queued(ws, peer).await;
                             return (Some(code), reason);
                         }
                     }
@@ -332,8 +349,7 @@ async fn serve<H: Handler>(
                         let _ = peer.send(&error_frame(None, &Error::bad("text frame is not valid UTF-8")));
                         // tokio-tungstenite ends the stream after any read error, so the
                         // connection cannot go on (RFC 6455 fails it too): say why, close 1007.
-                        peer.drain(&mut batch);
-                        write_batch(ws, peer, &mut batch).await;
+                        write_queued(ws, peer).await;
                         return (Some(1007), "invalid UTF-8");
                     }
                     Some(Err(WsError::Protocol(e))) => {
@@ -353,78 +369,37 @@ async fn serve<H: Handler>(
 }
 
 /// Writes everything queued; `Some(end)` when the connection must end.
-async fn flush(
-    ws: &mut Socket,
-    peer: &Peer,
-    batch: &mut Vec<Out>,
-) -> Option<(Option<u16>, &'static str)> {
-    loop {
-        if let Some(code) = peer.closing() {
-            return Some((Some(code), close_reason(code)));
-        }
-        peer.drain(batch);
-        if batch.is_empty() {
-            // An idle socket keeps no batch allocation (one per wake-up on this thread is
-            // cheap next to the write).
-            batch.shrink_to_fit();
-            return None;
-        }
-        if !write_batch(ws, peer, batch).await {
-            return Some(match peer.closing() {
-                Some(code) => (Some(code), close_reason(code)),
-                None => (None, ""),
-            });
-        }
+async fn flush(ws: &mut Socket, peer: &Peer) -> Option<(Option<u16>, &'static str)> {
+    if let Some(code) = peer.closing() {
+        return Some((Some(code), close_reason(code)));
     }
+    if !write_queued(ws, peer).await {
+        return Some(match peer.closing() {
+            Some(code) => (Some(code), close_reason(code)),
+            None => (None, ""),
+        });
+    }
+    None
 }
 
-/// Writes the frames; false when the socket failed or the hub asked to close meanwhile
-/// (a reader that does not read must not hold the task in a write forever).
-///
-/// Written as one poll function over the socket's `Sink` methods rather than `feed` and
-/// `flush` futures: its state is a few words, and it is part of every socket's task.
-async fn write_batch(ws: &mut Socket, peer: &Peer, batch: &mut Vec<Out>) -> bool {
-    use futures::Sink;
-    use std::task::Poll;
-    // Frames handed to the socket so far.
-    let mut sent = 0;
-    let ok = std::future::poll_fn(|cx| {
-        loop {
-            let mut sink = std::pin::Pin::new(&mut *ws);
-            let step = if sent < batch.len() {
-                sink.as_mut().poll_ready(cx).map(|r| {
-                    r.and_then(|()| {
-                        let msg = match std::mem::replace(&mut batch[sent], Out::Ping) {
-                            Out::Text(t) => Message::Text(t),
-                            Out::Ping => Message::Ping(Default::default()),
-                        };
-                        sent += 1;
-                        sink.start_send(msg)
-                    })
-                    .map(|()| false)
-                })
-            } else {
-                sink.poll_flush(cx).map(|r| r.map(|()| true))
-            };
-            match step {
-                Poll::Ready(Ok(false)) => continue,
-                Poll::Ready(Ok(true)) => return Poll::Ready(true),
-                Poll::Ready(Err(_)) => return Poll::Ready(false),
-                Poll::Pending => break,
+/// Writes what the socket did not take when the frames were pushed; false when the socket
+/// failed or the hub asked to close meanwhile (a reader that does not read must not hold the
+/// task in a write forever).
+async fn write_queued(ws: &Socket, peer: &Peer) -> bool {
+    let sock = ws.get_ref().socket();
+    std::future::poll_fn(|cx| match peer.poll_flush(sock, cx) {
+        std::task::Poll::Ready(r) => std::task::Poll::Ready(r.is_ok()),
+        std::task::Poll::Pending => {
+            // Frames queued meanwhile are written by this same flush.
+            while peer.poll_woken(cx).is_ready() {
+                if peer.closing().is_some() {
+                    return std::task::Poll::Ready(false);
+                }
             }
+            std::task::Poll::Pending
         }
-        // The write has to wait: a close request ends it (frames queued meanwhile wait for
-        // the next batch).
-        while peer.poll_woken(cx).is_ready() {
-            if peer.closing().is_some() {
-                return Poll::Ready(false);
-            }
-        }
-        Poll::Pending
     })
-    .await;
-    batch.clear();
-    ok
+    .await
 }
 
 fn close_reason(code: u16) -> &'static str {
@@ -450,6 +425,8 @@ async fn close(ws: &mut Socket, code: u16, reason: &str) {
 }
 
 async fn close_now(ws: &mut Socket, code: u16, reason: &str) {
+    // Nothing queued is written after the hub decided to close (a frame begun is finished).
+    ws.get_ref().peer().discard_unsent();
     let frame = CloseFrame {
         code: CloseCode::from(code),
         reason: reason.to_string().into(),
