@@ -29,6 +29,7 @@ use crate::peer::{Kind, Out, Peer};
 use crate::presence::ConnId;
 use crate::protocol::Frame;
 use crate::store::{self, Store, StoreError, Ticket};
+use crate::ws::broadcast;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -188,9 +189,13 @@ impl Hub {
             } else {
                 self.store.write(writes)
             }
-        } else if writes.is_empty() && self.held.load(Ordering::Acquire) == 0 {
-            // Nothing to wait for: shown at once, under the lock (in order).
-            deliver(frames);
+        } else if writes.is_empty()
+            && self.held.load(Ordering::Acquire) == 0
+            && frames.len() <= broadcast::INLINE_MAX
+        {
+            // Nothing to wait for: shown at once, under the lock (in order). Many frames
+            // (system calls, `ws::broadcast`) go to the release task: not under the lock.
+            broadcast::deliver(frames);
             store::done()
         } else {
             let ticket = if writes.is_empty() {
@@ -573,18 +578,6 @@ impl Hub {
     }
 }
 
-/// Queues frames to their sockets.
-fn deliver(frames: Vec<(Arc<Peer>, Frame)>) {
-    let (mut sent, mut dropped) = (0, 0);
-    for (peer, frame) in frames {
-        match peer.push(Out::Text(frame)) {
-            Ok(()) => sent += 1,
-            Err(_) => dropped += 1,
-        }
-    }
-    crate::metrics::events(sent, dropped);
-}
-
 /// Shows each change's frames once its writes are durable, in the order of changes (the
 /// store acknowledges in that order), and answers its caller after that.
 async fn release(
@@ -597,7 +590,7 @@ async fn release(
         // A change without writes queued behind a failed one was made on the failed state:
         // shown to nobody (the rebuild sends everyone the state after).
         if result.is_ok() && !diverged.load(Ordering::Acquire) {
-            deliver(r.frames);
+            broadcast::deliver_spread(r.frames).await;
         } else if result.is_err() {
             // Before `held` can reach 0: no change made on the failed state is shown.
             diverged.store(true, Ordering::Release);

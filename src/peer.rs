@@ -303,6 +303,19 @@ impl Peer {
         self.push(Out::Text(frame.clone()))
     }
 
+    /// The queued text frames, taken (tests of the queue without a socket).
+    #[cfg(test)]
+    pub(crate) fn take_queued_texts(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.drain(&mut out);
+        out.into_iter()
+            .filter_map(|o| match o {
+                Out::Text(t) => Some(t.as_str().to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Takes every queued frame, in order (tests of the queue without a socket).
     #[cfg(test)]
     fn drain(&self, into: &mut Vec<Out>) {

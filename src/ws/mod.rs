@@ -2,6 +2,7 @@
 //! HTTP 401), the connection loop shared by every kind, and one module per kind for what
 //! its clients may send.
 
+pub mod broadcast;
 pub mod conn;
 pub mod operator;
 pub mod visitor;
