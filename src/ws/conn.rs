@@ -23,6 +23,13 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(sock: Arc<TcpStream>, peer: Arc<Peer>, early: Bytes) -> Conn {
+        // Copied: hyper's slice would keep its whole read buffer (KiBs) alive for the
+        // connection's life, empty or not.
+        let early = if early.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&early)
+        };
         Conn { sock, peer, early }
     }
 
@@ -46,6 +53,9 @@ impl AsyncRead for Conn {
             let n = this.early.len().min(buf.remaining());
             buf.put_slice(&this.early[..n]);
             this.early.advance(n);
+            if this.early.is_empty() {
+                this.early = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         loop {
