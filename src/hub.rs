@@ -25,11 +25,11 @@ use crate::config::Config;
 use crate::core::{ChatOp, Core, Origin, Timer};
 use crate::error::Result;
 use crate::model::OperatorId;
+use crate::peer::broadcast;
 use crate::peer::{Kind, Out, Peer};
 use crate::presence::ConnId;
 use crate::protocol::Frame;
 use crate::store::{self, Store, StoreError, Ticket};
-use crate::ws::broadcast;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -194,7 +194,7 @@ impl Hub {
             && frames.len() <= broadcast::INLINE_MAX
         {
             // Nothing to wait for: shown at once, under the lock (in order). Many frames
-            // (system calls, `ws::broadcast`) go to the release task: not under the lock.
+            // (system calls, `peer::broadcast`) go to the release task: not under the lock.
             broadcast::deliver(frames);
             store::done()
         } else {

@@ -3,11 +3,14 @@
 //! purpose: there is one per connection, and an idle connection must cost a few KiB at most.
 //!
 //! Whoever delivers a frame writes it: when nothing is queued, [`Peer::push`] writes the frame
-//! to the socket at once (`try_write`, see `ws::wire`), so a reader that keeps up costs one
+//! to the socket at once (`try_write`, see [`wire`]), so a reader that keeps up costs one
 //! system call per frame and no task wake-up. Only what the socket does not take now is
 //! queued, and the connection's task is woken to write it when the socket is writable. Every
 //! write, the task's own included, happens under the queue's lock: the bytes of two frames
 //! never interleave.
+
+pub mod broadcast;
+pub mod wire;
 
 use std::collections::VecDeque;
 use std::io;
@@ -22,7 +25,6 @@ use tokio::net::TcpStream;
 
 use crate::presence::ConnId;
 use crate::protocol::Frame;
-use crate::ws::wire;
 
 /// Who is on the other end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,7 +254,8 @@ impl Peer {
             return Ok(());
         }
         q.bytes += frame.len();
-        q.frames.push_back(Out::Raw(bytes::Bytes::copy_from_slice(frame)));
+        q.frames
+            .push_back(Out::Raw(bytes::Bytes::copy_from_slice(frame)));
         q.write().map(|_| ())
     }
 

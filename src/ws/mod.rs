@@ -2,12 +2,10 @@
 //! HTTP 401), the connection loop shared by every kind, and one module per kind for what
 //! its clients may send.
 
-pub mod broadcast;
 pub mod conn;
 pub mod operator;
 pub mod visitor;
 pub mod widget;
-pub mod wire;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -211,7 +209,10 @@ fn spawn<H: Handler>(
         async move {
             // The server speaks HTTP/1 over plain TCP, so the upgraded connection is the TCP
             // stream itself: the peer writes to it directly.
-            let parts = match on_upgrade.await.map(|io| io.downcast::<TokioIo<TcpStream>>()) {
+            let parts = match on_upgrade
+                .await
+                .map(|io| io.downcast::<TokioIo<TcpStream>>())
+            {
                 Ok(Ok(parts)) => parts,
                 Ok(Err(_)) => {
                     tracing::error!("upgraded connection is not a TCP stream");

@@ -316,10 +316,13 @@ async fn measure(
     if let Some(p) = publisher {
         // Publishes go one at a time: a peer slower than the asked rate (20/s to 10,000
         // sockets on a busy machine) finishes late, which the figures below show.
-        tokio::time::timeout(Duration::from_secs(10) + args.duration + args.drain, p.finish())
-            .await
-            .context("the uWS publishes did not finish")?
-            .context("publishing to the uWS peer")?;
+        tokio::time::timeout(
+            Duration::from_secs(10) + args.duration + args.drain,
+            p.finish(),
+        )
+        .await
+        .context("the uWS publishes did not finish")?
+        .context("publishing to the uWS peer")?;
     }
 
     let mut hist = client::new_histogram();

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
-use crate::peer::Out;
+use super::Out;
 
 /// The non-blocking write of a socket (tokio's `TcpStream`; a fake in tests).
 pub trait TryWrite {
