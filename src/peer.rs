@@ -87,6 +87,9 @@ struct Queue {
     sock: Option<Arc<TcpStream>>,
     /// A write failed: the connection is over, frames go nowhere.
     failed: bool,
+    /// A close frame is queued or written: nothing follows it on the wire (RFC 6455 5.5.1),
+    /// whoever wrote it (the hub closing, or tungstenite answering the client's close).
+    sealed: bool,
 }
 
 impl Queue {
@@ -176,7 +179,7 @@ impl Peer {
             return Ok(());
         }
         let mut q = self.queue.lock();
-        if q.failed {
+        if q.failed || q.sealed {
             return Ok(());
         }
         if q.frames.is_empty()
@@ -253,6 +256,11 @@ impl Peer {
             self.slow_consumer();
             return Ok(());
         }
+        if q.sealed {
+            // tungstenite writes nothing after its close frame; nothing is lost here.
+            return Ok(());
+        }
+        q.sealed = wire::has_close(frame);
         q.bytes += frame.len();
         q.frames
             .push_back(Out::Raw(bytes::Bytes::copy_from_slice(frame)));
@@ -494,6 +502,19 @@ mod tests {
         assert_eq!(p.queued_bytes(), 0);
         p.send(&"1234567890".into()).unwrap();
         assert_eq!(p.closing(), None);
+    }
+
+    #[test]
+    fn close_frame_is_the_last_thing_queued() {
+        let p = Peer::new(1, Kind::Widget, 16, 0);
+        p.send(&"before".into()).unwrap();
+        // A close frame as tungstenite writes it (code 1000), behind a pong.
+        p.push_raw(&[0x8a, 0x01, 0x07, 0x88, 0x02, 0x03, 0xe8]).unwrap();
+        p.send(&"after".into()).unwrap();
+        p.push(Out::Ping).unwrap();
+        p.push_raw(&[0x8a, 0x00]).unwrap();
+        assert_eq!(p.queued(), 2, "the frame before and the close frame");
+        assert_eq!(p.take_queued_texts(), ["before"]);
     }
 
     #[test]

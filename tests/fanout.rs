@@ -140,3 +140,31 @@ async fn fanout_pongs_are_written_between_frames_never_inside_one() {
     let v = next_status(&mut w).await;
     assert_eq!(v["reason"], "disabled");
 }
+
+#[tokio::test]
+async fn fanout_nothing_is_written_after_the_close_frame() {
+    use common::raw::RawWs;
+    use std::time::Duration;
+    // Pings every 50 ms, written by the sweeper straight to the socket, while the hub waits
+    // for the answer to its close frame (which this client never sends).
+    let hub = TestHub::start_with(|cfg| {
+        cfg.presence.ping_interval = Duration::from_millis(50);
+        cfg.presence.pong_timeout = Some(Duration::from_secs(30));
+    })
+    .await;
+    hub.operator(1, &[1]).await;
+    let mut ws = RawWs::connect(hub.addr, &format!("/ws/operator?token={}", hub.token(1))).await;
+    assert_eq!(ws.next_json().await["type"], "hello");
+    // Pings are flowing.
+    loop {
+        let f = ws.next_frame(WAIT).await.expect("a frame");
+        if f.opcode == 9 {
+            break;
+        }
+    }
+    ws.send_text(&json!({"type":"logout","ref":1}).to_string())
+        .await;
+    // Up to the close frame: frames (acks, pings); after it, only the end of the connection.
+    let (close, _) = ws.read_to_close(WAIT).await;
+    assert_eq!(close.expect("a close frame").close_code(), Some(1000));
+}

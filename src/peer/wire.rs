@@ -133,6 +133,31 @@ pub fn write_front(
     Ok(true)
 }
 
+/// True when `frames` (whole server frames, as tungstenite writes them: unmasked) hold a
+/// close frame. Bytes that do not parse as frames hold none.
+pub fn has_close(mut frames: &[u8]) -> bool {
+    while frames.len() >= 2 {
+        if frames[0] & 0x0f == 0x8 {
+            return true;
+        }
+        let (len, at): (usize, usize) = match frames[1] & 0x7f {
+            126 if frames.len() >= 4 => (u16::from_be_bytes([frames[2], frames[3]]) as usize, 4),
+            127 if frames.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&frames[2..10]);
+                (u64::from_be_bytes(n) as usize, 10)
+            }
+            126 | 127 => return false,
+            n => (n as usize, 2),
+        };
+        let Some(rest) = frames.get(at.saturating_add(len)..) else {
+            return false;
+        };
+        frames = rest;
+    }
+    false
+}
+
 /// `WouldBlock` as 0 bytes; 0 bytes taken of a non-empty write as the error it is.
 fn written(r: io::Result<usize>) -> io::Result<usize> {
     match r {
@@ -235,6 +260,33 @@ mod tests {
             );
         }
         assert!(got[40].is_ping());
+    }
+
+    /// A frame as tungstenite's server side writes it.
+    fn server_frame(msg: tokio_tungstenite::tungstenite::Message) -> Vec<u8> {
+        use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
+        let mut ws = WebSocket::from_raw_socket(io::Cursor::new(Vec::new()), Role::Server, None);
+        ws.send(msg).unwrap();
+        ws.get_ref().get_ref().clone()
+    }
+
+    #[test]
+    fn has_close_finds_a_close_frame_behind_others() {
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let close = server_frame(Message::Close(Some(CloseFrame {
+            code: 1000.into(),
+            reason: "logout".into(),
+        })));
+        let pong = server_frame(Message::Pong(vec![7; 125].into()));
+        let long_pong = [pong.clone(), pong.clone()].concat();
+        assert!(has_close(&close));
+        assert!(has_close(&[long_pong.clone(), close.clone()].concat()));
+        assert!(!has_close(&long_pong));
+        assert!(!has_close(&server_frame(Message::Text("x".repeat(300).into()))));
+        // A frame cut short, and nothing at all, hold no close frame.
+        assert!(!has_close(&pong[..pong.len() - 1]));
+        assert!(!has_close(&[]));
     }
 
     #[test]
