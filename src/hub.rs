@@ -4,8 +4,9 @@
 //!
 //! Every change goes one way: it runs on the core under the lock (checked, applied to
 //! memory), its writes are queued to the store in the order of changes, and the frames it
-//! makes are held ([`Release`]) until those writes are durable; only then are they queued to
-//! the sockets and the caller answered. A write that fails drops its frames and every later
+//! makes are held ([`Release`]) until those writes are durable; only then are they written to
+//! the sockets and the caller answered (after its own sockets' frames, not after every
+//! widget's: [`release`]). A write that fails drops its frames and every later
 //! change's until the hub has rebuilt its state from the store ([`Hub::heal`]): what clients
 //! were shown, and what callers were told succeeded, is always in the store.
 
@@ -28,18 +29,14 @@ use crate::model::OperatorId;
 use crate::peer::broadcast;
 use crate::peer::{Kind, Out, Peer};
 use crate::presence::ConnId;
-use crate::protocol::Frame;
 use crate::store::{self, Store, StoreError, Ticket};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-/// The frames of a change, held until its writes are durable.
-struct Release {
-    ticket: Ticket,
-    frames: Vec<(Arc<Peer>, Frame)>,
-    done: oneshot::Sender<Result<(), StoreError>>,
-}
+mod release;
+
+use release::Release;
 
 /// What the hub needs of the cluster it joined (`cluster::Cluster` implements it), so that
 /// the hub does not depend on the cluster module.
@@ -145,7 +142,12 @@ impl Hub {
         for t in timers {
             hub.schedule(t);
         }
-        tokio::spawn(release(releases, hub.held.clone(), hub.diverged.clone()));
+        tokio::spawn(release::run(
+            releases,
+            hub.held.clone(),
+            hub.diverged.clone(),
+            broadcast::deliver_spread,
+        ));
         tokio::spawn(hub.clone().heal(failures));
         Ok(hub)
     }
@@ -575,27 +577,5 @@ impl Hub {
     pub fn close_store(&self) {
         let _ = self.apply_now(EndSessions);
         self.store.close();
-    }
-}
-
-/// Shows each change's frames once its writes are durable, in the order of changes (the
-/// store acknowledges in that order), and answers its caller after that.
-async fn release(
-    mut rx: mpsc::UnboundedReceiver<Release>,
-    held: Arc<AtomicUsize>,
-    diverged: Arc<AtomicBool>,
-) {
-    while let Some(r) = rx.recv().await {
-        let result = store::durable(r.ticket).await;
-        // A change without writes queued behind a failed one was made on the failed state:
-        // shown to nobody (the rebuild sends everyone the state after).
-        if result.is_ok() && !diverged.load(Ordering::Acquire) {
-            broadcast::deliver_spread(r.frames).await;
-        } else if result.is_err() {
-            // Before `held` can reach 0: no change made on the failed state is shown.
-            diverged.store(true, Ordering::Release);
-        }
-        held.fetch_sub(1, Ordering::AcqRel);
-        let _ = r.done.send(result);
     }
 }
