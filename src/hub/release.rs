@@ -18,6 +18,10 @@ use crate::peer::{Kind, Peer};
 use crate::protocol::Frame;
 use crate::store::{self, StoreError, Ticket};
 
+/// Changes whose widget frames may wait for the widget lane (each holds one entry per
+/// socket it reaches).
+pub const WIDGET_BACKLOG: usize = 16;
+
 /// Frames of one change, each with its socket.
 pub type Frames = Vec<(Arc<Peer>, Frame)>;
 
@@ -49,7 +53,7 @@ pub async fn run<D, F>(
     D: Fn(Frames) -> F + Clone + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    let (widgets_tx, widgets_rx) = mpsc::unbounded_channel();
+    let (widgets_tx, widgets_rx) = mpsc::channel(WIDGET_BACKLOG);
     tokio::spawn(widget_lane(widgets_rx, held.clone(), deliver.clone()));
     while let Some(r) = rx.recv().await {
         let result = store::durable(r.ticket).await;
@@ -57,11 +61,13 @@ pub async fn run<D, F>(
         // shown to nobody (the rebuild sends everyone the state after).
         if result.is_ok() && !diverged.load(Ordering::Acquire) {
             let (now, later) = by_lane(r.frames);
-            deliver(now).await;
+            if !now.is_empty() {
+                deliver(now).await;
+            }
             let _ = r.done.send(result);
             if later.is_empty() {
                 held.fetch_sub(1, Ordering::AcqRel);
-            } else if let Err(lost) = widgets_tx.send(later) {
+            } else if let Err(lost) = widgets_tx.send(later).await {
                 // The lane ended (the runtime shuts down): the frames go nowhere.
                 drop(lost);
                 held.fetch_sub(1, Ordering::AcqRel);
@@ -79,7 +85,7 @@ pub async fn run<D, F>(
 
 /// Writes the widgets' frames of each change in the order of changes; a change stops being
 /// held once they are written or queued.
-async fn widget_lane<D, F>(mut rx: mpsc::UnboundedReceiver<Frames>, held: Arc<AtomicUsize>, deliver: D)
+async fn widget_lane<D, F>(mut rx: mpsc::Receiver<Frames>, held: Arc<AtomicUsize>, deliver: D)
 where
     D: Fn(Frames) -> F,
     F: Future<Output = ()>,
@@ -164,6 +170,57 @@ mod tests {
         for w in &widgets {
             assert_eq!(texts(w), ["w 0", "w 1"], "every change, in order");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fanout_widget_lane_backlog_is_bounded_answers_wait_past_it() {
+        let w = Arc::new(Peer::new(1, Kind::Widget, 1024, 0));
+        let (gate_tx, gate) = watch::channel(false);
+        let deliver = move |frames: Frames| {
+            let mut gate = gate.clone();
+            async move {
+                assert!(frames.iter().all(|(p, _)| p.kind == Kind::Widget));
+                let _ = gate.wait_for(|open| *open).await;
+                crate::peer::broadcast::deliver(frames);
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let held = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(run(rx, held.clone(), Arc::new(AtomicBool::new(false)), deliver));
+        let n = WIDGET_BACKLOG + 3;
+        let mut answers = Vec::new();
+        for k in 0..n {
+            let (r, answer) = change(vec![(w.clone(), format!("{k}").into())]);
+            held.fetch_add(1, Ordering::AcqRel);
+            tx.send(r).unwrap();
+            answers.push(answer);
+        }
+        // One change in the lane's hands, WIDGET_BACKLOG waiting, one answered and waiting
+        // to be handed over; the last is not answered while the lane is stuck (time is
+        // paused: the timeout fires only once every task waits).
+        let last = answers.pop().unwrap();
+        for a in answers {
+            assert!(a.await.unwrap().is_ok());
+        }
+        let mut last = Box::pin(last);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), &mut last)
+                .await
+                .is_err(),
+            "answered past the backlog"
+        );
+        assert_eq!(w.queued(), 0);
+        gate_tx.send(true).unwrap();
+        assert!(last.await.unwrap().is_ok());
+        tokio::time::timeout(WAIT, async {
+            while held.load(Ordering::Acquire) > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the widget lane finishes");
+        let want: Vec<String> = (0..n).map(|k| k.to_string()).collect();
+        assert_eq!(texts(&w), want);
     }
 
     #[tokio::test]
