@@ -30,7 +30,7 @@ use crate::peer::broadcast;
 use crate::peer::{Kind, Out, Peer};
 use crate::presence::ConnId;
 use crate::store::{self, Store, StoreError, Ticket};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -75,7 +75,7 @@ pub struct Shared {
     /// A store write failed and the state is being rebuilt: changes are refused, and frames
     /// are shown to nobody. Set by the release task as soon as it sees a failure (before a
     /// later change could be shown), cleared by [`Hub::heal`].
-    diverged: Arc<AtomicBool>,
+    divergence: Arc<release::Divergence>,
     /// Cluster: until when (ms, [`Hub::now_ms`]) the assigner lease is surely still ours.
     lease_until: AtomicU64,
     /// Where timers go to the timer task (`crate::timers`).
@@ -124,7 +124,7 @@ impl Hub {
             leaving: Mutex::new(Vec::new()),
             release: release_tx,
             held: Arc::new(AtomicUsize::new(0)),
-            diverged: Arc::new(AtomicBool::new(false)),
+            divergence: Arc::default(),
             lease_until: AtomicU64::new(0),
             timers: timers_tx,
         }));
@@ -145,7 +145,7 @@ impl Hub {
         tokio::spawn(release::run(
             releases,
             hub.held.clone(),
-            hub.diverged.clone(),
+            hub.divergence.clone(),
             broadcast::deliver_spread,
         ));
         tokio::spawn(hub.clone().heal(failures));
@@ -183,7 +183,7 @@ impl Hub {
             );
         }
         let frames = core.take_outbox();
-        let ticket = if self.diverged.load(Ordering::Acquire) {
+        let ticket = if self.divergence.diverged() {
             // Made on a state about to be replaced: shown to nobody.
             drop(frames);
             if writes.is_empty() {
@@ -211,6 +211,7 @@ impl Hub {
                 ticket,
                 frames,
                 done,
+                epoch: self.divergence.epoch(),
             };
             if let Err(e) = self.release.send(held) {
                 self.held.fetch_sub(1, Ordering::AcqRel);
@@ -227,7 +228,7 @@ impl Hub {
     /// Runs a change and waits until it is durable: what a client is acknowledged. While
     /// the state is being rebuilt after a failed write, changes are refused at once.
     async fn commit<R>(&self, f: impl FnOnce(&mut Core, Instant) -> Result<R>) -> Result<R> {
-        if self.diverged.load(Ordering::Acquire) {
+        if self.divergence.diverged() {
             return Err(crate::error::Error::Unavailable(
                 "store unavailable: reloading state after a failed write".into(),
             ));
@@ -260,7 +261,7 @@ impl Hub {
                 r = failures.changed() => if r.is_err() { return },
                 _ = self.shutdown.cancelled() => return,
             }
-            self.diverged.store(true, Ordering::Release);
+            self.divergence.mark();
             tracing::warn!("a store write failed: rebuilding the state from the store");
             loop {
                 if self.shutdown.is_cancelled() {
@@ -279,7 +280,7 @@ impl Hub {
                             // Writes of the rebuilt state are taken again (they queue behind
                             // nothing: every older one was refused).
                             self.store.resume();
-                            self.diverged.store(false, Ordering::Release);
+                            self.divergence.rebuilt();
                             self.finish(&mut core);
                             drop(core);
                             tracing::info!("state rebuilt from the store; changes taken again");
@@ -320,7 +321,7 @@ impl Hub {
 
     /// The store takes writes and the state is not being rebuilt (`/readyz`).
     pub fn store_ready(&self) -> bool {
-        self.store.ready() && !self.diverged.load(Ordering::Acquire)
+        self.store.ready() && !self.divergence.diverged()
     }
 
     /// Milliseconds since the hub started (the peers' liveness clock).

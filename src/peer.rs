@@ -244,13 +244,16 @@ impl Peer {
     }
 
     /// Writes a frame made by tungstenite (a pong, the close frame), behind what is queued,
-    /// even while closing. Bounded by the queue's byte bound like any frame.
+    /// even while closing. Bounded by the queue's byte bound like any frame, but the close
+    /// frame (at most 127 bytes, once: the queue is sealed after it): it is what tells the
+    /// client why, also behind a large frame left half-written.
     pub fn push_raw(&self, frame: &[u8]) -> io::Result<()> {
+        let close = wire::has_close(frame);
         let mut q = self.queue.lock();
         if q.failed {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
-        if q.bytes >= self.max_bytes {
+        if q.bytes >= self.max_bytes && !close {
             // A client sending pings without reading the pongs.
             drop(q);
             self.slow_consumer();
@@ -260,7 +263,7 @@ impl Peer {
             // tungstenite writes nothing after its close frame; nothing is lost here.
             return Ok(());
         }
-        q.sealed = wire::has_close(frame);
+        q.sealed = close;
         q.bytes += frame.len();
         q.frames
             .push_back(Out::Raw(bytes::Bytes::copy_from_slice(frame)));
@@ -509,12 +512,31 @@ mod tests {
         let p = Peer::new(1, Kind::Widget, 16, 0);
         p.send(&"before".into()).unwrap();
         // A close frame as tungstenite writes it (code 1000), behind a pong.
-        p.push_raw(&[0x8a, 0x01, 0x07, 0x88, 0x02, 0x03, 0xe8]).unwrap();
+        p.push_raw(&[0x8a, 0x01, 0x07, 0x88, 0x02, 0x03, 0xe8])
+            .unwrap();
         p.send(&"after".into()).unwrap();
         p.push(Out::Ping).unwrap();
         p.push_raw(&[0x8a, 0x00]).unwrap();
         assert_eq!(p.queued(), 2, "the frame before and the close frame");
         assert_eq!(p.take_queued_texts(), ["before"]);
+    }
+
+    #[test]
+    fn close_frame_is_queued_past_the_byte_bound_a_pong_is_not() {
+        let p = Peer::new(1, Kind::Widget, 16, 0).with_max_bytes(8);
+        // Below the bound when it came, so queued however large: the queue is now past it.
+        p.send(&"x".repeat(100).as_str().into()).unwrap();
+        p.push_raw(&[0x8a, 0x00]).unwrap();
+        assert_eq!(
+            p.closing(),
+            Some(1008),
+            "a pong past the bound: slow consumer"
+        );
+        let p = Peer::new(2, Kind::Widget, 16, 0).with_max_bytes(8);
+        p.send(&"x".repeat(100).as_str().into()).unwrap();
+        p.push_raw(&[0x88, 0x02, 0x03, 0xe8]).unwrap();
+        assert_eq!(p.queued(), 2, "the close frame is queued behind it");
+        assert_eq!(p.closing(), None);
     }
 
     #[test]

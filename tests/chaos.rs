@@ -326,7 +326,12 @@ async fn chaos_paused_leader_decides_nothing_after_waking() {
     // is a prefix of the second.
     let later = a.feed().await;
     let ids = |f: &[Value]| f.iter().map(|e| e["id"].to_string()).collect::<Vec<_>>();
-    assert!(later.len() >= feed.len(), "{} vs {}", later.len(), feed.len());
+    assert!(
+        later.len() >= feed.len(),
+        "{} vs {}",
+        later.len(),
+        feed.len()
+    );
     assert_eq!(ids(&later[..feed.len()]), ids(&feed), "one log");
 }
 

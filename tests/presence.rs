@@ -1519,7 +1519,7 @@ async fn grace_upgrade_that_fails_after_the_connect_is_a_disconnect() {
         .body(axum::body::Body::empty())
         .unwrap();
     // What a request whose connection cannot be upgraded carries: it resolves to an error.
-    let never = hyper::upgrade::on(&mut http::Request::new(()));
+    let never = hyper::upgrade::on(http::Request::new(()));
     req.extensions_mut().insert(never);
     let res = presence_hub::ws::operator::upgrade(State(hub.clone()), req).await;
     assert_eq!(res.status(), 101);

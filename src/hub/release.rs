@@ -8,9 +8,13 @@
 //! changes in the order of changes, and a lane's frames of a change are all written or
 //! queued before its next change's. A change is "held" until both lanes are done with it, so
 //! a later change shown at once under the core's lock (`Hub::finish`) cannot overtake it.
+//!
+//! The lanes part only while the widget lane keeps up: once [`WIDGET_BACKLOG`] changes wait
+//! for it, the release task waits too, and with it the answers and interactive frames of
+//! later changes (back-pressure instead of unbounded memory).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -30,6 +34,51 @@ pub struct Release {
     pub ticket: Ticket,
     pub frames: Frames,
     pub done: oneshot::Sender<Result<(), StoreError>>,
+    /// The rebuild the change was made on ([`Divergence::epoch`]).
+    pub epoch: u64,
+}
+
+/// Whether the state in memory went apart from the store's (a write failed) and which
+/// rebuild it is, in one atomic word (epoch × 2 + diverged). A failure the release task
+/// reaches late (its change waited behind the widget lane) can only mark the state it was
+/// made on: one rebuilt since stays good, so a late failure never leaves the hub refusing
+/// everything with nothing left to rebuild it.
+#[derive(Debug, Default)]
+pub struct Divergence(AtomicU64);
+
+impl Divergence {
+    /// The current rebuild: changes made now are of this epoch.
+    pub fn epoch(&self) -> u64 {
+        self.0.load(Ordering::Acquire) >> 1
+    }
+
+    /// True from a failed write until the state is rebuilt.
+    pub fn diverged(&self) -> bool {
+        self.0.load(Ordering::Acquire) & 1 == 1
+    }
+
+    /// A write of a change made on `epoch` failed: that state is diverged (no-op if it was
+    /// rebuilt since).
+    pub fn fail(&self, epoch: u64) {
+        let _ = self.0.compare_exchange(
+            epoch << 1,
+            (epoch << 1) | 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// The store signalled a failure: the current state is diverged.
+    pub fn mark(&self) {
+        self.0.fetch_or(1, Ordering::AcqRel);
+    }
+
+    /// The state was rebuilt from the store: a new epoch, not diverged. Called under the
+    /// core's lock, so no change is made between the rebuild and this.
+    pub fn rebuilt(&self) {
+        let next = self.epoch() + 1;
+        self.0.store(next << 1, Ordering::Release);
+    }
 }
 
 /// The frames for the sockets that wait on an answer (written before it) and the widgets'
@@ -42,12 +91,13 @@ pub fn by_lane(frames: Frames) -> (Frames, Frames) {
 
 /// The release task: waits for each change's writes in order, writes its interactive frames
 /// with `deliver`, answers, and hands the widgets' frames to the widget lane (`deliver` too).
-/// `held` counts changes not yet through both lanes; `diverged` is set at the first failed
-/// write (nothing made after it is shown).
+/// `held` counts changes not yet through both lanes; a failed write marks the state it was
+/// made on diverged (nothing made on that state is shown: the rebuild shows everyone the
+/// state after).
 pub async fn run<D, F>(
     mut rx: mpsc::UnboundedReceiver<Release>,
     held: Arc<AtomicUsize>,
-    diverged: Arc<AtomicBool>,
+    divergence: Arc<Divergence>,
     deliver: D,
 ) where
     D: Fn(Frames) -> F + Clone + Send + 'static,
@@ -57,9 +107,10 @@ pub async fn run<D, F>(
     tokio::spawn(widget_lane(widgets_rx, held.clone(), deliver.clone()));
     while let Some(r) = rx.recv().await {
         let result = store::durable(r.ticket).await;
-        // A change without writes queued behind a failed one was made on the failed state:
-        // shown to nobody (the rebuild sends everyone the state after).
-        if result.is_ok() && !diverged.load(Ordering::Acquire) {
+        // A change without writes queued behind a failed one, or one made on a state rebuilt
+        // since, was made on the failed state: shown to nobody (the rebuild sends everyone
+        // the state after).
+        if result.is_ok() && r.epoch == divergence.epoch() && !divergence.diverged() {
             let (now, later) = by_lane(r.frames);
             if !now.is_empty() {
                 deliver(now).await;
@@ -76,7 +127,7 @@ pub async fn run<D, F>(
         }
         if result.is_err() {
             // Before `held` can reach 0: no change made on the failed state is shown.
-            diverged.store(true, Ordering::Release);
+            divergence.fail(r.epoch);
         }
         held.fetch_sub(1, Ordering::AcqRel);
         let _ = r.done.send(result);
@@ -111,6 +162,7 @@ mod tests {
             ticket: store::done(),
             frames,
             done,
+            epoch: 0,
         };
         (release, answer)
     }
@@ -138,7 +190,7 @@ mod tests {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let held = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(rx, held.clone(), Arc::new(AtomicBool::new(false)), deliver));
+        tokio::spawn(run(rx, held.clone(), Arc::default(), deliver));
         let mut answers = Vec::new();
         for k in 0..2 {
             let mut frames: Frames = vec![(op.clone(), format!("op {k}").into())];
@@ -186,7 +238,7 @@ mod tests {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let held = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(rx, held.clone(), Arc::new(AtomicBool::new(false)), deliver));
+        tokio::spawn(run(rx, held.clone(), Arc::default(), deliver));
         let n = WIDGET_BACKLOG + 3;
         let mut answers = Vec::new();
         for k in 0..n {
@@ -228,8 +280,8 @@ mod tests {
         let w = Arc::new(Peer::new(1, Kind::Widget, 1024, 0));
         let (tx, rx) = mpsc::unbounded_channel();
         let held = Arc::new(AtomicUsize::new(0));
-        let diverged = Arc::new(AtomicBool::new(false));
-        tokio::spawn(run(rx, held.clone(), diverged.clone(), |f| async move {
+        let divergence: Arc<Divergence> = Arc::default();
+        tokio::spawn(run(rx, held.clone(), divergence.clone(), |f| async move {
             crate::peer::broadcast::deliver(f)
         }));
         let (done, answer) = oneshot::channel();
@@ -240,6 +292,7 @@ mod tests {
             ticket: failed,
             frames: vec![(w.clone(), "failed".into())],
             done,
+            epoch: 0,
         })
         .unwrap();
         // A change without writes queued behind it was made on the failed state.
@@ -247,9 +300,53 @@ mod tests {
         tx.send(after).unwrap();
         assert!(answer.await.unwrap().is_err());
         assert!(after_answer.await.unwrap().is_ok());
-        assert!(diverged.load(Ordering::Acquire));
+        assert!(divergence.diverged());
         assert_eq!(held.load(Ordering::Acquire), 0);
         assert!(texts(&w).is_empty());
+    }
+
+    /// The state was rebuilt (after the store signalled a failure) before the release task
+    /// reached the failed change, as when it waited behind the widget lane: the late failure
+    /// does not mark the rebuilt state diverged (the hub would refuse everything for good),
+    /// a change made on the old state is still shown to nobody, one made after is shown.
+    #[tokio::test]
+    async fn fanout_a_failure_reached_after_the_rebuild_leaves_the_rebuilt_state_good() {
+        let w = Arc::new(Peer::new(1, Kind::Widget, 1024, 0));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let held = Arc::new(AtomicUsize::new(0));
+        let divergence: Arc<Divergence> = Arc::default();
+        // The failed change's ticket resolves only once the rebuild is done.
+        let (failed_tx, failed) = oneshot::channel();
+        let (done, answer) = oneshot::channel();
+        held.fetch_add(3, Ordering::AcqRel);
+        tx.send(Release {
+            ticket: failed,
+            frames: vec![(w.clone(), "failed".into())],
+            done,
+            epoch: 0,
+        })
+        .unwrap();
+        let (old, old_answer) = change(vec![(w.clone(), "old".into())]);
+        tx.send(old).unwrap();
+        divergence.mark();
+        divergence.rebuilt();
+        let (mut new, new_answer) = change(vec![(w.clone(), "new".into())]);
+        new.epoch = divergence.epoch();
+        tx.send(new).unwrap();
+        tokio::spawn(run(rx, held.clone(), divergence.clone(), |f| async move {
+            crate::peer::broadcast::deliver(f)
+        }));
+        failed_tx.send(Err(StoreError::Closed)).unwrap();
+        assert!(answer.await.unwrap().is_err());
+        assert!(old_answer.await.unwrap().is_ok());
+        assert!(new_answer.await.unwrap().is_ok());
+        assert!(!divergence.diverged(), "the rebuilt state stays good");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while held.load(Ordering::Acquire) != 0 {
+            assert!(tokio::time::Instant::now() < deadline, "still held");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(texts(&w), ["new"]);
     }
 
     #[test]
@@ -263,7 +360,11 @@ mod tests {
             .map(|k| (peers[k % 3].clone(), format!("{k}").into()))
             .collect();
         let (now, later) = by_lane(frames);
-        let ids = |f: &Frames| f.iter().map(|(p, t)| (p.id, t.as_str().to_string())).collect::<Vec<_>>();
+        let ids = |f: &Frames| {
+            f.iter()
+                .map(|(p, t)| (p.id, t.as_str().to_string()))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             ids(&now),
             [(2, "1"), (3, "2"), (2, "4"), (3, "5"), (2, "7"), (3, "8")]

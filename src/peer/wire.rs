@@ -283,7 +283,9 @@ mod tests {
         assert!(has_close(&close));
         assert!(has_close(&[long_pong.clone(), close.clone()].concat()));
         assert!(!has_close(&long_pong));
-        assert!(!has_close(&server_frame(Message::Text("x".repeat(300).into()))));
+        assert!(!has_close(&server_frame(Message::Text(
+            "x".repeat(300).into()
+        ))));
         // A frame cut short, and nothing at all, hold no close frame.
         assert!(!has_close(&pong[..pong.len() - 1]));
         assert!(!has_close(&[]));
