@@ -183,9 +183,14 @@ impl Peer {
             return Ok(());
         }
         if q.frames.is_empty()
+            && self.kind == Kind::Widget
             && let Some(sock) = &q.sock
         {
-            // Nothing ahead of it: written now, from the delivering thread.
+            // Nothing ahead of it: written now, from the delivering thread. Widgets only:
+            // they get one frame per change, in broadcasts of thousands, where a wake-up per
+            // socket is the cost. Operators and visitors get bursts (an assignment round is
+            // dozens of frames to one dashboard): queued, their task writes them together
+            // (one vectored write instead of a system call per frame).
             match wire::write_one(&**sock, &out) {
                 Ok(n) if n == wire::wire_len(&out) => return Ok(()),
                 Ok(n) => q.head = n,
