@@ -60,6 +60,15 @@ async fn append(c: &mut redis::aio::MultiplexedConnection, call: &str) -> String
         .unwrap()
 }
 
+/// The visitor names a node holds, once `name` is among them (10 s at most).
+async fn names_once(node: &Node, name: &str) -> std::collections::HashMap<String, usize> {
+    until(&format!("{name} on the node"), || async {
+        let n = node.visitor_names().await;
+        n.contains_key(name).then_some(n)
+    })
+    .await
+}
+
 /// Polls `f` every 20 ms until it answers Some (10 s at most).
 async fn until<T, F: std::future::Future<Output = Option<T>>>(what: &str, f: impl Fn() -> F) -> T {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -122,11 +131,7 @@ async fn calls_redelivered_call_is_applied_once() {
         .as_u64()
         .expect("recorded as a success");
     for node in [&a, &b] {
-        let names = until("both chats on the node", || async {
-            let n = node.visitor_names().await;
-            n.contains_key("after").then_some(n)
-        })
-        .await;
+        let names = names_once(node, "after").await;
         assert_eq!(names.get("redelivered"), Some(&1), "{names:?}");
         assert_eq!(names.get("after"), Some(&1), "{names:?}");
         assert!(node.chats().await.contains_key(&chat));
@@ -172,11 +177,7 @@ async fn calls_given_up_by_the_caller_never_happen() {
     assert_eq!(s, 201, "{v}");
     let pc = NodeProcess::start(&redis, "c", LONG_LEASE).await;
     for node in [&a, &b, &Node::of(&pc)] {
-        let names = until("the later chat on the node", || async {
-            let n = node.visitor_names().await;
-            n.contains_key("after").then_some(n)
-        })
-        .await;
+        let names = names_once(node, "after").await;
         assert_eq!(names.get("given-up"), None, "{names:?}");
         assert_eq!(names.get("before"), Some(&1), "{names:?}");
     }
@@ -425,11 +426,7 @@ async fn calls_commit_under_way_at_the_deadline_answers_its_outcome_and_refuses_
             quick.elapsed()
         );
         for node in [&a, &b] {
-            let names = until("the chats on the node", || async {
-                let n = node.visitor_names().await;
-                n.contains_key("after").then_some(n)
-            })
-            .await;
+            let names = names_once(node, "after").await;
             assert_eq!(names.get(name.as_str()), Some(&1), "{names:?}");
             assert_eq!(
                 names.get(format!("beside{attempt}").as_str()),
@@ -619,11 +616,7 @@ async fn calls_caller_cut_off_from_redis_past_its_deadline_answers_the_real_outc
     assert_eq!(s, 201, "the real outcome, after {waited:?}: {v}");
     assert_eq!(v["chat"]["id"], outcome["ok"]["chat"]["id"], "{v}");
     for node in [&a, &b] {
-        let names = until("the chat on the node", || async {
-            let n = node.visitor_names().await;
-            n.contains_key("cut-off").then_some(n)
-        })
-        .await;
+        let names = names_once(node, "cut-off").await;
         assert_eq!(names.get("cut-off"), Some(&1), "{names:?}");
     }
 }

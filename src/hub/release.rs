@@ -167,6 +167,22 @@ mod tests {
         (release, answer)
     }
 
+    type Answer = oneshot::Receiver<Result<(), StoreError>>;
+
+    /// A change whose writes resolve with what is sent on the sender (its failure): the
+    /// release, its answer, the sender.
+    fn failing(frames: Frames) -> (Release, Answer, oneshot::Sender<Result<(), StoreError>>) {
+        let (fail, ticket) = oneshot::channel();
+        let (done, answer) = oneshot::channel();
+        let release = Release {
+            ticket,
+            frames,
+            done,
+            epoch: 0,
+        };
+        (release, answer, fail)
+    }
+
     fn texts(p: &Peer) -> Vec<String> {
         p.take_queued_texts()
     }
@@ -284,17 +300,10 @@ mod tests {
         tokio::spawn(run(rx, held.clone(), divergence.clone(), |f| async move {
             crate::peer::broadcast::deliver(f)
         }));
-        let (done, answer) = oneshot::channel();
-        let (failed_tx, failed) = oneshot::channel();
-        failed_tx.send(Err(StoreError::Closed)).unwrap();
+        let (failed, answer, fail) = failing(vec![(w.clone(), "failed".into())]);
+        fail.send(Err(StoreError::Closed)).unwrap();
         held.fetch_add(2, Ordering::AcqRel);
-        tx.send(Release {
-            ticket: failed,
-            frames: vec![(w.clone(), "failed".into())],
-            done,
-            epoch: 0,
-        })
-        .unwrap();
+        tx.send(failed).unwrap();
         // A change without writes queued behind it was made on the failed state.
         let (after, after_answer) = change(vec![(w.clone(), "after".into())]);
         tx.send(after).unwrap();
@@ -316,16 +325,9 @@ mod tests {
         let held = Arc::new(AtomicUsize::new(0));
         let divergence: Arc<Divergence> = Arc::default();
         // The failed change's ticket resolves only once the rebuild is done.
-        let (failed_tx, failed) = oneshot::channel();
-        let (done, answer) = oneshot::channel();
+        let (failed, answer, fail) = failing(vec![(w.clone(), "failed".into())]);
         held.fetch_add(3, Ordering::AcqRel);
-        tx.send(Release {
-            ticket: failed,
-            frames: vec![(w.clone(), "failed".into())],
-            done,
-            epoch: 0,
-        })
-        .unwrap();
+        tx.send(failed).unwrap();
         let (old, old_answer) = change(vec![(w.clone(), "old".into())]);
         tx.send(old).unwrap();
         divergence.mark();
@@ -336,7 +338,7 @@ mod tests {
         tokio::spawn(run(rx, held.clone(), divergence.clone(), |f| async move {
             crate::peer::broadcast::deliver(f)
         }));
-        failed_tx.send(Err(StoreError::Closed)).unwrap();
+        fail.send(Err(StoreError::Closed)).unwrap();
         assert!(answer.await.unwrap().is_err());
         assert!(old_answer.await.unwrap().is_ok());
         assert!(new_answer.await.unwrap().is_ok());
