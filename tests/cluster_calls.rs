@@ -60,6 +60,21 @@ async fn append(c: &mut redis::aio::MultiplexedConnection, call: &str) -> String
         .unwrap()
 }
 
+/// A chat creation for visitor `name`.
+fn chat(name: &str) -> Value {
+    json!({"department": 1, "visitor": {"name": name}})
+}
+
+/// Node `a` (started first: it assigns) and node `b` reaching Redis at `b_url`, both with
+/// the long lease, and a chat "before" created through `b`: forwarding works.
+async fn assigner_and_caller(redis: &RedisServer, b_url: &str) -> (NodeProcess, NodeProcess) {
+    let pa = NodeProcess::start(redis, "a", LONG_LEASE).await;
+    let pb = NodeProcess::start_url(b_url, "b", LONG_LEASE).await;
+    let (s, v) = Node::of(&pb).post("/api/v1/chats", chat("before")).await;
+    assert_eq!(s, 201, "{v}");
+    (pa, pb)
+}
+
 /// The visitor names a node holds, once `name` is among them (10 s at most).
 async fn names_once(node: &Node, name: &str) -> std::collections::HashMap<String, usize> {
     until(&format!("{name} on the node"), || async {
@@ -156,12 +171,8 @@ async fn calls_redelivered_call_is_applied_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_given_up_by_the_caller_never_happen() {
     let redis = RedisServer::start().await;
-    let pa = NodeProcess::start(&redis, "a", LONG_LEASE).await; // assigns
-    let pb = NodeProcess::start(&redis, "b", LONG_LEASE).await;
+    let (pa, pb) = assigner_and_caller(&redis, &redis.url()).await;
     let (a, b) = (Node::of(&pa), Node::of(&pb));
-    let chat = |name: &str| json!({"department": 1, "visitor": {"name": name}});
-    let (s, v) = b.post("/api/v1/chats", chat("before")).await;
-    assert_eq!(s, 201, "{v}");
     pa.pause();
     let asked = Instant::now();
     let (s, v) = b.post("/api/v1/chats", chat("given-up")).await;
@@ -331,12 +342,8 @@ async fn calls_assigner_killed_under_forwarded_traffic_acknowledged_exactly_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_commit_under_way_at_the_deadline_answers_its_outcome_and_refuses_nothing() {
     let redis = RedisServer::start().await;
-    let pa = NodeProcess::start(&redis, "a", LONG_LEASE).await; // assigns
-    let pb = NodeProcess::start(&redis, "b", LONG_LEASE).await;
+    let (pa, pb) = assigner_and_caller(&redis, &redis.url()).await;
     let (a, b) = (Node::of(&pa), Node::of(&pb));
-    let chat = |name: &str| json!({"department": 1, "visitor": {"name": name}});
-    let (s, v) = b.post("/api/v1/chats", chat("before")).await;
-    assert_eq!(s, 201, "{v}");
     let mut c = redis_conn(&redis).await;
     let lease: String = c.get("hub:leader").await.unwrap();
     let _: () = redis::cmd("CONFIG")
@@ -453,10 +460,7 @@ async fn claimed_while_stopped(
     pa.pause();
     let asked = Instant::now();
     let slow = {
-        let (node, body) = (
-            Node::of(pb),
-            json!({"department": 1, "visitor": {"name": name}}),
-        );
+        let (node, body) = (Node::of(pb), chat(name));
         tokio::spawn(async move { node.post("/api/v1/chats", body).await })
     };
     let id = until("the call in the stream", || {
@@ -492,16 +496,8 @@ async fn claimed_while_stopped(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_settle_waits_for_the_claiming_assigner_while_it_leads() {
     let redis = RedisServer::start().await;
-    let pa = NodeProcess::start(&redis, "a", LONG_LEASE).await; // assigns
-    let pb = NodeProcess::start(&redis, "b", LONG_LEASE).await;
+    let (pa, pb) = assigner_and_caller(&redis, &redis.url()).await;
     let b = Node::of(&pb);
-    let (s, v) = b
-        .post(
-            "/api/v1/chats",
-            json!({"department": 1, "visitor": {"name": "before"}}),
-        )
-        .await;
-    assert_eq!(s, 201, "{v}");
     let mut c = redis_conn(&redis).await;
     let (slow, asked, id) = claimed_while_stopped(&mut c, &pa, &pb, "held").await;
     pa.resume();
@@ -519,12 +515,8 @@ async fn calls_settle_waits_for_the_claiming_assigner_while_it_leads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_settle_cancels_a_claim_whose_token_lost_the_lease() {
     let redis = RedisServer::start().await;
-    let pa = NodeProcess::start(&redis, "a", LONG_LEASE).await; // assigns
-    let pb = NodeProcess::start(&redis, "b", LONG_LEASE).await;
+    let (pa, pb) = assigner_and_caller(&redis, &redis.url()).await;
     let b = Node::of(&pb);
-    let chat = |name: &str| json!({"department": 1, "visitor": {"name": name}});
-    let (s, v) = b.post("/api/v1/chats", chat("before")).await;
-    assert_eq!(s, 201, "{v}");
     let mut c = redis_conn(&redis).await;
     let (slow, _, id) = claimed_while_stopped(&mut c, &pa, &pb, "lost").await;
     // Another node's lease, for a moment (then anyone may take it again).
@@ -554,12 +546,8 @@ async fn calls_settle_cancels_a_claim_whose_token_lost_the_lease() {
 async fn calls_caller_cut_off_from_redis_past_its_deadline_answers_the_real_outcome() {
     let redis = RedisServer::start().await;
     let proxy = Proxy::start(redis.addr()).await;
-    let pa = NodeProcess::start(&redis, "a", LONG_LEASE).await; // assigns
-    let pb = NodeProcess::start_url(&proxy.url(), "b", LONG_LEASE).await;
+    let (pa, pb) = assigner_and_caller(&redis, &proxy.url()).await;
     let (a, b) = (Node::of(&pa), Node::of(&pb));
-    let chat = |name: &str| json!({"department": 1, "visitor": {"name": name}});
-    let (s, v) = b.post("/api/v1/chats", chat("before")).await;
-    assert_eq!(s, 201, "{v}");
     let c = redis_conn(&redis).await;
     // Stopped, the assigner leaves the call in the stream until the caller is cut off.
     pa.pause();
