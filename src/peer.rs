@@ -191,7 +191,7 @@ impl Peer {
             // socket is the cost. Operators and visitors get bursts (an assignment round is
             // dozens of frames to one dashboard): queued, their task writes them together
             // (one vectored write instead of a system call per frame).
-            match wire::write_one(&**sock, &out) {
+            match wire::write_one(&wire::Direct(sock), &out) {
                 Ok(n) if n == wire::wire_len(&out) => return Ok(()),
                 Ok(n) => q.head = n,
                 Err(_) => {

@@ -1,8 +1,9 @@
 //! Server frames on the wire, written by whoever delivers them. A frame the hub sends is
 //! final and unmasked, so its header is two to ten bytes in front of bytes that exist already
 //! (shared by every recipient): the broadcaster writes header and payload to the socket in one
-//! vectored call, without copying, tungstenite or a task wake-up (`Peer::push`). Only what the
-//! socket does not take at once is queued for the connection's task.
+//! call (a small frame copied into one buffer for `send`, a large one as two slices), without
+//! tungstenite or a task wake-up (`Peer::push`). Only what the socket does not take at once is
+//! queued for the connection's task.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -13,17 +14,53 @@ use super::Out;
 pub trait TryWrite {
     /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+
+    /// [`TryWrite::try_write_vectored`] of one buffer.
+    fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
+        self.try_write_vectored(&[IoSlice::new(buf)])
+    }
 }
 
 impl TryWrite for tokio::net::TcpStream {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        tokio::net::TcpStream::try_write_vectored(self, bufs)
+        // `sendmsg`, not tokio's `writev`: the socket's own call skips the file layer
+        // (`vfs_writev`), a tenth of the kernel's work per frame in a broadcast.
+        self.try_io(tokio::io::Interest::WRITABLE, || {
+            socket2::SockRef::from(self).send_vectored(bufs)
+        })
+    }
+
+    fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
+        self.try_io(tokio::io::Interest::WRITABLE, || {
+            socket2::SockRef::from(self).send(buf)
+        })
+    }
+}
+
+/// The broadcaster's write: the system call alone, without tokio's readiness. A broadcast
+/// touches thousands of sockets once each, and reading each one's readiness (a cache miss
+/// per socket) was a third of the hub's own work in it. Safe to skip: a write that would
+/// block queues the frame for the socket's task, whose writes go through the readiness
+/// ([`TryWrite`] of `TcpStream`) and register for the next writable edge.
+pub struct Direct<'a>(pub &'a tokio::net::TcpStream);
+
+impl TryWrite for Direct<'_> {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        socket2::SockRef::from(self.0).send_vectored(bufs)
+    }
+
+    fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
+        socket2::SockRef::from(self.0).send(buf)
     }
 }
 
 /// Opcodes of the frames the hub writes itself (RFC 6455 5.2), FIN bit set.
 const TEXT: u8 = 0x81;
 const PING: u8 = 0x89;
+
+/// Frames up to this size on the wire are copied into one buffer and written with `send`:
+/// in the kernel, `sendmsg` of two slices costs more than the copy (perf of a broadcast).
+const SMALL: usize = 512;
 
 /// Frames queued at most in one vectored write (two slices each, well under `IOV_MAX`).
 const MAX_FRAMES: usize = 32;
@@ -74,6 +111,13 @@ pub fn wire_len(out: &Out) -> usize {
 /// Writes `out` whole or in part; returns the bytes written (0 when the socket would block).
 pub fn write_one(w: &impl TryWrite, out: &Out) -> io::Result<usize> {
     let (h, payload) = Header::of(out);
+    let len = h.1 + payload.len();
+    if len <= SMALL {
+        let mut buf = [0u8; SMALL];
+        buf[..h.1].copy_from_slice(h.bytes());
+        buf[h.1..len].copy_from_slice(payload);
+        return written(w.try_send(&buf[..len]));
+    }
     let bufs = [IoSlice::new(h.bytes()), IoSlice::new(payload)];
     written(w.try_write_vectored(&bufs))
 }
@@ -163,9 +207,17 @@ fn written(r: io::Result<usize>) -> io::Result<usize> {
     match r {
         Ok(0) => Err(io::ErrorKind::WriteZero.into()),
         Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        // Interrupted by a signal: nothing written, tried again like a full socket.
+        Err(e) if blocked(&e) => Ok(0),
         Err(e) => Err(e),
     }
+}
+
+fn blocked(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 #[cfg(test)]
@@ -218,7 +270,7 @@ mod tests {
 
     #[test]
     fn frames_of_every_length_class_are_read_back_by_tungstenite() {
-        for len in [0, 1, 125, 126, 127, 65535, 65536, 70000] {
+        for len in [0, 1, 125, 126, 127, 507, 508, 509, 65535, 65536, 70000] {
             let text = "x".repeat(len);
             let w = Fake::new(usize::MAX);
             let out = Out::Text(text.clone().into());
