@@ -207,7 +207,7 @@ fn written(r: io::Result<usize>) -> io::Result<usize> {
     match r {
         Ok(0) => Err(io::ErrorKind::WriteZero.into()),
         Ok(n) => Ok(n),
-        // Interrupted by a signal: nothing written, tried again like a full socket.
+        // A full socket, or a signal came first: nothing written, tried again later.
         Err(e) if blocked(&e) => Ok(0),
         Err(e) => Err(e),
     }
