@@ -25,6 +25,8 @@ use crate::model::{Chat, ChatId, ChatMessage, ChatStatus, OperatorId};
 
 mod audit;
 mod feed;
+mod records;
+mod writer;
 
 use audit::{
     LOG, LOG_BY_TIME, SESSION_STATE, SESSIONS, SESSIONS_BY_END, read_log, read_sessions,
@@ -107,7 +109,7 @@ impl Embedded {
             let gate = queue.gate.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer_loop(&db, rx, &gate, &healthy, signal))
+                .spawn(move || writer::writer_loop(&db, rx, &gate, &healthy, signal))
                 .map_err(|e| backend(e.to_string()))?
         };
         Ok(Embedded {
@@ -139,168 +141,8 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn writer_loop(
-    db: &Database,
-    mut rx: mpsc::UnboundedReceiver<Job>,
-    gate: &Gate,
-    healthy: &AtomicBool,
-    signal: watch::Sender<u64>,
-) {
-    let mut last_event = *signal.borrow();
-    while let Some(first) = rx.blocking_recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
-        // Jobs computed on top of a failed write are refused, never written.
-        let (jobs, refused): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| gate.admits(j));
-        refused.into_iter().for_each(super::refuse);
-        if jobs.is_empty() {
-            continue;
-        }
-        let result = commit(db, jobs.iter().flat_map(|j| j.writes.iter()), last_event);
-        if let Err(e) = &result {
-            tracing::error!(cause = %e, "store commit failed; the hub reloads its state");
-            gate.fail(&jobs[0]);
-        }
-        healthy.store(result.is_ok(), Ordering::Relaxed);
-        if let Ok(last) = result
-            && last != last_event
-        {
-            last_event = last;
-            signal.send_replace(last);
-        }
-        for j in jobs {
-            let _ = j.ack.send(result.clone().map(|_| ()));
-        }
-    }
-}
-
-/// Writes one group in one transaction; answers the newest event id after it.
-fn commit<'a>(
-    db: &Database,
-    writes: impl Iterator<Item = &'a Write>,
-    mut last_event: u64,
-) -> Result<u64, StoreError> {
-    let txn = db.begin_write().map_err(backend)?;
-    {
-        let mut operators = txn.open_table(OPERATORS).map_err(backend)?;
-        let mut departments = txn.open_table(DEPARTMENTS).map_err(backend)?;
-        let mut chats = txn.open_table(CHATS).map_err(backend)?;
-        let mut messages = txn.open_table(MESSAGES).map_err(backend)?;
-        let mut closed = txn.open_table(CLOSED).map_err(backend)?;
-        let mut closed_at = txn.open_table(CLOSED_AT).map_err(backend)?;
-        let mut events = txn.open_table(EVENTS).map_err(backend)?;
-        // The group's events, packed into as few rows as they fit in.
-        let mut packer = Packer::default();
-        let mut meta = txn.open_table(META).map_err(backend)?;
-        let now = unix_ms();
-        let mut next_chat = 0;
-        let mut log = txn.open_table(LOG).map_err(backend)?;
-        let mut sessions = txn.open_table(SESSIONS).map_err(backend)?;
-        let mut log_by_time = txn.open_table(LOG_BY_TIME).map_err(backend)?;
-        let mut sessions_by_end = txn.open_table(SESSIONS_BY_END).map_err(backend)?;
-        let mut states = txn.open_table(SESSION_STATE).map_err(backend)?;
-        for w in writes {
-            match w {
-                Write::Operator { op: o, .. } => {
-                    operators
-                        .insert(o.record.id, json(o).as_slice())
-                        .map_err(backend)?;
-                }
-                Write::DeleteOperator(id) => {
-                    operators.remove(id.0).map_err(backend)?;
-                }
-                Write::Department { dept: d, .. } => {
-                    departments
-                        .insert(d.id, json(d).as_slice())
-                        .map_err(backend)?;
-                }
-                Write::Chat(c) => {
-                    next_chat = next_chat.max(c.id.saturating_add(1));
-                    chats.insert(c.id, json(c).as_slice()).map_err(backend)?;
-                    if c.status == ChatStatus::Closed
-                        && closed.get(c.id).map_err(backend)?.is_none()
-                    {
-                        closed.insert(c.id, now).map_err(backend)?;
-                        closed_at.insert((now, c.id), ()).map_err(backend)?;
-                    }
-                }
-                Write::Message(chat, m) => {
-                    messages
-                        .insert((chat.0, m.id), json(m).as_slice())
-                        .map_err(backend)?;
-                }
-                Write::TrimMessages { chat, below } => {
-                    messages
-                        .retain_in((chat.0, 0)..(chat.0, *below), |_, _| false)
-                        .map_err(backend)?;
-                }
-                Write::Event(e) => {
-                    last_event += 1;
-                    packer.push(last_event, kind_byte(e.kind), e.at_ms, e.frame.as_bytes());
-                    if packer.full() {
-                        packer.flush(&mut events)?;
-                    }
-                }
-                Write::Meta { key, value } => {
-                    meta.insert(*key, value.as_bytes()).map_err(backend)?;
-                }
-                Write::Fence(_) | Write::Note(_) | Write::CallDone(_) => {}
-                Write::Log(l) => {
-                    log.insert((l.entry.operator, l.seq), json(l).as_slice())
-                        .map_err(backend)?;
-                    log_by_time
-                        .insert((l.seq, l.entry.operator), ())
-                        .map_err(backend)?;
-                }
-                Write::SessionStart { operator, at } => {
-                    let mut st = session_state(&states, operator.0)?;
-                    if st.start(*at) {
-                        states
-                            .insert(operator.0, json(&st).as_slice())
-                            .map_err(backend)?;
-                    }
-                }
-                Write::SessionEnd {
-                    operator,
-                    at,
-                    reason,
-                } => {
-                    let mut st = session_state(&states, operator.0)?;
-                    if let Some(done) = st.end(operator.0, *at, *reason) {
-                        states
-                            .insert(operator.0, json(&st).as_slice())
-                            .map_err(backend)?;
-                        sessions
-                            .insert((operator.0, *at, done.started_ms), json(&done).as_slice())
-                            .map_err(backend)?;
-                        sessions_by_end
-                            .insert((*at, operator.0, done.started_ms), ())
-                            .map_err(backend)?;
-                    }
-                }
-            }
-        }
-        packer.flush(&mut events)?;
-        if next_chat > meta_u64(&meta, NEXT_CHAT)? {
-            meta.insert(NEXT_CHAT, next_chat.to_string().as_bytes())
-                .map_err(backend)?;
-        }
-    }
-    txn.commit().map_err(backend)?;
-    Ok(last_event)
-}
-
 fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
     Box::pin(std::future::ready(v))
-}
-
-fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("records serialize")
 }
 
 fn read_all<K, T>(
@@ -338,7 +180,7 @@ impl Store for Embedded {
                 let (k, v) = row.map_err(backend)?;
                 next_chat_id = next_chat_id.max(k.value() + 1);
                 if !is_closed(k.value()) {
-                    chats.push(parse::<Chat>(v.value())?);
+                    chats.push(chat_row(v.value())?);
                 }
             }
         }
@@ -453,7 +295,7 @@ impl Store for Embedded {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(CHATS).map_err(backend)?;
             let row = table.get(id.0).map_err(backend)?;
-            row.map(|v| parse(v.value())).transpose()
+            row.map(|v| chat_row(v.value())).transpose()
         }))
     }
 
@@ -500,7 +342,7 @@ impl Store for Embedded {
                 page.scanned += 1;
                 page.last = Some(k.value());
                 if let Some(v) = chats.get(k.value()).map_err(backend)? {
-                    page.chats.push(parse(v.value())?);
+                    page.chats.push(chat_row(v.value())?);
                 }
             }
             Ok(page)
@@ -578,6 +420,11 @@ fn clean_chats(txn: &redb::WriteTransaction, r: &Retention) -> Result<bool, Stor
             .map_err(backend)?;
     }
     Ok(more)
+}
+
+/// A chat's row, in the binary form or the older JSON ([`records`]).
+fn chat_row(v: &[u8]) -> Result<Chat, StoreError> {
+    records::decode_chat(v).map_err(|e| backend(format!("corrupt chat record: {e}")))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {

@@ -75,6 +75,11 @@ impl Packer {
         self.row.extend_from_slice(frame);
     }
 
+    /// Whether events wait for [`Packer::flush`].
+    pub(super) fn pending(&self) -> bool {
+        self.count > 0
+    }
+
     pub(super) fn full(&self) -> bool {
         self.row.len() >= ROW_BYTES
     }
