@@ -45,11 +45,12 @@ pub(super) enum RowError {
 /// Appends `chat`'s row to `out` (a buffer the writer reuses across a group).
 pub(super) fn encode_chat(chat: &Chat, out: &mut Vec<u8>) {
     out.push(CHAT_V1);
-    let flags = u8::from(chat.owner.is_some()) * OWNER
-        | u8::from(chat.assigned_at.is_some()) * ASSIGNED_AT
-        | u8::from(chat.accepted_at.is_some()) * ACCEPTED_AT
-        | u8::from(chat.avoid.is_some()) * AVOID
-        | u8::from(chat.assign_reason.is_some()) * REASON;
+    let flag = |present: bool, bit: u8| if present { bit } else { 0 };
+    let flags = flag(chat.owner.is_some(), OWNER)
+        | flag(chat.assigned_at.is_some(), ASSIGNED_AT)
+        | flag(chat.accepted_at.is_some(), ACCEPTED_AT)
+        | flag(chat.avoid.is_some(), AVOID)
+        | flag(chat.assign_reason.is_some(), REASON);
     out.push(flags);
     varint(out, chat.id);
     varint(out, chat.department);
@@ -276,7 +277,12 @@ mod tests {
         let c = chat();
         let json = serde_json::to_vec(&c).unwrap();
         let row = encoded(&c);
-        assert!(row.len() * 2 < json.len(), "{} vs {}", row.len(), json.len());
+        assert!(
+            row.len() * 2 < json.len(),
+            "{} vs {}",
+            row.len(),
+            json.len()
+        );
     }
 
     #[test]
@@ -301,6 +307,11 @@ mod tests {
         status[5] = 9;
         assert!(matches!(decode_chat(&status), Err(RowError::Value(_))));
         assert!(matches!(decode_chat(&[0x02, 0]), Err(RowError::Format(2))));
-        assert!(decode_chat(&[CHAT_V1, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]).is_err());
+        assert!(
+            decode_chat(&[
+                CHAT_V1, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F
+            ])
+            .is_err()
+        );
     }
 }

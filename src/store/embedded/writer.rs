@@ -173,9 +173,7 @@ pub(super) fn commit<'a>(
                     }
                 }
                 Write::Meta { key, value } => {
-                    t.meta()?
-                        .insert(*key, value.as_bytes())
-                        .map_err(backend)?;
+                    t.meta()?.insert(*key, value.as_bytes()).map_err(backend)?;
                 }
                 Write::Fence(_) | Write::Note(_) | Write::CallDone(_) => {}
                 Write::Log(l) => {
@@ -230,7 +228,11 @@ pub(super) fn commit<'a>(
 /// The group's chats, each once in its last state and in key order (neighbouring rows
 /// share B-tree pages); a chat closed in the group is filed as closed once, as when each
 /// state was written in turn; the next chat id is raised past the group's highest.
-fn write_chats(t: &mut Tables<'_>, chats: &LastChats<'_>, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+fn write_chats(
+    t: &mut Tables<'_>,
+    chats: &LastChats<'_>,
+    buf: &mut Vec<u8>,
+) -> Result<(), StoreError> {
     let Some((&highest, _)) = chats.last_key_value() else {
         return Ok(());
     };
