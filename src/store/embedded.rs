@@ -492,4 +492,102 @@ mod tests {
         );
         assert!(!s.ready());
     }
+    fn chat(id: u64, status: ChatStatus, version: u64) -> Chat {
+        Chat {
+            id,
+            department: 1,
+            status,
+            owner: (status != ChatStatus::Pending).then_some(7),
+            priority: 0,
+            visitor: serde_json::json!({"name": format!("v{id}")}),
+            created_at: "2026-12-01T21:00:00.000Z".into(),
+            assigned_at: None,
+            accepted_at: None,
+            seq: id,
+            visitor_token: format!("t{id}"),
+            avoid: None,
+            assign_reason: None,
+            version,
+        }
+    }
+
+    #[tokio::test]
+    async fn embedded_store_reads_chat_rows_written_as_json_by_an_older_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let (open, closed) = (
+            chat(1, ChatStatus::Pending, 1),
+            chat(2, ChatStatus::Closed, 4),
+        );
+        {
+            // The rows as the version before the binary form wrote them.
+            let s = Embedded::open(dir.path()).unwrap();
+            let db = s.db().unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut chats = txn.open_table(CHATS).unwrap();
+                for c in [&open, &closed] {
+                    let row = serde_json::to_vec(c).unwrap();
+                    chats.insert(c.id, row.as_slice()).unwrap();
+                }
+                txn.open_table(CLOSED).unwrap().insert(2, 10).unwrap();
+                txn.open_table(CLOSED_AT)
+                    .unwrap()
+                    .insert((10, 2), ())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+            drop(db);
+            s.close();
+        }
+        let s = Embedded::open(dir.path()).unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.chats, vec![open.clone()]);
+        assert_eq!(snap.next_chat_id, 3);
+        assert_eq!(
+            s.stored_chat(ChatId(2)).await.unwrap(),
+            Some(closed.clone())
+        );
+        assert_eq!(s.closed_chats(0, 10).await.unwrap().chats, vec![closed]);
+        // Written again, the chat is in the binary form and reads back the same.
+        let changed = chat(1, ChatStatus::Active, 2);
+        super::super::durable(s.write(vec![Write::Chat(changed.clone())]))
+            .await
+            .unwrap();
+        let row = {
+            let db = s.db().unwrap();
+            let txn = db.begin_read().unwrap();
+            let t = txn.open_table(CHATS).unwrap();
+            t.get(1).unwrap().unwrap().value().to_vec()
+        };
+        assert_eq!(row[0], records::CHAT_V1);
+        s.close();
+        let s = Embedded::open(dir.path()).unwrap();
+        assert_eq!(s.load().unwrap().chats, vec![changed]);
+        s.close();
+    }
+
+    #[tokio::test]
+    async fn embedded_store_writes_a_chat_once_per_group_in_its_last_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Embedded::open(dir.path()).unwrap();
+        let last = chat(5, ChatStatus::Closed, 3);
+        let other = chat(4, ChatStatus::Pending, 1);
+        super::super::durable(s.write(vec![
+            Write::Chat(chat(5, ChatStatus::Pending, 1)),
+            Write::Chat(other.clone()),
+            Write::Chat(chat(5, ChatStatus::Closed, 2)),
+            Write::Chat(last.clone()),
+        ]))
+        .await
+        .unwrap();
+        assert_eq!(s.stored_chat(ChatId(5)).await.unwrap(), Some(last.clone()));
+        // Filed as closed once, whichever of its states closed it.
+        let page = s.closed_chats(0, 10).await.unwrap();
+        assert_eq!((page.scanned, page.chats), (1, vec![last]));
+        s.close();
+        let s = Embedded::open(dir.path()).unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!((snap.chats, snap.next_chat_id), (vec![other], 6));
+        s.close();
+    }
 }

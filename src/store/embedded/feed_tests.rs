@@ -159,6 +159,48 @@ async fn feed_reads_rows_of_the_older_format() {
     s.close();
 }
 
+#[tokio::test]
+async fn feed_appends_after_a_reopen_continue_the_ids_in_order() {
+    let (dir, s, db) = store();
+    let all_events = events(250, 100);
+    super::super::super::durable(s.write(all_events[..100].to_vec()))
+        .await
+        .unwrap();
+    let before = rows(&db);
+    drop(db);
+    s.close();
+    // Reopened, the next events take the ids after the last and pack into new rows.
+    let s = Embedded::open(dir.path()).unwrap();
+    let db = s.db().unwrap();
+    assert_eq!(s.last_event_id().await.unwrap().as_deref(), Some("100"));
+    super::super::super::durable(s.write(all_events[100..].to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(s.last_event_id().await.unwrap().as_deref(), Some("250"));
+    let keys: Vec<u64> = {
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(EVENTS).unwrap();
+        t.iter().unwrap().map(|r| r.unwrap().0.value()).collect()
+    };
+    assert!(
+        keys.contains(&101),
+        "a row starts after the reopen: {keys:?}"
+    );
+    assert!(rows(&db) > before);
+    // A page across the reopen, and the whole feed, in order; each event is the one written.
+    let all = Types::default();
+    let page = read_events(&db, &Position::After("95".into()), 10, &all).unwrap();
+    assert_eq!(ids(&page), (96..=105).collect::<Vec<_>>());
+    let page = read_events(&db, &Position::Start, 1000, &all).unwrap();
+    assert_eq!(ids(&page), (1..=250).collect::<Vec<_>>());
+    for e in &page.events {
+        let i: u64 = e.id.parse().unwrap();
+        assert_eq!(e.at_ms, i);
+        assert!(e.frame.contains(&format!(r#""n":{i},"#)), "{}", e.frame);
+    }
+    s.close();
+}
+
 #[test]
 fn feed_row_decoding_refuses_a_truncated_row() {
     let mut p = Packer::default();
