@@ -3,10 +3,11 @@
 //! share one fsync and each is acknowledged only once its transaction is durable. The event
 //! feed is a table written in the same transaction as the records of its changes.
 //!
-//! This file holds the records (operators, departments, chats and their messages), the
-//! writer and the `Store` impl; `embedded/feed.rs` the event feed's table and reads,
-//! `embedded/audit.rs` the status log and sessions. Retention trims all three in one
-//! transaction.
+//! This file holds the records' tables (operators, departments, chats and their messages),
+//! their reads and the `Store` impl; `embedded/writer.rs` the writer thread and its group
+//! commit, `embedded/records.rs` the chat row's binary form (JSON rows of older versions
+//! still read), `embedded/feed.rs` the event feed's table and reads, `embedded/audit.rs` the
+//! status log and sessions. Retention trims all three in one transaction.
 
 use std::path::Path;
 use std::sync::Arc;
