@@ -154,6 +154,8 @@ pub async fn run(listener: TcpListener, hub: Hub, shutdown: impl Future<Output =
     tracing::info!("shutting down: closing connections");
     drop(listener);
     hub.shutdown.cancel();
+    // Every socket closes with 1001 (through its peer: no socket task waits on the token).
+    crate::ws::close_all(&hub);
     hub.tasks.close();
     if tokio::time::timeout(Duration::from_secs(10), hub.tasks.wait())
         .await

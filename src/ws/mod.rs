@@ -8,6 +8,7 @@ pub mod visitor;
 pub mod widget;
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -21,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::error::Error;
 use crate::hub::Hub;
@@ -181,6 +182,12 @@ pub trait Handler: Send + 'static {
 }
 
 /// Answers the upgrade and runs the socket to its end in a tracked task.
+///
+/// The task is small on purpose (widgets are the many, and each holds one for its whole
+/// life): the stream lives on the heap, the loop borrows what it needs instead of owning
+/// copies (an `async fn` keeps its arguments beside its locals), once-per-socket steps are
+/// boxed, and the hub's shutdown reaches the socket through its peer ([`close_all`]) instead
+/// of a cancellation future in every task.
 fn spawn<H: Handler>(
     hub: Hub,
     on_upgrade: OnUpgrade,
@@ -204,80 +211,136 @@ fn spawn<H: Handler>(
     // durable write runs meanwhile, and its frames (`hello` first) wait in the peer's queue
     // until the socket is served. Not started for a refused origin.
     let started = origin_ok.then(|| span.in_scope(|| handler.start(&hub, &peer)));
+    // What the socket ends with when the hub refuses it before serving it (decided here, so
+    // the task keeps a code, not the error).
+    let refused = match &started {
+        None => Some(Refused::Origin),
+        Some(Err(e)) => {
+            let _span = span.enter();
+            tracing::info!(cause = %e, "refused after upgrade");
+            Some(if matches!(e, Error::NotFound(_) | Error::Forbidden(_)) {
+                Refused::Policy
+            } else {
+                Refused::Internal
+            })
+        }
+        Some(Ok(())) => None,
+    };
     let task = {
         let hub = hub.clone();
         async move {
-            // The server speaks HTTP/1 over plain TCP, so the upgraded connection is the TCP
-            // stream itself: the peer writes to it directly.
-            let parts = match on_upgrade
-                .await
-                .map(|io| io.downcast::<TokioIo<TcpStream>>())
-            {
-                Ok(Ok(parts)) => parts,
-                Ok(Err(_)) => {
-                    tracing::error!("upgraded connection is not a TCP stream");
-                    if let Some(Ok(())) = started {
-                        handler.stop(&hub, &peer);
-                    }
-                    hub.remove_peer(peer.id);
-                    return;
+            let ws = Box::pin(upgraded(&hub, on_upgrade, &peer)).await;
+            match (ws, refused) {
+                (Some(mut ws), Some(refused)) => {
+                    let (code, reason) = refused.close();
+                    close(&mut ws, code, reason).await;
                 }
-                Err(e) => {
-                    tracing::debug!(cause = %e, "upgrade failed");
-                    if let Some(Ok(())) = started {
-                        // Connected already: the socket that never came is a disconnect.
-                        handler.stop(&hub, &peer);
+                (Some(mut ws), None) => {
+                    tracing::debug!("connected");
+                    let (code, reason) = serve(&hub, &mut ws, &peer, &mut handler).await;
+                    handler.stop(&hub, &peer);
+                    if let Some(code) = code {
+                        close(&mut ws, code, reason).await;
                     }
-                    hub.remove_peer(peer.id);
-                    return;
+                    tracing::debug!(code, "disconnected");
                 }
-            };
-            let sock = Arc::new(parts.io.into_inner());
-            peer.attach(sock.clone());
-            let io = Conn::new(sock, peer.clone(), parts.read_buf);
-            // Boxed, like every once-per-socket step: only the loop's state stays in the task.
-            let ws = Box::pin(WebSocketStream::from_raw_socket(
-                io,
-                Role::Server,
-                Some(ws_config_for(kind, hub.cfg.limits.max_message_bytes)),
-            ))
-            .await;
-            run(hub.clone(), ws, peer.clone(), handler, started).await;
+                // Connected already: the socket that never came is a disconnect.
+                (None, None) => handler.stop(&hub, &peer),
+                (None, Some(_)) => {}
+            }
             peer.detach();
             hub.remove_peer(peer.id);
         }
     };
-    hub.tasks.spawn(tracing::Instrument::instrument(task, span));
+    let task = tracing::Instrument::instrument(task, span);
+    // What every socket's task holds for its whole life (the figure docs/benchmarks.md
+    // breaks down): read it with RUST_LOG=presence_hub::ws=trace.
+    tracing::trace!(
+        kind = kind.label(),
+        task_bytes = std::mem::size_of_val(&task),
+        "connection task"
+    );
+    hub.tasks.spawn(task);
 }
 
-async fn run<H: Handler>(
-    hub: Hub,
-    mut ws: Socket,
-    peer: Arc<Peer>,
-    mut handler: H,
-    started: Option<Result<(), Error>>,
-) {
-    let Some(started) = started else {
-        close(&mut ws, 1008, "origin not allowed").await;
-        return;
+/// Why a socket is closed right after its upgrade.
+#[derive(Clone, Copy)]
+enum Refused {
+    /// Its `Origin` is not allowed.
+    Origin,
+    /// The connect was refused (unknown or forbidden).
+    Policy,
+    /// The connect failed.
+    Internal,
+}
+
+impl Refused {
+    fn close(self) -> (u16, &'static str) {
+        match self {
+            Refused::Origin => (1008, "origin not allowed"),
+            Refused::Policy => (1008, "refused"),
+            Refused::Internal => (1011, "refused"),
+        }
+    }
+}
+
+/// Waits for hyper to hand the connection over and makes the WebSocket stream on it (on the
+/// heap: the task keeps a pointer); `None` when the upgrade failed.
+async fn upgraded(hub: &Hub, on_upgrade: OnUpgrade, peer: &Arc<Peer>) -> Option<Box<Socket>> {
+    // The server speaks HTTP/1 over plain TCP, so the upgraded connection is the TCP stream
+    // itself: the peer writes to it directly.
+    let parts = match on_upgrade
+        .await
+        .map(|io| io.downcast::<TokioIo<TcpStream>>())
+    {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(_)) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(cause = %e, "upgrade failed");
+            return None;
+        }
     };
-    if let Err(e) = started {
-        let code = if matches!(e, Error::NotFound(_) | Error::Forbidden(_)) {
-            1008
-        } else {
-            1011
-        };
-        tracing::info!(cause = %e, "refused after upgrade");
-        close(&mut ws, code, "refused").await;
-        return;
+    let sock = Arc::new(parts.io.into_inner());
+    peer.attach(sock.clone());
+    let io = Conn::new(sock, peer.clone(), parts.read_buf);
+    let ws = WebSocketStream::from_raw_socket(
+        io,
+        Role::Server,
+        Some(ws_config_for(peer.kind, hub.cfg.limits.max_message_bytes)),
+    )
+    .await;
+    Some(Box::new(ws))
+}
+
+/// Asks every socket to close with 1001 (the hub is shutting down): called once the hub's
+/// `shutdown` token is cancelled. A socket that registers after this sees the token
+/// cancelled when its loop starts ([`serve`]).
+pub fn close_all(hub: &Hub) {
+    for peer in hub.peers.iter() {
+        peer.request_close(1001);
     }
-    tracing::debug!("connected");
-    let (code, reason) = serve(&hub, &mut ws, &peer, &mut handler).await;
-    handler.stop(&hub, &peer);
-    if let Some(code) = code {
-        close(&mut ws, code, reason).await;
-    }
-    tracing::debug!(code, "disconnected");
+}
+
+/// What woke the loop.
+enum Event {
+    /// Frames were queued or a close was requested.
+    Woken,
+    /// A frame from the client, an error, or the end of the stream.
+    Frame(Option<Result<Message, WsError>>),
+}
+
+/// What the loop does with a frame from the client.
+enum Step {
+    Continue,
+    /// A request to run.
+    Request(Utf8Bytes),
+    /// End the connection, closing with this code if there is one.
+    End(Option<u16>, &'static str),
+    /// Write what is queued (an error frame saying why), then close.
+    FlushAndClose(u16, &'static str),
 }
 
 /// The loop: frames from the client, frames queued for it, a close from the hub.
@@ -288,84 +351,128 @@ async fn serve<H: Handler>(
     peer: &Arc<Peer>,
     handler: &mut H,
 ) -> (Option<u16>, &'static str) {
+    // Registered in `hub.peers` before this check: either `close_all` reached the peer, or
+    // the token was cancelled before it and is seen here.
+    if hub.shutdown.is_cancelled() {
+        return (Some(1001), close_reason(1001));
+    }
     let limits = &hub.cfg.limits;
     let mut bucket = Bucket::new(limits.rate, limits.rate_burst, Instant::now());
-    // Made once: a fresh `cancelled()` per turn would have every socket join the token's
-    // wait list again on every event.
-    let shutdown = hub.shutdown.cancelled();
-    tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            biased;
-            _ = &mut shutdown => return (Some(1001), "server shutting down"),
-            _ = peer.woken() => {
-                if let Some(end) = flush(ws, peer).await {
-                    return end;
-                }
+        // One poll of both sources (a close request, the hub's shutdown included, comes as
+        // a wake-up): the idle state is two references, not a `select!` of futures.
+        let event = std::future::poll_fn(|cx| {
+            if peer.poll_woken(cx).is_ready() {
+                return Poll::Ready(Event::Woken);
             }
-            frame = ws.next() => {
+            ws.poll_next_unpin(cx).map(Event::Frame)
+        })
+        .await;
+        let step = match event {
+            Event::Woken => match flush(ws, peer).await {
+                Some(end) => return end,
+                None => continue,
+            },
+            Event::Frame(frame) => {
                 peer.touch(hub.now_ms());
-                match frame {
-                    None => return (None, ""),
-                    Some(Ok(Message::Text(text))) if !bucket.take(Instant::now()) => {
-                        // Over `limits.rate`: answered, not run; the socket goes on.
-                        metrics::counter!("presence_hub_rate_limited_total", "kind" => peer.kind.label()).increment(1);
-                        let e = Error::RateLimited(format!(
-                            "over limits.rate ({} requests/s, burst {})",
-                            limits.rate, limits.rate_burst
-                        ));
-                        let _ = peer.send(&error_frame(request_ref(text.as_str()).as_deref(), &e));
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        // Events keep flowing to the client while its request waits (for the
-                        // store, or the assigning node of a cluster).
-                        // Boxed: an operator's request future is ~3 KiB, and held inline
-                        // it would make every socket's task that large while idle.
-                        let mut request = Box::pin(handler.on_text(hub, peer, text.as_str()));
-                        let flow = loop {
-                            tokio::select! {
-                                biased;
-                                flow = &mut request => break flow,
-                                _ = peer.woken() => {
-                                    if let Some(end) = flush(ws, peer).await {
-                                        return end;
-                                    }
-                                }
+                on_frame(hub, peer, &mut bucket, frame)
+            }
+        };
+        match step {
+            Step::Continue => {}
+            Step::End(code, reason) => return (code, reason),
+            Step::FlushAndClose(code, reason) => {
+                write_queued(ws, peer).await;
+                return (Some(code), reason);
+            }
+            Step::Request(text) => {
+                // Events keep flowing to the client while its request waits (for the
+                // store, or the assigning node of a cluster).
+                // Boxed, with its text: an operator's request future is ~3 KiB, and held
+                // inline it would make every socket's task that large while idle.
+                let mut request = {
+                    let handler = &mut *handler;
+                    Box::pin(async move { handler.on_text(hub, peer, text.as_str()).await })
+                };
+                let flow = loop {
+                    let woken = std::future::poll_fn(|cx| match request.as_mut().poll(cx) {
+                        Poll::Ready(flow) => Poll::Ready(Some(flow)),
+                        Poll::Pending => peer.poll_woken(cx).map(|()| None),
+                    })
+                    .await;
+                    match woken {
+                        Some(flow) => break flow,
+                        None => {
+                            if let Some(end) = flush(ws, peer).await {
+                                return end;
                             }
-                        };
-                        if let Flow::Close(code, reason) = flow {
-                            // Flush what the request queued (its ack) before closing.
-                            write_queued(ws, peer).await;
-                            return (Some(code), reason);
                         }
                     }
-                    Some(Ok(Message::Binary(_))) => {
-                        let _ = peer.send(&error_frame(None, &Error::bad("binary frames are not supported; send JSON text frames")));
-                    }
-                    Some(Ok(_)) => {} // ping, pong (answered by tungstenite), close (loop ends at None)
-                    Some(Err(WsError::Capacity(e))) => {
-                        tracing::info!(cause = %e, "frame too large");
-                        return (Some(1009), "message too big");
-                    }
-                    Some(Err(WsError::Utf8(_))) => {
-                        let _ = peer.send(&error_frame(None, &Error::bad("text frame is not valid UTF-8")));
-                        // tokio-tungstenite ends the stream after any read error, so the
-                        // connection cannot go on (RFC 6455 fails it too): say why, close 1007.
-                        write_queued(ws, peer).await;
-                        return (Some(1007), "invalid UTF-8");
-                    }
-                    Some(Err(WsError::Protocol(e))) => {
-                        // Unmasked or reserved-bit frames, unknown opcodes, a continuation
-                        // without a start, large or fragmented control frames (RFC 6455 5.1–5.5).
-                        tracing::info!(cause = %e, "websocket protocol error");
-                        return (Some(1002), "protocol error");
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(cause = %e, "socket error");
-                        return (None, "");
-                    }
+                };
+                if let Flow::Close(code, reason) = flow {
+                    // Flush what the request queued (its ack) before closing.
+                    write_queued(ws, peer).await;
+                    return (Some(code), reason);
                 }
             }
+        }
+    }
+}
+
+/// Answers what needs no request (errors, control frames); a text frame within the rate is
+/// a request.
+fn on_frame(
+    hub: &Hub,
+    peer: &Peer,
+    bucket: &mut Bucket,
+    frame: Option<Result<Message, WsError>>,
+) -> Step {
+    let limits = &hub.cfg.limits;
+    match frame {
+        None => Step::End(None, ""),
+        Some(Ok(Message::Text(text))) if !bucket.take(Instant::now()) => {
+            // Over `limits.rate`: answered, not run; the socket goes on.
+            metrics::counter!("presence_hub_rate_limited_total", "kind" => peer.kind.label())
+                .increment(1);
+            let e = Error::RateLimited(format!(
+                "over limits.rate ({} requests/s, burst {})",
+                limits.rate, limits.rate_burst
+            ));
+            let _ = peer.send(&error_frame(request_ref(text.as_str()).as_deref(), &e));
+            Step::Continue
+        }
+        Some(Ok(Message::Text(text))) => Step::Request(text),
+        Some(Ok(Message::Binary(_))) => {
+            let _ = peer.send(&error_frame(
+                None,
+                &Error::bad("binary frames are not supported; send JSON text frames"),
+            ));
+            Step::Continue
+        }
+        // Ping, pong (answered by tungstenite), close (the stream ends at `None`).
+        Some(Ok(_)) => Step::Continue,
+        Some(Err(WsError::Capacity(e))) => {
+            tracing::info!(cause = %e, "frame too large");
+            Step::End(Some(1009), "message too big")
+        }
+        Some(Err(WsError::Utf8(_))) => {
+            let _ = peer.send(&error_frame(
+                None,
+                &Error::bad("text frame is not valid UTF-8"),
+            ));
+            // tokio-tungstenite ends the stream after any read error, so the connection
+            // cannot go on (RFC 6455 fails it too): say why, close 1007.
+            Step::FlushAndClose(1007, "invalid UTF-8")
+        }
+        Some(Err(WsError::Protocol(e))) => {
+            // Unmasked or reserved-bit frames, unknown opcodes, a continuation without a
+            // start, large or fragmented control frames (RFC 6455 5.1–5.5).
+            tracing::info!(cause = %e, "websocket protocol error");
+            Step::End(Some(1002), "protocol error")
+        }
+        Some(Err(e)) => {
+            tracing::debug!(cause = %e, "socket error");
+            Step::End(None, "")
         }
     }
 }
@@ -407,7 +514,7 @@ async fn write_queued(ws: &Socket, peer: &Peer) -> bool {
 fn close_reason(code: u16) -> &'static str {
     match code {
         1000 => "logout",
-        1001 => "going away",
+        1001 => "server shutting down",
         1008 => "policy violation",
         1002 => "protocol error",
         _ => "",

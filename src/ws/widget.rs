@@ -22,7 +22,14 @@ pub async fn upgrade(State(hub): State<Hub>, req: Request) -> Response {
         Ok(d) => d,
         Err(e) => return e.into_response(),
     };
-    super::upgrade(hub, req, Kind::Widget, Widget { depts })
+    super::upgrade(
+        hub,
+        req,
+        Kind::Widget,
+        Widget {
+            depts: depts.into_boxed_slice(),
+        },
+    )
 }
 
 /// The `department` query parameters: at least one, numeric, without repeats; no other
@@ -51,8 +58,10 @@ pub fn departments(query: Option<&str>) -> Result<Vec<u64>> {
     Ok(out)
 }
 
+/// A widget socket's handler: held by its task for the socket's life, so a boxed slice (no
+/// spare capacity, no capacity field).
 struct Widget {
-    depts: Vec<u64>,
+    depts: Box<[u64]>,
 }
 
 impl Handler for Widget {
