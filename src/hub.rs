@@ -368,6 +368,7 @@ impl Hub {
         let dead_after = p.pong_timeout().as_millis() as u64;
         let idle_after = p.inactivity_timeout.as_millis() as u64;
         let mut last_ping = self.now_ms();
+        let mut trim = crate::trim::Trim::default();
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -410,6 +411,9 @@ impl Hub {
                 }
             }
             crate::metrics::events(0, dropped);
+            if trim.due(self.next_conn.load(Ordering::Relaxed), self.peers.len()) {
+                tokio::task::spawn_blocking(crate::trim::release_free_heap);
+            }
             if !idle.is_empty() {
                 let _ = self.apply_now(MarkIdle { sockets: idle });
             }

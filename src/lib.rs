@@ -30,5 +30,6 @@ pub mod rules;
 pub mod server;
 pub mod store;
 pub mod timers;
+pub mod trim;
 pub mod webhooks;
 pub mod ws;

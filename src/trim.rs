@@ -1,0 +1,62 @@
+//! Giving freed heap back to the system after a storm of connections. Opening a socket
+//! borrows buffers for its handshake (hyper's read and write buffers, the upgrade's
+//! futures) that are freed once it is served; a storm of thousands leaves that memory free
+//! inside the heap, where it still counts as the process's resident memory, and closing
+//! thousands of sockets does the same with their state. The sweeper asks the allocator to
+//! return free pages after such a storm, so resident memory follows what is live.
+
+/// Connections opened or closed since the last trim that make the sweeper trim again.
+pub const AFTER_CHURN: u64 = 1024;
+
+/// When the heap is due a trim: after [`AFTER_CHURN`] connections came or went.
+#[derive(Debug, Default)]
+pub struct Trim {
+    opened: u64,
+    live: usize,
+}
+
+impl Trim {
+    /// `opened`: connections ever opened; `live`: open now. True (and the counts taken as
+    /// the new reference) once enough came or went since the last trim.
+    pub fn due(&mut self, opened: u64, live: usize) -> bool {
+        let opens = opened.saturating_sub(self.opened);
+        let closes = (opens + self.live as u64).saturating_sub(live as u64);
+        if opens + closes < AFTER_CHURN {
+            return false;
+        }
+        self.opened = opened;
+        self.live = live;
+        true
+    }
+}
+
+/// Returns the heap's free pages to the system (glibc's `malloc_trim`; elsewhere nothing).
+/// It walks the allocator's free lists: a few milliseconds, so run it off the runtime.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` takes no pointers and locks each arena it trims: it is safe to
+    // call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trim_is_due_after_a_storm_of_opens_or_closes_not_before() {
+        let mut t = Trim::default();
+        let n = AFTER_CHURN as usize;
+        assert!(!t.due(1000, 1000), "1000 opened");
+        assert!(t.due(AFTER_CHURN, n), "1024 opened");
+        assert!(!t.due(AFTER_CHURN, n), "nothing since");
+        assert!(!t.due(AFTER_CHURN + 10, n + 10));
+        // 10 more opened, then all but 10 closed: 1034 came or went.
+        assert!(t.due(AFTER_CHURN + 10, 10), "a storm of closes");
+        assert!(!t.due(AFTER_CHURN + 10, 10));
+        // Opened and closed in between: both count.
+        assert!(t.due(AFTER_CHURN + 10 + 512, 10), "512 opened and closed");
+    }
+}
