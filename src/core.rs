@@ -43,6 +43,7 @@ mod fanout;
 mod hours;
 mod rebuild;
 mod replica;
+mod view_json;
 
 /// Who asks for a change: the back end (API key, may change anything) or an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -211,11 +212,16 @@ struct Counts {
     bot: u32,
 }
 
+/// A map by an id the back end or the hub gave (never one a public socket names): hashed
+/// with foldhash, seeded per map. Looked up many times per connect (every colleague, every
+/// member of a department); std's SipHash was a few percent of an upgrade.
+type IdMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub struct Core {
     cfg: Arc<Config>,
-    operators: HashMap<u64, Operator>,
-    departments: HashMap<u64, Department>,
+    operators: IdMap<Operator>,
+    departments: IdMap<Department>,
     chats: HashMap<u64, ChatEntry>,
     /// Unowned pending chats per department, in queue order.
     queues: HashMap<u64, BTreeMap<(Reverse<i64>, u64), u64>>,
@@ -223,8 +229,8 @@ pub struct Core {
     open_chats: HashMap<u64, BTreeSet<u64>>,
     counts: HashMap<u64, Counts>,
     /// Operators working in / watching each department.
-    members: HashMap<u64, BTreeSet<u64>>,
-    watchers: HashMap<u64, BTreeSet<u64>>,
+    members: IdMap<BTreeSet<u64>>,
+    watchers: IdMap<BTreeSet<u64>>,
     widgets: HashMap<u64, HashMap<ConnId, Arc<Peer>>>,
     /// Department states as last published.
     published: HashMap<u64, DeptState>,
@@ -497,7 +503,7 @@ fn chat_raw(chat: &Chat) -> Box<RawValue> {
 }
 
 fn raw(view: &OperatorView) -> Box<RawValue> {
-    serde_json::value::to_raw_value(view).expect("views serialize")
+    view_json::raw(view)
 }
 
 #[cfg(test)]
