@@ -212,16 +212,11 @@ struct Counts {
     bot: u32,
 }
 
-/// A map by an id the back end or the hub gave (never one a public socket names): hashed
-/// with foldhash, seeded per map. Looked up many times per connect (every colleague, every
-/// member of a department); std's SipHash was a few percent of an upgrade.
-type IdMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
-
 #[derive(Default)]
 pub struct Core {
     cfg: Arc<Config>,
-    operators: IdMap<Operator>,
-    departments: IdMap<Department>,
+    operators: HashMap<u64, Operator>,
+    departments: HashMap<u64, Department>,
     chats: HashMap<u64, ChatEntry>,
     /// Unowned pending chats per department, in queue order.
     queues: HashMap<u64, BTreeMap<(Reverse<i64>, u64), u64>>,
@@ -229,8 +224,8 @@ pub struct Core {
     open_chats: HashMap<u64, BTreeSet<u64>>,
     counts: HashMap<u64, Counts>,
     /// Operators working in / watching each department.
-    members: IdMap<BTreeSet<u64>>,
-    watchers: IdMap<BTreeSet<u64>>,
+    members: HashMap<u64, BTreeSet<u64>>,
+    watchers: HashMap<u64, BTreeSet<u64>>,
     widgets: HashMap<u64, HashMap<ConnId, Arc<Peer>>>,
     /// Department states as last published.
     published: HashMap<u64, DeptState>,
