@@ -5,11 +5,13 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+
+mod jwt;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -17,25 +19,19 @@ struct Claims {
     exp: u64,
 }
 
-/// Signs and verifies operator tokens.
+/// Signs and verifies operator tokens. Signing (rare: the token endpoint, the CLI) goes
+/// through `jsonwebtoken`; verifying (every operator upgrade) through a verifier keyed once.
 #[derive(Clone)]
 pub struct Tokens {
     encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
+    verifier: jwt::Verifier,
 }
 
 impl Tokens {
     pub fn new(secret: &str) -> Tokens {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 0;
-        // A token that is not valid yet is refused like an expired one.
-        validation.validate_nbf = true;
         Tokens {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
-            decoding: DecodingKey::from_secret(secret.as_bytes()),
-            validation,
+            verifier: jwt::Verifier::new(secret.as_bytes()),
         }
     }
 
@@ -51,17 +47,30 @@ impl Tokens {
             .expect("HS256 signing cannot fail")
     }
 
-    /// The operator id of a valid token.
+    /// The operator id of a valid token (HS256, `exp` and `sub` required, no leeway, a
+    /// token that is not valid yet (`nbf`) refused like an expired one).
     pub fn verify(&self, token: &str) -> Result<u64> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        self.verify_at(token, unix_now())
+    }
+
+    fn verify_at(&self, token: &str, now: u64) -> Result<u64> {
+        let id = self
+            .verifier
+            .verify(token, now, operator_id)
             .map_err(|e| Error::Unauthorized(format!("invalid token: {e}")))?;
-        operator_id(&data.claims.sub).ok_or_else(|| {
+        id.ok_or_else(|| {
             Error::Unauthorized(
                 "token `sub` must be an operator id in decimal (\"7\": no sign, no leading zero, no space)"
                     .into(),
             )
         })
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The operator id a `sub` names, in canonical decimal only: `"+7"`, `"07"` and `" 7"` are
@@ -236,6 +245,169 @@ mod tests {
             let e = t.verify(&tok).unwrap_err();
             assert!(matches!(e, Error::Unauthorized(_)), "{sub:?}: {e}");
         }
+    }
+
+    /// The hub's verification as it was, through `jsonwebtoken`: the reference the
+    /// hand-written verifier is held to.
+    fn reference(secret: &str, token: &str) -> std::result::Result<Option<u64>, String> {
+        let mut v = jsonwebtoken::Validation::new(Algorithm::HS256);
+        v.set_required_spec_claims(&["exp", "sub"]);
+        v.leeway = 0;
+        v.validate_nbf = true;
+        let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes());
+        jsonwebtoken::decode::<Claims>(token, &key, &v)
+            .map(|d| operator_id(&d.claims.sub))
+            .map_err(|e| e.to_string())
+    }
+
+    fn b64(part: &str) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(part)
+    }
+
+    /// A token with any header and claims, HS256-signed with `key` whatever the header says.
+    fn raw(header: &str, claims: &str, key: &str) -> String {
+        use base64::Engine as _;
+        use hmac::Mac as _;
+        let message = format!("{}.{}", b64(header), b64(claims));
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+        mac.update(message.as_bytes());
+        let sig =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{message}.{sig}")
+    }
+
+    /// Every token either verifier accepts, the other accepts with the same operator; every
+    /// token one refuses, the other refuses, for the same reason where `jsonwebtoken` names
+    /// one (its parse errors are all `InvalidToken` here).
+    #[test]
+    fn jwt_verify_agrees_with_jsonwebtoken() {
+        let t = Tokens::new("s3cret");
+        let h = r#"{"alg":"HS256","typ":"JWT"}"#;
+        let exp = in_an_hour();
+        let past = exp - 7200;
+        let c = |extra: &str| format!(r#"{{"sub":"7","exp":{exp}{extra}}}"#);
+        let good = raw(h, &c(""), "s3cret");
+        let long = format!(r#","pad":"{}""#, "x".repeat(2000));
+        let mut cases = vec![
+            ("minted", t.mint(7, Duration::from_secs(60))),
+            (
+                "by jsonwebtoken",
+                signed(serde_json::json!({"sub": "7", "exp": exp})),
+            ),
+            ("raw", good.clone()),
+            (
+                "header with kid",
+                raw(r#"{"alg":"HS256","kid":"k1"}"#, &c(""), "s3cret"),
+            ),
+            (
+                "other claims",
+                raw(h, &c(r#","iss":"x","role":[1,2]"#), "s3cret"),
+            ),
+            ("claims past the stack buffer", raw(h, &c(&long), "s3cret")),
+            (
+                "escaped sub",
+                raw(h, &format!(r#"{{"sub":"7","exp":{exp}}}"#), "s3cret"),
+            ),
+            (
+                "sub not canonical",
+                raw(h, &format!(r#"{{"sub":"07","exp":{exp}}}"#), "s3cret"),
+            ),
+            ("wrong key", raw(h, &c(""), "other")),
+            (
+                "expired",
+                raw(h, &format!(r#"{{"sub":"7","exp":{past}}}"#), "s3cret"),
+            ),
+            (
+                "nbf ahead",
+                raw(h, &c(&format!(r#","nbf":{exp}"#)), "s3cret"),
+            ),
+            ("nbf passed", raw(h, &c(r#","nbf":1"#), "s3cret")),
+            ("nbf float", raw(h, &c(r#","nbf":1.5"#), "s3cret")),
+            ("nbf null", raw(h, &c(r#","nbf":null"#), "s3cret")),
+            ("nbf object", raw(h, &c(r#","nbf":{"a":1}"#), "s3cret")),
+            ("nbf string", raw(h, &c(r#","nbf":"1""#), "s3cret")),
+            ("nbf negative", raw(h, &c(r#","nbf":-1"#), "s3cret")),
+            ("aud string", raw(h, &c(r#","aud":"x""#), "s3cret")),
+            ("aud list", raw(h, &c(r#","aud":["x","y"]"#), "s3cret")),
+            ("aud empty list", raw(h, &c(r#","aud":[]"#), "s3cret")),
+            ("aud number", raw(h, &c(r#","aud":5"#), "s3cret")),
+            ("exp missing", raw(h, r#"{"sub":"7"}"#, "s3cret")),
+            (
+                "exp string",
+                raw(h, &format!(r#"{{"sub":"7","exp":"{exp}"}}"#), "s3cret"),
+            ),
+            (
+                "exp float",
+                raw(h, &format!(r#"{{"sub":"7","exp":{exp}.5}}"#), "s3cret"),
+            ),
+            (
+                "sub missing",
+                raw(h, &format!(r#"{{"exp":{exp}}}"#), "s3cret"),
+            ),
+            (
+                "sub number",
+                raw(h, &format!(r#"{{"sub":7,"exp":{exp}}}"#), "s3cret"),
+            ),
+            ("claims not an object", raw(h, "[1]", "s3cret")),
+            ("claims not JSON", raw(h, "{", "s3cret")),
+            ("alg HS384", raw(r#"{"alg":"HS384"}"#, &c(""), "s3cret")),
+            ("alg none", raw(r#"{"alg":"none"}"#, &c(""), "s3cret")),
+            ("no alg", raw(r#"{"typ":"JWT"}"#, &c(""), "s3cret")),
+            ("header not JSON", raw("{", &c(""), "s3cret")),
+            ("garbage", "garbage".into()),
+            ("empty", String::new()),
+            ("two parts", good.rsplit_once('.').unwrap().0.to_string()),
+            ("four parts", format!("{good}.x")),
+            ("padded signature", format!("{good}=")),
+            ("signature cut", good[..good.len() - 1].to_string()),
+            ("signature longer", format!("{good}AA")),
+        ];
+        // Every byte of the valid token changed in turn: header, claims, signature.
+        for i in 0..good.len() {
+            let mut b = good.clone().into_bytes();
+            b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+            if let Ok(s) = String::from_utf8(b) {
+                cases.push(("tampered", s));
+            }
+        }
+        let named = [
+            "ExpiredSignature",
+            "ImmatureSignature",
+            "InvalidSignature",
+            "InvalidAlgorithm",
+            "InvalidAudience",
+            "InvalidClaimFormat",
+        ];
+        let mut accepted = 0;
+        for (what, token) in &cases {
+            let ours = t.verify(token);
+            match (reference("s3cret", token), &ours) {
+                (Ok(Some(want)), Ok(got)) => {
+                    assert_eq!(*got, want, "{what}");
+                    accepted += 1;
+                }
+                (Ok(None), Err(Error::Unauthorized(m))) => {
+                    assert!(m.contains("`sub`"), "{what}: {m}")
+                }
+                (Err(theirs), Err(Error::Unauthorized(m))) => {
+                    if let Some(name) = named.iter().find(|n| theirs.contains(*n)) {
+                        assert!(m.contains(name), "{what}: {m} against {theirs}");
+                    }
+                }
+                (theirs, ours) => panic!("{what}: jsonwebtoken {theirs:?}, ours {ours:?}"),
+            }
+        }
+        assert_eq!(accepted, 10, "the valid cases above all verify");
+    }
+
+    #[test]
+    fn jwt_expires_at_the_second_after_exp() {
+        let t = Tokens::new("s3cret");
+        let tok = raw(r#"{"alg":"HS256"}"#, r#"{"sub":"7","exp":1000}"#, "s3cret");
+        assert_eq!(t.verify_at(&tok, 1000).unwrap(), 7);
+        let e = t.verify_at(&tok, 1001).unwrap_err();
+        assert!(e.to_string().contains("ExpiredSignature"), "{e}");
     }
 
     #[test]

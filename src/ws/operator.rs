@@ -2,6 +2,7 @@
 //! requests `set_status`, `activity`, `logout`, `open_chat`, `leave_chat`, `send_message`,
 //! `close_chat`, each answered by `ack` or `error` carrying the request's `ref`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -39,21 +40,20 @@ pub async fn upgrade(State(hub): State<Hub>, req: Request) -> Response {
 /// The token from `?token=` or `Authorization: Bearer`; 400 for another query parameter,
 /// 401 when the token is missing, bad or expired, 403 when the operator is unknown to the hub.
 fn authenticate(hub: &Hub, req: &Request) -> Result<u64> {
-    crate::limits::check_query(req.uri().query(), &["token"])?;
-    let from_query = req.uri().query().and_then(|q| {
-        form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "token")
-            .map(|(_, v)| v.into_owned())
-    });
-    let from_header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::auth::bearer)
-        .map(str::to_owned);
-    let token = from_query
-        .or(from_header)
-        .ok_or_else(|| Error::Unauthorized("missing token".into()))?;
+    let from_query = match req.uri().query() {
+        Some(q) => query_token(q)?,
+        None => None,
+    };
+    let token = match from_query {
+        Some(t) => t,
+        None => req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::auth::bearer)
+            .map(Cow::Borrowed)
+            .ok_or_else(|| Error::Unauthorized("missing token".into()))?,
+    };
     let op = hub.tokens.verify(&token)?;
     if !hub.read(|c| c.has_operator(op)) {
         return Err(Error::Forbidden(format!(
@@ -61,6 +61,35 @@ fn authenticate(hub: &Hub, req: &Request) -> Result<u64> {
         )));
     }
     Ok(op)
+}
+
+/// The first `token` of a query, read in one pass; another parameter is refused as
+/// `limits::check_query` refuses it. Borrowed from the query when nothing in it is escaped
+/// (a JWT never is): then the pairs are split without decoding, which is what decoding
+/// would give, and the token is not copied.
+fn query_token(q: &str) -> Result<Option<Cow<'_, str>>> {
+    let known = |k: &str| -> Result<()> {
+        if k == "token" {
+            Ok(())
+        } else {
+            // The same error `check_query` gives for its first unknown parameter.
+            crate::limits::check_query(Some(q), &["token"])
+        }
+    };
+    let mut token = None;
+    if q.bytes().any(|b| b == b'%' || b == b'+') {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            known(&k)?;
+            token.get_or_insert(v);
+        }
+    } else {
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            known(k)?;
+            token.get_or_insert(Cow::Borrowed(v));
+        }
+    }
+    Ok(token)
 }
 
 struct Operator {
@@ -211,4 +240,50 @@ impl Operator {
 /// The result of an ack: what a chat change answered, as clients see it.
 fn wire(answer: &crate::answer::ChatAnswer) -> Value {
     serde_json::to_value(answer.wire()).expect("answers serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the hub read before: `check_query`, then the first `token` through
+    /// `form_urlencoded`.
+    fn reference(q: &str) -> Result<Option<String>> {
+        crate::limits::check_query(Some(q), &["token"])?;
+        Ok(form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned()))
+    }
+
+    #[test]
+    fn auth_query_token_reads_like_form_urlencoded() {
+        for q in [
+            "token=a.b.c",
+            "token=a.b.c&token=d",
+            "&&token=x&",
+            "token",
+            "token=",
+            "token=a=b",
+            "token=a%2Eb",
+            "token=a+b",
+            "tok%65n=x",
+            "",
+            "x=1",
+            "token=a&x=1",
+            "x=1&token=a",
+            "token=a&x",
+            "x+y=1",
+        ] {
+            let ours = query_token(q).map(|t| t.map(Cow::into_owned));
+            match (ours, reference(q)) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{q:?}"),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{q:?}"),
+                (a, b) => panic!("{q:?}: {a:?} against {b:?}"),
+            }
+        }
+        assert!(matches!(
+            query_token("token=a.b.c").unwrap(),
+            Some(Cow::Borrowed("a.b.c"))
+        ));
+    }
 }
