@@ -38,7 +38,8 @@ impl Tokens {
     pub fn mint(&self, operator: u64, ttl: Duration) -> String {
         let exp = (SystemTime::now() + ttl)
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+            // A clock before 1970 refuses every token as expired (jsonwebtoken panics there).
+            .map_or(u64::MAX, |d| d.as_secs());
         let claims = Claims {
             sub: operator.to_string(),
             exp,
@@ -307,8 +308,13 @@ mod tests {
             ("claims past the stack buffer", raw(h, &c(&long), "s3cret")),
             (
                 "escaped sub",
-                raw(h, &format!(r#"{{"sub":"7","exp":{exp}}}"#), "s3cret"),
+                raw(h, &format!(r#"{{"sub":"\u0037","exp":{exp}}}"#), "s3cret"),
             ),
+            (
+                "claims as an array",
+                raw(h, &format!(r#"["7",{exp}]"#), "s3cret"),
+            ),
+            ("header as an array", raw(r#"["HS256"]"#, &c(""), "s3cret")),
             (
                 "sub not canonical",
                 raw(h, &format!(r#"{{"sub":"07","exp":{exp}}}"#), "s3cret"),

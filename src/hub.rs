@@ -412,7 +412,7 @@ impl Hub {
             }
             crate::metrics::events(0, dropped);
             if trim.due(self.next_conn.load(Ordering::Relaxed), self.peers.len()) {
-                tokio::task::spawn_blocking(crate::trim::release_free_heap);
+                crate::trim::release_free_heap();
             }
             if !idle.is_empty() {
                 let _ = self.apply_now(MarkIdle { sockets: idle });

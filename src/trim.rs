@@ -5,6 +5,8 @@
 //! thousands of sockets does the same with their state. The sweeper asks the allocator to
 //! return free pages after such a storm, so resident memory follows what is live.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 /// Connections opened or closed since the last trim that make the sweeper trim again.
 pub const AFTER_CHURN: u64 = 1024;
 
@@ -30,15 +32,27 @@ impl Trim {
     }
 }
 
-/// Returns the heap's free pages to the system (glibc's `malloc_trim`; elsewhere nothing).
-/// It walks the allocator's free lists: a few milliseconds, so run it off the runtime.
-pub fn release_free_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `malloc_trim` takes no pointers and locks each arena it trims: it is safe to
-    // call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
+/// A trim is running: no other starts until it ends (each holds the
+/// allocator's arena locks in turn; several at once would stall allocation).
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// Returns the heap's free pages to the system off the runtime (glibc's `malloc_trim`,
+/// which walks the allocator's free lists: a few milliseconds; elsewhere nothing). False
+/// when one is running already.
+pub fn release_free_heap() -> bool {
+    if RUNNING.swap(true, Ordering::AcqRel) {
+        return false;
     }
+    tokio::task::spawn_blocking(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: `malloc_trim` takes no pointers and locks each arena it trims: it is safe
+        // to call from any thread at any time.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        RUNNING.store(false, Ordering::Release);
+    });
+    true
 }
 
 #[cfg(test)]

@@ -151,7 +151,7 @@ impl Verifier {
 
         let mut buf = [0u8; PART];
         let mut heap = Vec::new();
-        let header = decode(header, &mut buf, &mut heap)?;
+        let header = object(decode(header, &mut buf, &mut heap)?)?;
         let header: Header = serde_json::from_slice(header).map_err(|_| Refusal::InvalidToken)?;
         if header.alg != "HS256" {
             return Err(Refusal::InvalidAlgorithm);
@@ -170,7 +170,7 @@ impl Verifier {
         // Only after the signature: the claims of a forged token are never parsed.
         let mut buf = [0u8; PART];
         let mut heap = Vec::new();
-        let payload = decode(payload, &mut buf, &mut heap)?;
+        let payload = object(decode(payload, &mut buf, &mut heap)?)?;
         let claims: Claims = serde_json::from_slice(payload).map_err(|_| Refusal::InvalidToken)?;
         // `jsonwebtoken`'s order: the format of `nbf`, expiry, `nbf`, audience.
         if matches!(claims.nbf, TryParse::FailedToParse) {
@@ -186,6 +186,15 @@ impl Verifier {
             return Err(Refusal::InvalidAudience);
         }
         Ok(sub(&claims.sub))
+    }
+}
+
+/// A part of the token as a JSON object only: serde's derived structs also read an array
+/// (fields by position), which `jsonwebtoken` refuses.
+fn object(part: &[u8]) -> Result<&[u8], Refusal> {
+    match part.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Ok(part),
+        _ => Err(Refusal::InvalidToken),
     }
 }
 

@@ -26,13 +26,13 @@ impl TryWrite for tokio::net::TcpStream {
         // `sendmsg`, not tokio's `writev`: the socket's own call skips the file layer
         // (`vfs_writev`), a tenth of the kernel's work per frame in a broadcast.
         self.try_io(tokio::io::Interest::WRITABLE, || {
-            socket2::SockRef::from(self).send_vectored(bufs)
+            socket2::SockRef::from(self).send_vectored_with_flags(bufs, NOSIGNAL)
         })
     }
 
     fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
         self.try_io(tokio::io::Interest::WRITABLE, || {
-            socket2::SockRef::from(self).send(buf)
+            socket2::SockRef::from(self).send_with_flags(buf, NOSIGNAL)
         })
     }
 }
@@ -46,13 +46,17 @@ pub struct Direct<'a>(pub &'a tokio::net::TcpStream);
 
 impl TryWrite for Direct<'_> {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        socket2::SockRef::from(self.0).send_vectored(bufs)
+        socket2::SockRef::from(self.0).send_vectored_with_flags(bufs, NOSIGNAL)
     }
 
     fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
-        socket2::SockRef::from(self.0).send(buf)
+        socket2::SockRef::from(self.0).send_with_flags(buf, NOSIGNAL)
     }
 }
+
+/// A write to a socket the client reset fails with `EPIPE` instead of raising `SIGPIPE`
+/// (which the Rust runtime ignores, but a library cannot count on that).
+const NOSIGNAL: libc::c_int = libc::MSG_NOSIGNAL;
 
 /// Opcodes of the frames the hub writes itself (RFC 6455 5.2), FIN bit set.
 const TEXT: u8 = 0x81;
