@@ -146,7 +146,7 @@ impl Hub {
             releases,
             hub.held.clone(),
             hub.divergence.clone(),
-            broadcast::deliver_spread,
+            broadcast::deliver_later,
         ));
         tokio::spawn(hub.clone().heal(failures));
         Ok(hub)
