@@ -85,6 +85,9 @@ fn checked(path: &std::path::Path, cfg: &Config) -> String {
 }
 
 fn serve(cfg: Config) -> anyhow::Result<()> {
+    // Before any thread (the runtime's workers) allocates.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    presence_hub::trim::limit_arenas(cores);
     init_tracing(&cfg);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
