@@ -39,11 +39,11 @@ impl Trim {
 static RUNNING: AtomicBool = AtomicBool::new(false);
 
 /// Returns the heap's free pages to the system off the runtime (glibc's `malloc_trim`,
-/// which walks the allocator's free lists: a few milliseconds; elsewhere nothing). False
+/// which walks the allocator's free lists: a few milliseconds; elsewhere nothing). Nothing
 /// when one is running already.
-pub fn release_free_heap() -> bool {
+pub fn release_free_heap() {
     if RUNNING.swap(true, Ordering::AcqRel) {
-        return false;
+        return;
     }
     tokio::task::spawn_blocking(|| {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -54,7 +54,6 @@ pub fn release_free_heap() -> bool {
         }
         RUNNING.store(false, Ordering::Release);
     });
-    true
 }
 
 /// Caps glibc's malloc arenas at `cores` (the runtime's worker threads), unless

@@ -26,14 +26,12 @@ impl TryWrite for tokio::net::TcpStream {
         // `sendmsg`, not tokio's `writev`: the socket's own call skips the file layer
         // (`vfs_writev`), a tenth of the kernel's work per frame in a broadcast.
         self.try_io(tokio::io::Interest::WRITABLE, || {
-            socket2::SockRef::from(self).send_vectored_with_flags(bufs, NOSIGNAL)
+            Direct(self).try_write_vectored(bufs)
         })
     }
 
     fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
-        self.try_io(tokio::io::Interest::WRITABLE, || {
-            socket2::SockRef::from(self).send_with_flags(buf, NOSIGNAL)
-        })
+        self.try_io(tokio::io::Interest::WRITABLE, || Direct(self).try_send(buf))
     }
 }
 
