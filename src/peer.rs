@@ -14,6 +14,7 @@ pub mod wire;
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -85,6 +86,9 @@ struct Queue {
     /// Set once the socket is upgraded, taken when its task ends (the descriptor is not kept
     /// open by someone still holding the peer).
     sock: Option<Arc<TcpStream>>,
+    /// `sock`'s descriptor, read once at attach: the broadcaster's write needs nothing
+    /// else of the socket, and reading it through `sock` was a cache miss per delivery.
+    fd: RawFd,
     /// A write failed: the connection is over, frames go nowhere.
     failed: bool,
     /// A close frame is queued or written: nothing follows it on the wire (RFC 6455 5.5.1),
@@ -182,16 +186,16 @@ impl Peer {
         if q.failed || q.sealed {
             return Ok(());
         }
-        if q.frames.is_empty()
-            && self.kind == Kind::Widget
-            && let Some(sock) = &q.sock
-        {
+        if q.frames.is_empty() && self.kind == Kind::Widget && q.sock.is_some() {
+            // SAFETY: `q.fd` is the descriptor of `q.sock`, which stays open while the
+            // queue holds it, and the queue's lock is held for the whole write.
+            let fd = unsafe { BorrowedFd::borrow_raw(q.fd) };
             // Nothing ahead of it: written now, from the delivering thread. Widgets only:
             // they get one frame per change, in broadcasts of thousands, where a wake-up per
             // socket is the cost. Operators and visitors get bursts (an assignment round is
             // dozens of frames to one dashboard): queued, their task writes them together
             // (one vectored write instead of a system call per frame).
-            match wire::write_one(&wire::Direct(sock), &out) {
+            match wire::write_one(&wire::Direct(fd), &out) {
                 Ok(n) if n == wire::wire_len(&out) => return Ok(()),
                 Ok(n) => q.head = n,
                 Err(_) => {
@@ -236,7 +240,9 @@ impl Peer {
 
     /// The upgraded socket: from now on frames are written to it.
     pub fn attach(&self, sock: Arc<TcpStream>) {
-        self.queue.lock().sock = Some(sock);
+        let mut q = self.queue.lock();
+        q.fd = sock.as_raw_fd();
+        q.sock = Some(sock);
     }
 
     /// The connection is over: frames go nowhere and the socket is let go.

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use super::Out;
 
@@ -26,12 +27,14 @@ impl TryWrite for tokio::net::TcpStream {
         // `sendmsg`, not tokio's `writev`: the socket's own call skips the file layer
         // (`vfs_writev`), a tenth of the kernel's work per frame in a broadcast.
         self.try_io(tokio::io::Interest::WRITABLE, || {
-            Direct(self).try_write_vectored(bufs)
+            Direct(self.as_fd()).try_write_vectored(bufs)
         })
     }
 
     fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
-        self.try_io(tokio::io::Interest::WRITABLE, || Direct(self).try_send(buf))
+        self.try_io(tokio::io::Interest::WRITABLE, || {
+            Direct(self.as_fd()).try_send(buf)
+        })
     }
 }
 
@@ -40,15 +43,15 @@ impl TryWrite for tokio::net::TcpStream {
 /// per socket) was a third of the hub's own work in it. Safe to skip: a write that would
 /// block queues the frame for the socket's task, whose writes go through the readiness
 /// ([`TryWrite`] of `TcpStream`) and register for the next writable edge.
-pub struct Direct<'a>(pub &'a tokio::net::TcpStream);
+pub struct Direct<'a>(pub BorrowedFd<'a>);
 
 impl TryWrite for Direct<'_> {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        socket2::SockRef::from(self.0).send_vectored_with_flags(bufs, NOSIGNAL)
+        socket2::SockRef::from(&self.0).send_vectored_with_flags(bufs, NOSIGNAL)
     }
 
     fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
-        socket2::SockRef::from(self.0).send_with_flags(buf, NOSIGNAL)
+        socket2::SockRef::from(&self.0).send_with_flags(buf, NOSIGNAL)
     }
 }
 
