@@ -8,11 +8,16 @@
 //! group commits whole or not at all), in key order; rows are encoded into one buffer the
 //! group reuses ([`records`]).
 //!
+//! Under load a group waits a little for more writes before it commits ([`Linger`]): a
+//! commit costs about the same for one write as for fifty (redb rewrites the same pages
+//! and syncs once), so fewer, larger groups are most of what a busy store saves.
+//!
 //! Durability: redb's default, [`redb::Durability::Immediate`] (its single-phase commit with
 //! checksummed roots): `commit` returns once the group's pages and the new root are fsynced,
 //! so an acknowledged change survives kill -9 and a power cut. Nothing here weakens it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::records::encode_chat;
 use super::*;
@@ -67,6 +72,46 @@ tables! {
     states: SESSION_STATE => u64, &'static [u8];
 }
 
+/// How long a group waits for more writes when the store is busy: PostgreSQL's
+/// `commit_delay`. At 2 ms a storm of operator connects (`presence-loadtest churn`, about
+/// 15,000 writes/s) made 0.75 × the commits' CPU per connect than without; 4 ms gained
+/// nothing more (docs/benchmarks.md, "Churn, session 2026-12-02").
+const COMMIT_DELAY: Duration = Duration::from_millis(2);
+
+/// Writes in the last group that say the store is busy (PostgreSQL's `commit_siblings`):
+/// a group of fewer is followed by one committed at once, so a write that comes alone (a
+/// settings change, a widget flip) never waits for company that is not coming.
+const BUSY: usize = 4;
+
+/// Whether a group waits before it commits: only after a group of [`BUSY`] writes or more,
+/// and only while there is room for more.
+#[derive(Default)]
+struct Linger {
+    last_group: usize,
+}
+
+impl Linger {
+    /// The wait before committing a group of `queued` writes, and no more.
+    fn wait(&self, queued: usize) -> Option<Duration> {
+        (self.last_group >= BUSY && queued < MAX_GROUP).then_some(COMMIT_DELAY)
+    }
+
+    /// A group of `n` writes was committed.
+    fn committed(&mut self, n: usize) {
+        self.last_group = n;
+    }
+}
+
+/// Moves the writes queued now into `jobs`, up to [`MAX_GROUP`].
+fn take_queued(rx: &mut mpsc::UnboundedReceiver<Job>, jobs: &mut Vec<Job>) {
+    while jobs.len() < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+}
+
 pub(super) fn writer_loop(
     db: &Database,
     mut rx: mpsc::UnboundedReceiver<Job>,
@@ -76,14 +121,15 @@ pub(super) fn writer_loop(
 ) {
     let mut last_event = *signal.borrow();
     let mut buf = Vec::new();
+    let mut linger = Linger::default();
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
+        take_queued(&mut rx, &mut jobs);
+        if let Some(wait) = linger.wait(jobs.len()) {
+            std::thread::sleep(wait);
+            take_queued(&mut rx, &mut jobs);
         }
+        linger.committed(jobs.len());
         // Jobs computed on top of a failed write are refused, never written.
         let (jobs, refused): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| gate.admits(j));
         refused.into_iter().for_each(super::super::refuse);
@@ -259,4 +305,32 @@ fn write_chats(
 fn json_into<T: serde::Serialize>(buf: &mut Vec<u8>, v: &T) {
     buf.clear();
     serde_json::to_writer(&mut *buf, v).expect("records serialize");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_group_waits_only_after_a_busy_group() {
+        let mut l = Linger::default();
+        assert_eq!(l.wait(1), None, "the first write commits at once");
+        l.committed(1);
+        assert_eq!(l.wait(1), None, "a write after a lone one commits at once");
+        l.committed(BUSY - 1);
+        assert_eq!(l.wait(2), None);
+        l.committed(BUSY);
+        assert_eq!(
+            l.wait(1),
+            Some(COMMIT_DELAY),
+            "busy: the group waits for more"
+        );
+        assert_eq!(
+            l.wait(MAX_GROUP),
+            None,
+            "a full group has no room to wait for"
+        );
+        l.committed(1);
+        assert_eq!(l.wait(1), None, "the load is gone: no wait again");
+    }
 }
