@@ -73,9 +73,9 @@ tables! {
 }
 
 /// How long a group waits for more writes when the store is busy: PostgreSQL's
-/// `commit_delay`. At 2 ms a storm of operator connects (`presence-loadtest churn`, about
-/// 15,000 writes/s) made 0.75 × the commits' CPU per connect than without; 4 ms gained
-/// nothing more (docs/benchmarks.md, "Churn, session 2026-12-02").
+/// `commit_delay`. In a storm of operator connects (`presence-loadtest churn`, about 15,000
+/// writes/s) 2 ms cut the hub's CPU per connect to 0.6-0.7 × and raised the connects/s
+/// 1.4-1.5 ×; 4 ms did no better (docs/benchmarks.md, "Session 2026-12-02").
 const COMMIT_DELAY: Duration = Duration::from_millis(2);
 
 /// Writes in the last group that say the store is busy (PostgreSQL's `commit_siblings`):
