@@ -312,6 +312,18 @@ mod tests {
                 "huge unread number",
                 raw(h, &c(r#","zbf":9551e615"#), "s3cret"),
             ),
+            // A claim given twice: refused when it is one `jsonwebtoken` declares (found
+            // by review: `iss`, which the hub never reads).
+            ("iss twice", raw(h, &c(r#","iss":"x","iss":"y""#), "s3cret")),
+            (
+                "exp twice",
+                raw(h, &c(&format!(r#","exp":{exp}"#)), "s3cret"),
+            ),
+            ("sub twice", raw(h, &c(r#","sub":"7""#), "s3cret")),
+            (
+                "unread claim twice",
+                raw(h, &c(r#","zbf":1,"zbf":2"#), "s3cret"),
+            ),
             (
                 "escaped sub",
                 raw(h, &format!(r#"{{"sub":"\u0037","exp":{exp}}}"#), "s3cret"),
@@ -410,7 +422,7 @@ mod tests {
                 (theirs, ours) => panic!("{what}: jsonwebtoken {theirs:?}, ours {ours:?}"),
             }
         }
-        assert_eq!(accepted, 11, "the valid cases above all verify");
+        assert_eq!(accepted, 12, "the valid cases above all verify");
     }
 
     #[test]

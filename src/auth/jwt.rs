@@ -58,6 +58,11 @@ struct Claims<'a> {
     nbf: TryParse<Seconds>,
     #[serde(default)]
     aud: TryParse<Audience<'a>>,
+    /// Never checked (the hub configures no issuer), but declared as `jsonwebtoken`
+    /// declares it: a claim given twice is refused, and that holds only for declared ones.
+    #[serde(default)]
+    #[allow(dead_code)]
+    iss: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]

@@ -17,7 +17,7 @@
 //! so an acknowledged change survives kill -9 and a power cut. Nothing here weakens it.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::records::encode_chat;
 use super::*;
@@ -83,22 +83,26 @@ const COMMIT_DELAY: Duration = Duration::from_millis(2);
 /// settings change, a widget flip) never waits for company that is not coming.
 const BUSY: usize = 4;
 
-/// Whether a group waits before it commits: only after a group of [`BUSY`] writes or more,
-/// and only while there is room for more.
+/// Whether a group waits before it commits: only right after a busy group (of [`BUSY`]
+/// writes or more, committed within [`COMMIT_DELAY`]: a write after a pause is alone), and
+/// only while there is room for more.
 #[derive(Default)]
 struct Linger {
-    last_group: usize,
+    /// Writes of the last group committed, and when its commit ended.
+    last: Option<(usize, Instant)>,
 }
 
 impl Linger {
-    /// The wait before committing a group of `queued` writes, and no more.
-    fn wait(&self, queued: usize) -> Option<Duration> {
-        (self.last_group >= BUSY && queued < MAX_GROUP).then_some(COMMIT_DELAY)
+    /// The wait before committing a group of `queued` writes at `now`, if any.
+    fn wait(&self, queued: usize, now: Instant) -> Option<Duration> {
+        let (n, ended) = self.last?;
+        let busy = n >= BUSY && now.saturating_duration_since(ended) < COMMIT_DELAY;
+        (busy && queued < MAX_GROUP).then_some(COMMIT_DELAY)
     }
 
-    /// A group of `n` writes was committed.
-    fn committed(&mut self, n: usize) {
-        self.last_group = n;
+    /// A group of `n` writes was committed (refused writes are not counted), ending at `now`.
+    fn committed(&mut self, n: usize, now: Instant) {
+        self.last = Some((n, now));
     }
 }
 
@@ -125,15 +129,17 @@ pub(super) fn writer_loop(
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         take_queued(&mut rx, &mut jobs);
-        if let Some(wait) = linger.wait(jobs.len()) {
+        if let Some(wait) = linger.wait(jobs.len(), Instant::now())
+            && !rx.is_closed()
+        {
             std::thread::sleep(wait);
             take_queued(&mut rx, &mut jobs);
         }
-        linger.committed(jobs.len());
         // Jobs computed on top of a failed write are refused, never written.
         let (jobs, refused): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| gate.admits(j));
         refused.into_iter().for_each(super::super::refuse);
         if jobs.is_empty() {
+            linger = Linger::default();
             continue;
         }
         let result = commit(
@@ -153,6 +159,7 @@ pub(super) fn writer_loop(
             last_event = last;
             signal.send_replace(last);
         }
+        linger.committed(jobs.len(), Instant::now());
         for j in jobs {
             let _ = j.ack.send(result.clone().map(|_| ()));
         }
@@ -312,25 +319,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn store_group_waits_only_after_a_busy_group() {
+    fn store_group_waits_only_right_after_a_busy_group() {
+        let t = Instant::now();
+        let soon = t + COMMIT_DELAY / 2;
         let mut l = Linger::default();
-        assert_eq!(l.wait(1), None, "the first write commits at once");
-        l.committed(1);
-        assert_eq!(l.wait(1), None, "a write after a lone one commits at once");
-        l.committed(BUSY - 1);
-        assert_eq!(l.wait(2), None);
-        l.committed(BUSY);
+        assert_eq!(l.wait(1, t), None, "the first write commits at once");
+        l.committed(1, t);
         assert_eq!(
-            l.wait(1),
+            l.wait(1, soon),
+            None,
+            "a write after a lone one commits at once"
+        );
+        l.committed(BUSY - 1, t);
+        assert_eq!(l.wait(2, soon), None);
+        l.committed(BUSY, t);
+        assert_eq!(
+            l.wait(1, soon),
             Some(COMMIT_DELAY),
             "busy: the group waits for more"
         );
         assert_eq!(
-            l.wait(MAX_GROUP),
+            l.wait(MAX_GROUP, soon),
             None,
             "a full group has no room to wait for"
         );
-        l.committed(1);
-        assert_eq!(l.wait(1), None, "the load is gone: no wait again");
+        assert_eq!(
+            l.wait(1, t + COMMIT_DELAY),
+            None,
+            "a write after a pause is alone: no wait"
+        );
+        l.committed(1, t);
+        assert_eq!(l.wait(1, soon), None, "the load is gone: no wait again");
     }
 }
