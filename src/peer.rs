@@ -85,10 +85,9 @@ struct Queue {
     head: usize,
     /// Set once the socket is upgraded, taken when its task ends (the descriptor is not kept
     /// open by someone still holding the peer).
-    sock: Option<Arc<TcpStream>>,
-    /// `sock`'s descriptor, read once at attach: the broadcaster's write needs nothing
-    /// else of the socket, and reading it through `sock` was a cache miss per delivery.
-    fd: RawFd,
+    /// Kept with its descriptor, read once at attach: the broadcaster's write needs nothing
+    /// else of the socket, and reading it through the `Arc` was a cache miss per delivery.
+    sock: Option<(Arc<TcpStream>, RawFd)>,
     /// A write failed: the connection is over, frames go nowhere.
     failed: bool,
     /// A close frame is queued or written: nothing follows it on the wire (RFC 6455 5.5.1),
@@ -114,7 +113,7 @@ impl Queue {
 
     /// Writes what the socket takes; `Ok(true)` once nothing is left.
     fn write(&mut self) -> io::Result<bool> {
-        let Some(sock) = &self.sock else {
+        let Some((sock, _)) = &self.sock else {
             return Ok(self.frames.is_empty());
         };
         let r = wire::write_front(&**sock, &mut self.frames, &mut self.head, &mut self.bytes);
@@ -186,10 +185,13 @@ impl Peer {
         if q.failed || q.sealed {
             return Ok(());
         }
-        if q.frames.is_empty() && self.kind == Kind::Widget && q.sock.is_some() {
-            // SAFETY: `q.fd` is the descriptor of `q.sock`, which stays open while the
-            // queue holds it, and the queue's lock is held for the whole write.
-            let fd = unsafe { BorrowedFd::borrow_raw(q.fd) };
+        if q.frames.is_empty()
+            && self.kind == Kind::Widget
+            && let Some((_, fd)) = q.sock
+        {
+            // SAFETY: `fd` is the descriptor of the stream beside it, which stays open while
+            // the queue holds it, and the queue's lock is held for the whole write.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
             // Nothing ahead of it: written now, from the delivering thread. Widgets only:
             // they get one frame per change, in broadcasts of thousands, where a wake-up per
             // socket is the cost. Operators and visitors get bursts (an assignment round is
@@ -240,9 +242,8 @@ impl Peer {
 
     /// The upgraded socket: from now on frames are written to it.
     pub fn attach(&self, sock: Arc<TcpStream>) {
-        let mut q = self.queue.lock();
-        q.fd = sock.as_raw_fd();
-        q.sock = Some(sock);
+        let fd = sock.as_raw_fd();
+        self.queue.lock().sock = Some((sock, fd));
     }
 
     /// The connection is over: frames go nowhere and the socket is let go.
